@@ -1,0 +1,13 @@
+"""`make bench`: every benchmark in turn."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+
+SUITES = ["bench.registry", "bench.delta"]
+
+if __name__ == "__main__":
+    for name in sys.argv[1:] or SUITES:
+        print(f"\n### {name}")
+        runpy.run_module(name, run_name="__main__")

@@ -1,0 +1,141 @@
+"""Shared bench plumbing: a database to measure against, a closed-loop load
+driver, and subprocess servers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+from server import migrate
+from server.embedded import EmbeddedPostgres
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@asynccontextmanager
+async def scratch_database() -> AsyncIterator[str]:
+    """A new migrated database on DATABASE_URL's server, or an embedded one."""
+    embedded = None
+    url = os.environ.get("DATABASE_URL")
+    if not url:
+        embedded = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="pulse-bench-")) / "pg")
+        url = await embedded.start()
+    name = f"pulse_bench_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        from tests.conftest import with_database
+
+        dsn = with_database(url, name)
+        await migrate.apply(dsn)
+        yield dsn
+    finally:
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()
+        if embedded is not None:
+            await embedded.stop()
+
+
+@dataclass(frozen=True)
+class Result:
+    name: str
+    rate: float  # calls per second
+    p50_ms: float
+    p99_ms: float
+
+    def row(self, baseline: float | None = None) -> str:
+        ratio = f"{self.rate / baseline:6.0%}" if baseline else "      "
+        return (
+            f"  {self.name:<34} {self.rate:9,.0f}/s  p50 {self.p50_ms:6.2f} ms"
+            f"  p99 {self.p99_ms:6.2f} ms  {ratio}"
+        )
+
+
+async def _round(
+    call: Callable[[int], Awaitable[object]], concurrency: int, seconds: float
+) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + seconds
+
+    async def worker(n: int) -> None:
+        i = n
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            await call(i)
+            latencies.append(time.perf_counter() - t0)
+            i += concurrency
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(n) for n in range(concurrency)))
+    return len(latencies) / (time.perf_counter() - start), sorted(latencies)
+
+
+async def closed_loop(
+    name: str,
+    call: Callable[[int], Awaitable[object]],
+    *,
+    concurrency: int = 64,
+    seconds: float = 3.0,
+    warmup: float = 1.0,
+    rounds: int = 3,
+) -> Result:
+    """`concurrency` workers calling back to back; medians over `rounds` rounds."""
+    await _round(call, concurrency, warmup)
+    rates, p50s, p99s = [], [], []
+    for _ in range(rounds):
+        rate, latencies = await _round(call, concurrency, seconds)
+        rates.append(rate)
+        p50s.append(latencies[len(latencies) // 2] * 1000)
+        p99s.append(latencies[int(len(latencies) * 0.99)] * 1000)
+    return Result(name, statistics.median(rates), statistics.median(p50s), statistics.median(p99s))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def subprocess_server(module: str, port: int, env: dict[str, str]) -> AsyncIterator[None]:
+    """Run `python -m module` until it accepts TCP connections on `port`."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module], cwd=ROOT, env={**os.environ, **env, "PORT": str(port)}
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"{module} did not start") from None
+                await asyncio.sleep(0.1)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def run(main: Callable[[], Awaitable[None]]) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())  # type: ignore[arg-type]
+    else:
+        uvloop.run(main())  # type: ignore[arg-type]

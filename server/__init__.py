@@ -1,0 +1,1 @@
+"""The Pulse gRPC API: device registry, twin, groups and connectivity."""

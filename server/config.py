@@ -1,0 +1,74 @@
+"""Settings, read once from the environment.
+
+Every variable is optional: with none set, `pulse run` starts embedded servers
+and keeps their data and a generated secret under `.data/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    #: PostgreSQL URL of a login that may run migrations (owner of the schema).
+    #: None: start the embedded server under data_dir.
+    database_url: str | None
+    #: MQTT broker URL (mqtt://host:port). None: start the embedded broker.
+    mqtt_url: str | None
+    data_dir: Path
+    grpc_host: str
+    #: 0 picks a free port.
+    grpc_port: int
+    #: Root secret: signs development tokens (HS256) and seals page tokens.
+    secret: bytes
+    jwt_audience: str
+    #: PEM file of an RS256 public key; when set, HS256 tokens are refused.
+    jwt_public_key_file: Path | None
+    #: JWKS endpoint for RS256 keys; when set, HS256 tokens are refused.
+    jwks_url: str | None
+    db_pool_size: int
+    log_level: str
+
+
+def _load_or_create_secret(data_dir: Path) -> bytes:
+    path = data_dir / "secret"
+    if path.exists():
+        return bytes.fromhex(path.read_text().strip())
+    data_dir.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_bytes(32)
+    # Create with 0600 from the start rather than chmod after writing.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value.hex())
+    return value
+
+
+def load(env: dict[str, str] | None = None) -> Settings:
+    env = dict(os.environ if env is None else env)
+    data_dir = Path(env.get("PULSE_DATA_DIR", ".data")).resolve()
+    raw_secret = env.get("PULSE_SECRET")
+    secret = raw_secret.encode() if raw_secret else _load_or_create_secret(data_dir)
+    if len(secret) < 32:
+        raise ValueError("PULSE_SECRET must be at least 32 bytes")
+    key_file = env.get("PULSE_JWT_PUBLIC_KEY_FILE")
+    return Settings(
+        database_url=env.get("DATABASE_URL") or None,
+        mqtt_url=env.get("MQTT_URL") or None,
+        data_dir=data_dir,
+        grpc_host=env.get("PULSE_GRPC_HOST", "127.0.0.1"),
+        grpc_port=int(env.get("PULSE_GRPC_PORT", "50051")),
+        secret=secret,
+        jwt_audience=env.get("PULSE_JWT_AUDIENCE", "pulse"),
+        jwt_public_key_file=Path(key_file) if key_file else None,
+        jwks_url=env.get("PULSE_JWKS_URL") or None,
+        db_pool_size=int(env.get("PULSE_DB_POOL_SIZE", "10")),
+        log_level=env.get("PULSE_LOG_LEVEL", "INFO"),
+    )
+
+
+def replace_port(settings: Settings, port: int) -> Settings:
+    return dataclasses.replace(settings, grpc_port=port)

@@ -1,0 +1,35 @@
+"""Which role may call which RPC: the one table, checked by the auth interceptor.
+
+A method missing from the table is refused, so a new RPC is closed until it is
+listed here. Health and reflection are open: probes and `grpcurl list` carry
+no token.
+"""
+
+from __future__ import annotations
+
+from server.auth import Role
+
+OPEN_SERVICES = frozenset(
+    {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
+)
+
+_REGISTRY = "/pulse.device.v1.DeviceRegistryService/"
+
+REQUIRED_ROLE: dict[str, Role] = {
+    _REGISTRY + "GetDevice": Role.VIEWER,
+    _REGISTRY + "ListDevices": Role.VIEWER,
+    _REGISTRY + "ListSites": Role.VIEWER,
+    _REGISTRY + "CreateDevice": Role.OPERATOR,
+    _REGISTRY + "UpdateDevice": Role.OPERATOR,
+    _REGISTRY + "CreateSite": Role.ADMIN,
+    _REGISTRY + "DecommissionDevice": Role.ADMIN,
+}
+
+
+def is_open(method: str) -> bool:
+    service = method.lstrip("/").split("/", 1)[0]
+    return service in OPEN_SERVICES

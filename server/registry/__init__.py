@@ -1,0 +1,1 @@
+"""The device registry: devices and sites."""

@@ -1,0 +1,198 @@
+"""DeviceRegistryService: parse and check the request, call the store, convert."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from pulse.device.v1 import devices_pb2, devices_pb2_grpc, filter_pb2
+
+from server import validation as v
+from server.auth import current_principal
+from server.db import Database
+from server.errors import FieldViolation, InvalidArgument
+from server.groups import filters
+from server.pagination import PageTokens, fingerprint, page_size
+from server.registry import convert, store
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _raise_if(violations: list[FieldViolation]) -> None:
+    if violations:
+        raise InvalidArgument(violations)
+
+
+def _checked_device_fields(device: devices_pb2.Device, paths: set[str]) -> dict[str, Any]:
+    """The named fields of `device`, validated, as store values."""
+    out: list[FieldViolation] = []
+    values: dict[str, Any] = {}
+    if "name" in paths:
+        v.check_text("device.name", device.name, v.NAME_MAX, out)
+        values["name"] = device.name
+    if "site_id" in paths:
+        if device.site_id:
+            v.check_id("device.site_id", device.site_id, out)
+        values["site_id"] = device.site_id or None
+    if "model" in paths:
+        v.check_text("device.model", device.model, v.MODEL_MAX, out)
+        values["model"] = device.model
+    if "tags" in paths:
+        v.check_tags("device.tags", device.tags, out)
+        values["tags"] = dict(device.tags)
+    if "metadata" in paths:
+        metadata = convert.to_dict(device.metadata)
+        v.check_document("device.metadata", metadata, v.METADATA_MAX_BYTES, out)
+        values["metadata"] = metadata
+    _raise_if(out)
+    return values
+
+
+def _device_id(field: str, value: str) -> str:
+    out: list[FieldViolation] = []
+    v.check_id(field, value, out)
+    _raise_if(out)
+    return value
+
+
+def compile_request_filter(
+    message: filter_pb2.DeviceFilter, *, first_param: int, field: str = "filter"
+) -> tuple[filters.CompiledFilter, str]:
+    """The compiled filter and its canonical text (for page-token fingerprints)."""
+    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    try:
+        parsed = filters.parse_filter(data, field_prefix=field)
+    except filters.FilterError as e:
+        raise InvalidArgument([FieldViolation(p, d) for p, d in e.violations]) from e
+    return filters.compile_filter(parsed, first_param=first_param), filters.canonical_text(parsed)
+
+
+class DeviceRegistryService(devices_pb2_grpc.DeviceRegistryServiceServicer):
+    def __init__(self, db: Database, tokens: PageTokens) -> None:
+        self._db = db
+        self._tokens = tokens
+
+    async def CreateDevice(
+        self, request: devices_pb2.CreateDeviceRequest, context: Context
+    ) -> devices_pb2.Device:
+        tenant = current_principal().tenant_id
+        device_id = _device_id("device.device_id", request.device.device_id)
+        fields = _checked_device_fields(request.device, set(store.UPDATABLE))
+        async with self._db.tenant(tenant) as con:
+            record = await store.create_device(con, tenant, device_id=device_id, **fields)
+        return convert.device(record)
+
+    async def GetDevice(
+        self, request: devices_pb2.GetDeviceRequest, context: Context
+    ) -> devices_pb2.Device:
+        tenant = current_principal().tenant_id
+        device_id = _device_id("device_id", request.device_id)
+        async with self._db.tenant(tenant, readonly=True) as con:
+            record = await store.get_device(con, tenant, device_id)
+        return convert.device(record)
+
+    async def ListDevices(
+        self, request: devices_pb2.ListDevicesRequest, context: Context
+    ) -> devices_pb2.ListDevicesResponse:
+        tenant = current_principal().tenant_id
+        size = page_size(request.page_size)
+        compiled, canonical = compile_request_filter(request.filter, first_param=4)
+        request_fp = fingerprint("devices", canonical)
+        after = None
+        if request.page_token:
+            (after,) = self._tokens.open(
+                request.page_token, kind="devices", tenant_id=tenant, request=request_fp
+            )
+        async with self._db.tenant(tenant, readonly=True) as con:
+            records = await store.list_devices(
+                con,
+                tenant,
+                after=str(after) if after is not None else None,
+                limit=size + 1,
+                filter_sql=compiled.sql,
+                filter_params=compiled.params,
+            )
+        token = ""
+        if len(records) > size:
+            records = records[:size]
+            token = self._tokens.seal(
+                kind="devices", tenant_id=tenant, request=request_fp, key=[records[-1].device_id]
+            )
+        return devices_pb2.ListDevicesResponse(
+            devices=[convert.device(r) for r in records], next_page_token=token
+        )
+
+    async def UpdateDevice(
+        self, request: devices_pb2.UpdateDeviceRequest, context: Context
+    ) -> devices_pb2.Device:
+        tenant = current_principal().tenant_id
+        device_id = _device_id("device.device_id", request.device.device_id)
+        paths = list(request.update_mask.paths)
+        if not paths:
+            raise InvalidArgument.single(
+                "update_mask", f"name at least one of: {', '.join(sorted(store.UPDATABLE))}"
+            )
+        unknown = [p for p in paths if p not in store.UPDATABLE]
+        if unknown:
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "update_mask.paths",
+                        f"{p!r} cannot be updated; allowed: {', '.join(sorted(store.UPDATABLE))}",
+                    )
+                    for p in unknown
+                ]
+            )
+        changes = _checked_device_fields(request.device, set(paths))
+        async with self._db.tenant(tenant) as con:
+            record = await store.update_device(con, tenant, device_id, changes)
+        return convert.device(record)
+
+    async def DecommissionDevice(
+        self, request: devices_pb2.DecommissionDeviceRequest, context: Context
+    ) -> devices_pb2.Device:
+        tenant = current_principal().tenant_id
+        device_id = _device_id("device_id", request.device_id)
+        async with self._db.tenant(tenant) as con:
+            record = await store.decommission_device(con, tenant, device_id)
+        return convert.device(record)
+
+    async def CreateSite(
+        self, request: devices_pb2.CreateSiteRequest, context: Context
+    ) -> devices_pb2.Site:
+        tenant = current_principal().tenant_id
+        out: list[FieldViolation] = []
+        v.check_id("site.site_id", request.site.site_id, out)
+        v.check_text("site.name", request.site.name, v.NAME_MAX, out)
+        _raise_if(out)
+        async with self._db.tenant(tenant) as con:
+            record = await store.create_site(
+                con, tenant, site_id=request.site.site_id, name=request.site.name
+            )
+        return convert.site(record)
+
+    async def ListSites(
+        self, request: devices_pb2.ListSitesRequest, context: Context
+    ) -> devices_pb2.ListSitesResponse:
+        tenant = current_principal().tenant_id
+        size = page_size(request.page_size)
+        request_fp = fingerprint("sites")
+        after = None
+        if request.page_token:
+            (after,) = self._tokens.open(
+                request.page_token, kind="sites", tenant_id=tenant, request=request_fp
+            )
+        async with self._db.tenant(tenant, readonly=True) as con:
+            records = await store.list_sites(
+                con, tenant, after=str(after) if after is not None else None, limit=size + 1
+            )
+        token = ""
+        if len(records) > size:
+            records = records[:size]
+            token = self._tokens.seal(
+                kind="sites", tenant_id=tenant, request=request_fp, key=[records[-1].site_id]
+            )
+        return devices_pb2.ListSitesResponse(
+            sites=[convert.site(r) for r in records], next_page_token=token
+        )
