@@ -7,10 +7,11 @@ import os
 from typing import Any
 
 import grpc
-from pulse.device.v1 import devices_pb2, devices_pb2_grpc, status_pb2
+from pulse.device.v1 import devices_pb2, status_pb2
 
 from bench.harness import run
 
+SERVICE = "pulse.device.v1.DeviceRegistryService"
 _DEVICE = devices_pb2.Device(
     device_id="BENCH-000001",
     name="bench device",
@@ -22,16 +23,22 @@ _DEVICE = devices_pb2.Device(
 )
 
 
-class Echo(devices_pb2_grpc.DeviceRegistryServiceServicer):
-    async def GetDevice(
-        self, request: devices_pb2.GetDeviceRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> devices_pb2.Device:
-        return _DEVICE
+async def get_device(
+    request: devices_pb2.GetDeviceRequest, context: grpc.aio.ServicerContext[Any, Any]
+) -> devices_pb2.Device:
+    return _DEVICE
 
 
 async def main() -> None:
     server = grpc.aio.server()
-    devices_pb2_grpc.add_DeviceRegistryServiceServicer_to_server(Echo(), server)
+    handler = grpc.unary_unary_rpc_method_handler(
+        get_device,
+        request_deserializer=devices_pb2.GetDeviceRequest.FromString,
+        response_serializer=devices_pb2.Device.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(SERVICE, {"GetDevice": handler})]
+    )
     server.add_insecure_port(f"127.0.0.1:{os.environ['PORT']}")
     await server.start()
     await server.wait_for_termination()

@@ -8,7 +8,6 @@ import os
 import secrets
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -112,8 +111,8 @@ def free_port() -> int:
 @asynccontextmanager
 async def subprocess_server(module: str, port: int, env: dict[str, str]) -> AsyncIterator[None]:
     """Run `python -m module` until it accepts TCP connections on `port`."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module], cwd=ROOT, env={**os.environ, **env, "PORT": str(port)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", module, cwd=ROOT, env={**os.environ, **env, "PORT": str(port)}
     )
     try:
         deadline = time.monotonic() + 30
@@ -123,13 +122,13 @@ async def subprocess_server(module: str, port: int, env: dict[str, str]) -> Asyn
                 writer.close()
                 break
             except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
+                if time.monotonic() > deadline or proc.returncode is not None:
                     raise RuntimeError(f"{module} did not start") from None
                 await asyncio.sleep(0.1)
         yield
     finally:
         proc.terminate()
-        proc.wait(timeout=15)
+        await asyncio.wait_for(proc.wait(), 15)
 
 
 def run(main: Callable[[], Awaitable[None]]) -> None:

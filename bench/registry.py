@@ -75,14 +75,16 @@ async def main() -> None:
         print(raw.row())
 
         port = free_port()
-        async with subprocess_server("bench.echo_server", port, {}):
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = devices_pb2_grpc.DeviceRegistryServiceStub(channel)
+        async with (
+            subprocess_server("bench.echo_server", port, {}),
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+        ):
+            stub = devices_pb2_grpc.DeviceRegistryServiceStub(channel)
 
-                async def echo_call(i: int) -> object:
-                    return await stub.GetDevice(devices_pb2.GetDeviceRequest(device_id="x"))
+            async def echo_call(i: int) -> object:
+                return await stub.GetDevice(devices_pb2.GetDeviceRequest(device_id="x"))
 
-                echo = await closed_loop("bare grpc.aio echo", echo_call)
+            echo = await closed_loop("bare grpc.aio echo", echo_call)
         print(echo.row())
 
         secret = secrets.token_hex(32)

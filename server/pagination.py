@@ -52,9 +52,7 @@ class PageTokens:
         key = hmac.new(secret, b"pulse/page-token/aes-gcm", hashlib.sha256).digest()
         self._aead = AESGCM(key)
 
-    def seal(
-        self, *, kind: str, tenant_id: uuid.UUID, request: str, key: Sequence[object]
-    ) -> str:
+    def seal(self, *, kind: str, tenant_id: uuid.UUID, request: str, key: Sequence[object]) -> str:
         payload = json.dumps(
             [_VERSION, str(tenant_id), request, list(key)], separators=(",", ":")
         ).encode()

@@ -73,7 +73,7 @@ async def test_concurrent_starters_migrate_once(scratch: str, tmp_path: Path) ->
 
 def test_badly_named_file_is_refused(tmp_path: Path) -> None:
     _write(tmp_path, "1_a.sql", "")
-    with pytest.raises(migrate.MigrationError, match="NNNN_words.sql"):
+    with pytest.raises(migrate.MigrationError, match=r"NNNN_words\.sql"):
         migrate.discover(tmp_path)
 
 

@@ -31,9 +31,7 @@ def _wait_for_banner(proc: subprocess.Popen[str], deadline: float) -> list[str]:
 
 
 @pytest.mark.timeout(90)
-def test_pulse_run_prints_a_working_buf_curl_and_stops_on_ctrl_c(
-    dsn: str, tmp_path: Path
-) -> None:
+def test_pulse_run_prints_a_working_buf_curl_and_stops_on_ctrl_c(dsn: str, tmp_path: Path) -> None:
     env = {
         **os.environ,
         "DATABASE_URL": dsn,
@@ -64,9 +62,19 @@ def test_pulse_run_prints_a_working_buf_curl_and_stops_on_ctrl_c(
         address = re.search(r"http://([\d.:]+)/", curl)
         assert address
         listed = subprocess.run(
-            [str(BIN / "buf"), "curl", "--protocol", "grpc", "--http2-prior-knowledge",
-             "--list-methods", f"http://{address.group(1)}"],
-            capture_output=True, text=True, timeout=30, check=False,
+            [
+                str(BIN / "buf"),
+                "curl",
+                "--protocol",
+                "grpc",
+                "--http2-prior-knowledge",
+                "--list-methods",
+                f"http://{address.group(1)}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
         )
         assert "pulse.device.v1.DeviceRegistryService/ListDevices" in listed.stdout, listed.stderr
     finally:
@@ -79,7 +87,10 @@ def test_pulse_token_mints_a_verifiable_token(tmp_path: Path) -> None:
     env = {**os.environ, "PULSE_DATA_DIR": str(tmp_path)}
     out = subprocess.run(
         [str(BIN / "pulse"), "token", "--role", "viewer"],
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     token = out.stdout.strip()
     assert token.count(".") == 2

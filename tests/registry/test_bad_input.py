@@ -15,7 +15,9 @@ from tests.conftest import Tenant
 
 
 @pytest.fixture
-async def stub(target: str, tenant: Tenant) -> AsyncIterator[devices_pb2_grpc.DeviceRegistryServiceStub]:
+async def stub(
+    target: str, tenant: Tenant
+) -> AsyncIterator[devices_pb2_grpc.DeviceRegistryServiceStub]:
     async with grpc.aio.insecure_channel(target) as channel:
         yield devices_pb2_grpc.DeviceRegistryServiceStub(channel)
 
@@ -28,8 +30,8 @@ async def _invalid(call: object) -> pc.PulseError:
     return error
 
 
-def _md(tenant: Tenant) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {tenant.token()}")]
+def _md(tenant: Tenant) -> tuple[tuple[str, str | bytes], ...]:
+    return (("authorization", f"Bearer {tenant.token()}"),)
 
 
 BAD_IDS = {
@@ -91,11 +93,9 @@ async def test_oversized_and_deep_metadata(client: pc.AsyncPulseClient) -> None:
     with pytest.raises(pc.InvalidArgument) as info:
         await client.devices.create("BIG-1", metadata={"blob": "x" * 17_000})
     assert "at most 16384" in info.value.message
-    deep: dict[str, object] = {}
-    node = deep
+    deep: dict[str, pc.JsonValue] = {"leaf": 1}
     for _ in range(15):
-        node["n"] = {}
-        node = node["n"]  # type: ignore[assignment]
+        deep = {"n": deep}
     with pytest.raises(pc.InvalidArgument) as info:
         await client.devices.create("DEEP-1", metadata=deep)
     assert "nested deeper" in info.value.message

@@ -26,7 +26,7 @@ async def test_create_get_update_decommission(client: pc.AsyncPulseClient) -> No
     fetched = await client.devices.get("DEVICE-01")
     assert fetched == created
     assert dict(fetched.tags) == {"env": "prod", "production": ""}
-    assert fetched.metadata["limits"]["temp_c"] == 90
+    assert fetched.metadata.fields["limits"].struct_value.fields["temp_c"].number_value == 90
 
     updated = await client.devices.update("DEVICE-01", name="Boiler 2", tags={"env": "dev"})
     assert updated.name == "Boiler 2"

@@ -34,10 +34,10 @@ async def test_pages_skip_and_repeat_nothing_while_devices_are_added(
         page = await _page(client, token, size=7)
         seen += [d.device_id for d in page.devices]
         for _ in range(3):
-            n = next(odd, None)
-            if n is not None and page.next_page_token and f"P-{n:03d}" not in added:
-                added[f"P-{n:03d}"] = seen[-1]
-                await client.devices.create(f"P-{n:03d}")
+            new_id = f"P-{next(odd, 0):03d}"
+            if new_id != "P-000" and page.next_page_token and new_id not in added:
+                added[new_id] = seen[-1]
+                await client.devices.create(new_id)
         token = page.next_page_token
         if not token:
             break

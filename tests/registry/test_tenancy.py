@@ -59,9 +59,12 @@ async def test_raw_sql_in_a_tenant_scope_sees_only_that_tenant(
 
     async with db.tenant(tenant.tenant_id) as con:
         assert await con.fetchval("SELECT current_user") == "pulse_app"
-        assert await con.fetchval(
-            "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user"
-        ) is False
+        assert (
+            await con.fetchval(
+                "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user"
+            )
+            is False
+        )
         # No WHERE on tenant_id at all: RLS alone narrows it.
         ids = [r["device_id"] for r in await con.fetch("SELECT device_id FROM devices")]
         assert sorted(ids) == ["RLS-1", "RLS-2"]

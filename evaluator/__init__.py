@@ -1,0 +1,1 @@
+"""The device-facing process: MQTT ingest, liveness sweep, desired-state publishing."""
