@@ -11,7 +11,6 @@ import logging
 import warnings
 from pathlib import Path
 
-
 log = logging.getLogger(__name__)
 
 # It asks platformdirs for a runtime folder, which warns where XDG_RUNTIME_DIR
