@@ -17,6 +17,7 @@ from server.auth import TokenVerifier
 from server.config import Settings
 from server.db import Database, create_pool
 from server.interceptors import chain
+from server.listener import Listener
 from server.pagination import PageTokens
 from server.registry.service import DeviceRegistryService
 
@@ -32,11 +33,13 @@ class RunningServer:
     port: int
     db: Database
     health: HealthServicer
+    listener: Listener
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
         """Report NOT_SERVING, refuse new calls, let running ones finish, close the pool."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        await self.listener.stop()
         await self.db.close()
 
 
@@ -51,6 +54,8 @@ def verifier_for(settings: Settings) -> TokenVerifier:
 
 async def start(settings: Settings, dsn: str) -> RunningServer:
     db = Database(await create_pool(dsn, size=settings.db_pool_size))
+    listener = Listener(dsn)
+    await listener.start()
     server = grpc.aio.server(
         interceptors=chain(verifier_for(settings)),
         # Without this, a second server silently shares a busy port on Linux.
@@ -75,7 +80,7 @@ async def start(settings: Settings, dsn: str) -> RunningServer:
     for name in ["", *SERVICE_NAMES]:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("gRPC server listening on %s:%d", settings.grpc_host, port)
-    return RunningServer(server=server, port=port, db=db, health=health)
+    return RunningServer(server=server, port=port, db=db, health=health, listener=listener)
 
 
 async def wait_for_signal() -> None:
