@@ -13,10 +13,11 @@ from typing import Any
 
 from evaluator.service import mqtt_broker, running_evaluator
 from server import config, migrate
-from server.app import RunningServer, start, wait_for_signal
+from server.app import SERVICE_NAMES, RunningServer, start, wait_for_signal
 from server.auth import Role, mint_token
 from server.demo import DEMO_TENANT, seed_demo
 from server.embedded import EmbeddedPostgres
+from server.gateway.serve import running_gateway
 
 log = logging.getLogger("pulse")
 
@@ -50,7 +51,7 @@ async def _start_server(settings: config.Settings, dsn: str) -> RunningServer:
         return await start(config.replace_port(settings, 0), dsn)
 
 
-def _banner(settings: config.Settings, port: int, token: str, mqtt_url: str) -> str:
+def _banner(settings: config.Settings, port: int, http_port: int, token: str, mqtt_url: str) -> str:
     address = f"{settings.grpc_host}:{port}"
     payload = '{"device_id": "DEVICE-01"}'
     curl = " ".join(
@@ -66,12 +67,16 @@ def _banner(settings: config.Settings, port: int, token: str, mqtt_url: str) -> 
             "",
             "Pulse Device Management is running.",
             f"  gRPC          {address}  (reflection on; health: grpc.health.v1.Health)",
+            f"  HTTP          http://{settings.http_host}:{http_port}/  "
+            "(web console; JSON API under /customer, /openapi.json)",
             f"  MQTT          {mqtt_url}  (devices: pulse/{{tenant}}/{{device}}/...)",
             f"  demo tenant   {DEMO_TENANT}",
             f"  admin token   {token}",
             "",
             "Try it:",
             f"  {curl}",
+            f"  curl -H 'Authorization: Bearer {token}' "
+            f"http://{settings.http_host}:{http_port}/customer/devices/DEVICE-01",
             "",
             "Ctrl-C stops everything.",
             "",
@@ -86,14 +91,24 @@ async def _run(settings: config.Settings) -> None:
         await seed_demo(dsn)
         async with mqtt_broker(settings) as mqtt_url:
             running = await _start_server(settings, dsn)
-            async with running_evaluator(settings, dsn, mqtt_url):
+            async with (
+                running_evaluator(settings, dsn, mqtt_url),
+                running_gateway(
+                    f"127.0.0.1:{running.port}",
+                    SERVICE_NAMES,
+                    host=settings.http_host,
+                    port=settings.http_port,
+                    cors_origins=settings.cors_origins,
+                    max_body_bytes=settings.http_max_body,
+                ) as http_port,
+            ):
                 token = mint_token(
                     settings.secret,
                     tenant_id=DEMO_TENANT,
                     role=Role.ADMIN,
                     audience=settings.jwt_audience,
                 )
-                print(_banner(settings, running.port, token, mqtt_url), flush=True)
+                print(_banner(settings, running.port, http_port, token, mqtt_url), flush=True)
                 await wait_for_signal()
                 log.info("shutting down")
             await running.stop()
@@ -111,6 +126,19 @@ async def _evaluator(settings: config.Settings) -> None:
     finally:
         if embedded is not None:
             await embedded.stop()
+
+
+async def _gateway(settings: config.Settings, grpc_target: str) -> None:
+    async with running_gateway(
+        grpc_target,
+        SERVICE_NAMES,
+        host=settings.http_host,
+        port=settings.http_port,
+        cors_origins=settings.cors_origins,
+        max_body_bytes=settings.http_max_body,
+    ) as port:
+        print(f"HTTP gateway on http://{settings.http_host}:{port}/ -> gRPC {grpc_target}")
+        await wait_for_signal()
 
 
 async def _migrate(settings: config.Settings) -> None:
@@ -131,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     sub.add_parser("migrate", help="apply pending migrations and exit")
     sub.add_parser("evaluator", help="run only the device-facing evaluator (MQTT ingest, liveness)")
+    gw = sub.add_parser("gateway", help="run only the HTTP gateway against a gRPC server")
+    gw.add_argument("--grpc-target", required=True, help="host:port of a pulse gRPC server")
     tok = sub.add_parser("token", help="print a development token signed with the local secret")
     tok.add_argument("--tenant", type=uuid.UUID, default=DEMO_TENANT)
     tok.add_argument("--role", choices=[r.name.lower() for r in Role], default="admin")
@@ -158,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     elif args.command == "migrate":
         _run_async(_migrate(settings))
+    elif args.command == "gateway":
+        _run_async(_gateway(settings, args.grpc_target))
     elif args.command == "evaluator":
         _run_async(_evaluator(settings))
     else:

@@ -32,6 +32,13 @@ class Settings:
     jwks_url: str | None
     db_pool_size: int
     log_level: str
+    http_host: str
+    #: The browser gateway's port; 0 picks a free one.
+    http_port: int
+    #: Origins allowed to call the gateway from a browser (CORS).
+    cors_origins: tuple[str, ...]
+    #: Largest request body the gateway accepts (413 beyond).
+    http_max_body: int
 
 
 def _load_or_create_secret(data_dir: Path) -> bytes:
@@ -67,6 +74,10 @@ def load(env: dict[str, str] | None = None) -> Settings:
         jwks_url=env.get("PULSE_JWKS_URL") or None,
         db_pool_size=int(env.get("PULSE_DB_POOL_SIZE", "10")),
         log_level=env.get("PULSE_LOG_LEVEL", "INFO"),
+        http_host=env.get("PULSE_HTTP_HOST", "127.0.0.1"),
+        http_port=int(env.get("PULSE_HTTP_PORT", "8000")),
+        cors_origins=tuple(o.strip() for o in env.get("PULSE_CORS_ORIGINS", "").split(",") if o),
+        http_max_body=int(env.get("PULSE_HTTP_MAX_BODY", str(1 << 20))),
     )
 
 

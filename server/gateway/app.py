@@ -1,0 +1,234 @@
+"""The gateway as an ASGI app: annotated routes under /customer, the OpenAPI
+document, and the web console's static files at /.
+
+Every request is forwarded to the gRPC server over one channel, so
+authentication, authorisation, validation and error mapping happen in one
+place; the gateway only transcodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor
+from google.protobuf.message import Message
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from server.gateway import openapi, routes, status, transcode
+
+log = logging.getLogger("pulse.gateway")
+
+CONSOLE_DIR = Path(__file__).resolve().parent.parent.parent / "console"
+HEARTBEAT_S = 15.0
+# Errors a stream raises before its first message (bad token, unknown
+# device, invalid request) arrive within this; they become plain HTTP errors.
+_STREAM_STARTUP_S = 0.5
+_FORWARDED_HEADERS = ("authorization", "x-request-id")
+_ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+
+def _error(http: int, code: grpc.StatusCode, message: str) -> JSONResponse:
+    body = status.error_body(code, message, [])
+    body["error"]["code"] = http
+    return JSONResponse(body, status_code=http)
+
+
+class Gateway:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        services: Sequence[descriptor.ServiceDescriptor],
+        *,
+        max_body_bytes: int,
+    ) -> None:
+        self.routes = routes.routes_for(list(services))
+        self._max_body = max_body_bytes
+        self._calls: dict[str, Any] = {}
+        for route in self.routes:
+            make = channel.unary_stream if route.streaming else channel.unary_unary
+            self._calls[route.grpc_method] = make(
+                route.grpc_method,
+                request_serializer=route.request_class.SerializeToString,
+                response_deserializer=route.response_class.FromString,
+            )
+
+    async def dispatch(self, request: Request) -> Response:
+        path = request.url.path
+        allowed = []
+        for route in self.routes:
+            params = route.match(path)
+            if params is None:
+                continue
+            if route.http_method != request.method:
+                allowed.append(route.http_method)
+                continue
+            return await self._serve(route, params, request)
+        if allowed:
+            response = _error(405, grpc.StatusCode.UNIMPLEMENTED, f"{request.method} not allowed")
+            response.headers["Allow"] = ", ".join(sorted(set(allowed)))
+            return response
+        return _error(404, grpc.StatusCode.NOT_FOUND, f"no API at {path}")
+
+    async def _read_body(self, request: Request) -> bytes | None:
+        """The body, or None when it is larger than allowed."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self._max_body:
+            return None
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self._max_body:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _serve(
+        self, route: routes.Route, params: dict[str, str], request: Request
+    ) -> Response:
+        body = await self._read_body(request) if route.body else b""
+        if body is None:
+            return _error(
+                413,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request body is larger than {self._max_body} bytes",
+            )
+        try:
+            message = transcode.build_request(
+                route.request_class,
+                body_field=route.body,
+                body=body,
+                path_params=params,
+                query=request.query_params.multi_items(),
+                headers=request.headers,
+            )
+        except transcode.BadRequest as e:
+            return _error(400, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        metadata = tuple(
+            (name, request.headers[name]) for name in _FORWARDED_HEADERS if name in request.headers
+        )
+        if route.streaming:
+            return await self._stream(route, message, metadata)
+        try:
+            reply: Message = await self._calls[route.grpc_method](message, metadata=metadata)
+        except grpc.aio.AioRpcError as e:
+            http, error_body = status.from_rpc_error(e)
+            return JSONResponse(error_body, status_code=http)
+        etag = transcode.etag_of(reply)
+        headers = {"ETag": etag} if etag else {}
+        if (
+            etag
+            and request.method == "GET"
+            and etag in _etags(request.headers.get("if-none-match"))
+        ):
+            return Response(status_code=304, headers=headers)
+        return JSONResponse(transcode.to_json(reply), headers=headers)
+
+    async def _stream(
+        self, route: routes.Route, message: Message, metadata: tuple[tuple[str, str], ...]
+    ) -> Response:
+        call = self._calls[route.grpc_method](message, metadata=metadata)
+        responses = call.__aiter__()
+        first = asyncio.ensure_future(responses.__anext__())
+        done, _ = await asyncio.wait({first}, timeout=_STREAM_STARTUP_S)
+        if first in done and first.exception() is not None:
+            error = first.exception()
+            if isinstance(error, grpc.aio.AioRpcError):
+                http, error_body = status.from_rpc_error(error)
+                return JSONResponse(error_body, status_code=http)
+            if isinstance(error, StopAsyncIteration):
+                return StreamingResponse(iter(()), media_type="text/event-stream")
+            raise error
+        return StreamingResponse(
+            _events(call, responses, first),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+
+def _etags(header: str | None) -> set[str]:
+    if not header:
+        return set()
+    return {tag.strip().removeprefix("W/") for tag in header.split(",")}
+
+
+def _event(message: Message) -> str:
+    data = json.dumps(transcode.to_json(message), separators=(",", ":"))
+    cursor = transcode.cursor_of(message)
+    return (f"id: {cursor}\n" if cursor else "") + f"data: {data}\n\n"
+
+
+async def _events(
+    call: Any, responses: AsyncIterator[Message], pending: asyncio.Future[Message]
+) -> AsyncIterator[str]:
+    """Messages as server-sent events, with a comment line as heartbeat so
+    proxies keep an idle stream open."""
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=HEARTBEAT_S)
+            if not done:
+                yield ": keep-alive\n\n"
+                continue
+            try:
+                message = pending.result()
+            except StopAsyncIteration:
+                return
+            except grpc.aio.AioRpcError as e:
+                _, body = status.from_rpc_error(e)
+                yield f"event: error\ndata: {json.dumps(body)}\n\n"
+                return
+            yield _event(message)
+            pending = asyncio.ensure_future(responses.__anext__())
+    finally:
+        pending.cancel()
+        call.cancel()
+
+
+def create_app(
+    channel: grpc.aio.Channel,
+    services: Sequence[descriptor.ServiceDescriptor],
+    *,
+    max_body_bytes: int = 1 << 20,
+    cors_origins: Sequence[str] = (),
+) -> Starlette:
+    gateway = Gateway(channel, services, max_body_bytes=max_body_bytes)
+    document = openapi.document(gateway.routes)
+
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(document)
+
+    mounts: list[Route | Mount] = [
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/customer/{rest:path}", gateway.dispatch, methods=_ALL_METHODS),
+    ]
+    if CONSOLE_DIR.is_dir():
+        mounts.append(Mount("/", StaticFiles(directory=CONSOLE_DIR, html=True)))
+    middleware = []
+    if cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(cors_origins),
+                allow_methods=_ALL_METHODS,
+                allow_headers=[
+                    "authorization",
+                    "content-type",
+                    "if-match",
+                    "if-none-match",
+                    "last-event-id",
+                ],
+                expose_headers=["etag"],
+            )
+        )
+    return Starlette(routes=mounts, middleware=middleware)

@@ -1,0 +1,175 @@
+"""An OpenAPI 3.1 document for the gateway, generated from the same
+descriptors as the routes (so it cannot drift from them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import descriptor
+
+from server.gateway.routes import Route
+from server.gateway.transcode import FD
+
+_WELL_KNOWN: dict[str, dict[str, Any]] = {
+    "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
+    "google.protobuf.Duration": {"type": "string"},
+    "google.protobuf.FieldMask": {"type": "string"},
+    "google.protobuf.Struct": {"type": "object"},
+    "google.protobuf.Value": {},
+    "google.protobuf.ListValue": {"type": "array"},
+    "google.protobuf.Any": {"type": "object"},
+    "google.protobuf.Empty": {"type": "object"},
+}
+
+_SCALARS: dict[int, dict[str, Any]] = {
+    FD.TYPE_BOOL: {"type": "boolean"},
+    FD.TYPE_STRING: {"type": "string"},
+    FD.TYPE_BYTES: {"type": "string", "format": "byte"},
+    FD.TYPE_DOUBLE: {"type": "number"},
+    FD.TYPE_FLOAT: {"type": "number"},
+}
+_INT_FORMAT = {
+    FD.TYPE_INT32: "int32",
+    FD.TYPE_SINT32: "int32",
+    FD.TYPE_SFIXED32: "int32",
+    FD.TYPE_UINT32: "int64",
+    FD.TYPE_FIXED32: "int64",
+    FD.TYPE_INT64: "int64",
+    FD.TYPE_SINT64: "int64",
+    FD.TYPE_SFIXED64: "int64",
+    FD.TYPE_UINT64: "int64",
+    FD.TYPE_FIXED64: "int64",
+}
+_ERROR = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "code": {"type": "integer"},
+                "status": {"type": "string"},
+                "message": {"type": "string"},
+                "details": {"type": "array", "items": {"type": "object"}},
+            },
+        }
+    },
+}
+
+
+class _Schemas:
+    def __init__(self) -> None:
+        self.components: dict[str, Any] = {"Error": _ERROR}
+
+    def ref(self, message: descriptor.Descriptor) -> dict[str, Any]:
+        if message.full_name in _WELL_KNOWN:
+            return dict(_WELL_KNOWN[message.full_name])
+        name = message.full_name
+        if name not in self.components:
+            self.components[name] = {}  # placeholder against recursion
+            self.components[name] = {
+                "type": "object",
+                "properties": {f.name: self.field(f) for f in message.fields},
+                "additionalProperties": False,
+            }
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def field(self, field: FD) -> dict[str, Any]:
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value = field.message_type.fields_by_name["value"]
+            return {"type": "object", "additionalProperties": self.single(value)}
+        if field.is_repeated:
+            return {"type": "array", "items": self.single(field)}
+        return self.single(field)
+
+    def single(self, field: FD) -> dict[str, Any]:
+        if field.message_type is not None:
+            return self.ref(field.message_type)
+        if field.enum_type is not None:
+            return {"type": "string", "enum": [v.name for v in field.enum_type.values]}
+        if field.type in _INT_FORMAT:
+            return {"type": "integer", "format": _INT_FORMAT[field.type]}
+        return dict(_SCALARS.get(field.type, {"type": "string"}))
+
+
+def _query_parameters(route: Route, schemas: _Schemas) -> list[dict[str, Any]]:
+    if route.body == "*":
+        return []
+    in_path = {field.split(".")[0] for _, field in route.variables}
+    params = []
+    for field in route.method.input_type.fields:
+        if field.name in in_path or field.name == route.body:
+            continue
+        if field.message_type is not None and field.message_type.full_name not in _WELL_KNOWN:
+            # Nested messages travel as dotted names (filter.site_ids=...).
+            for sub in field.message_type.fields:
+                if sub.message_type is None or sub.message_type.full_name in _WELL_KNOWN:
+                    params.append(
+                        {
+                            "name": f"{field.name}.{sub.name}",
+                            "in": "query",
+                            "schema": schemas.field(sub),
+                        }
+                    )
+            continue
+        params.append({"name": field.name, "in": "query", "schema": schemas.field(field)})
+    return params
+
+
+def document(routes: list[Route]) -> dict[str, Any]:
+    schemas = _Schemas()
+    paths: dict[str, Any] = {}
+    for route in routes:
+        parameters = [
+            {"name": field, "in": "path", "required": True, "schema": {"type": "string"}}
+            for _, field in route.variables
+        ]
+        parameters += _query_parameters(route, schemas)
+        response_schema = schemas.ref(route.method.output_type)
+        content = (
+            {"text/event-stream": {"schema": {"type": "string"}}}
+            if route.streaming
+            else {"application/json": {"schema": response_schema}}
+        )
+        operation: dict[str, Any] = {
+            "operationId": f"{route.method.containing_service.name}_{route.method.name}",
+            "summary": route.method.name,
+            "parameters": parameters,
+            "responses": {
+                "200": {"description": "OK", "content": content},
+                "default": {
+                    "description": "Error",
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
+                    },
+                },
+            },
+            "security": [{"bearer": []}],
+        }
+        if route.body:
+            body_schema = (
+                schemas.ref(route.method.input_type)
+                if route.body == "*"
+                else schemas.field(route.method.input_type.fields_by_name[route.body])
+            )
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": body_schema}},
+            }
+        paths.setdefault(route.template, {})[route.http_method.lower()] = operation
+    # operationIds must be unique; additional bindings share a method.
+    seen: dict[str, int] = {}
+    for methods in paths.values():
+        for op in methods.values():
+            n = seen.get(op["operationId"], 0)
+            seen[op["operationId"]] = n + 1
+            if n:
+                op["operationId"] += f"_{n + 1}"
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Pulse Device Management", "version": "v1"},
+        "paths": paths,
+        "components": {
+            "schemas": schemas.components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

@@ -1,0 +1,82 @@
+"""Running the gateway: inside `pulse run` beside the gRPC server, or alone
+(`pulse gateway`) against a remote gRPC address."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator, Iterator, Sequence
+
+import grpc
+import uvicorn
+from google.protobuf import descriptor, descriptor_pool
+
+from server.gateway.app import create_app
+
+log = logging.getLogger("pulse.gateway")
+
+
+class _InProcessServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # The host process owns SIGINT/SIGTERM and stops us explicitly.
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on `port`, or on a free one if it is taken."""
+    for candidate in (port, 0) if port else (0,):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, candidate))
+        except OSError:
+            sock.close()
+            log.warning("HTTP port %d is taken; using a free one instead", candidate)
+            continue
+        sock.listen(1024)
+        sock.setblocking(False)
+        return sock
+    raise OSError(f"cannot listen on {host}")
+
+
+def services(names: Sequence[str]) -> list[descriptor.ServiceDescriptor]:
+    pool = descriptor_pool.Default()
+    return [pool.FindServiceByName(name) for name in names]
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(
+    grpc_target: str,
+    service_names: Sequence[str],
+    *,
+    host: str,
+    port: int,
+    cors_origins: Sequence[str] = (),
+    max_body_bytes: int = 1 << 20,
+) -> AsyncIterator[int]:
+    """Serve HTTP until the context ends; yields the bound port."""
+    channel = grpc.aio.insecure_channel(grpc_target)
+    app = create_app(
+        channel, services(service_names), max_body_bytes=max_body_bytes, cors_origins=cors_origins
+    )
+    sock = _bind(host, port)
+    bound = int(sock.getsockname()[1])
+    server = _InProcessServer(
+        uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+    )
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="gateway")
+    try:
+        while not server.started:
+            if task.done():
+                task.result()  # raises what stopped it
+            await asyncio.sleep(0.02)
+        log.info("HTTP gateway listening on %s:%d", host, bound)
+        yield bound
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+        await channel.close(None)

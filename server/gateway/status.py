@@ -1,0 +1,67 @@
+"""gRPC statuses as HTTP responses (AIP-193's HTTP form)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from google.rpc import error_details_pb2, status_pb2
+
+# The standard gRPC -> HTTP table (google/rpc/code.proto).
+HTTP_STATUS = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+}
+
+# Reasons whose HTTP meaning is more precise than their gRPC code's: a stale
+# version is a conflict (what the upstream web app handles), a write without
+# a version is "precondition required".
+REASON_STATUS = {"VERSION_MISMATCH": 409, "PRECONDITION_REQUIRED": 428}
+
+
+def error_body(code: grpc.StatusCode, message: str, details: list[Any]) -> dict[str, Any]:
+    return {
+        "error": {
+            "code": HTTP_STATUS.get(code, 500),
+            "status": code.name,
+            "message": message,
+            "details": details,
+        }
+    }
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError) -> tuple[int, dict[str, Any]]:
+    """HTTP status and JSON body for a failed call, details included."""
+    code = error.code()
+    details: list[Any] = []
+    http = HTTP_STATUS.get(code, 500)
+    trailing: Any = error.trailing_metadata() or ()
+    for key, value in trailing:
+        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status.FromString(value)
+        for any_detail in status.details:
+            details.append(json_format.MessageToDict(any_detail, preserving_proto_field_name=True))
+            if any_detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                any_detail.Unpack(info)
+                http = REASON_STATUS.get(info.reason, http)
+    body = error_body(code, error.details() or code.name, details)
+    body["error"]["code"] = http
+    return http, body

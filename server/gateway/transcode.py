@@ -1,0 +1,210 @@
+"""HTTP requests to request messages and response messages to JSON.
+
+JSON uses the proto field names (snake_case), prints fields left at their
+defaults (so `in_sync: false` and `total: 0` are present, as the upstream web
+app expects), and renders 64-bit integers as JSON numbers rather than the
+proto3 JSON strings, because the upstream clients compare versions as numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from google.protobuf import descriptor, json_format
+from google.protobuf.message import Message
+from pulse.device.v1 import http_options_pb2
+
+FD = descriptor.FieldDescriptor
+# The upb runtime's descriptor classes differ from the pure-Python ones the
+# stubs describe; both have the attributes used here.
+Desc = Any
+_INT64 = {FD.TYPE_INT64, FD.TYPE_UINT64, FD.TYPE_SINT64, FD.TYPE_FIXED64, FD.TYPE_SFIXED64}
+_INTS = _INT64 | {FD.TYPE_INT32, FD.TYPE_UINT32, FD.TYPE_SINT32, FD.TYPE_FIXED32, FD.TYPE_SFIXED32}
+_FLOATS = {FD.TYPE_DOUBLE, FD.TYPE_FLOAT}
+_SAFE_INT = 2**53
+
+
+class BadRequest(ValueError):
+    """The HTTP request cannot be turned into the RPC's request message."""
+
+
+def _option(field: FD, ext: Any) -> bool:
+    options: Any = field.GetOptions()
+    return bool(options.Extensions[ext])
+
+
+def marked_field(message: Desc, ext: Any) -> FD | None:
+    """The first field of `message` carrying the boolean option `ext`."""
+    fields: list[FD] = list(message.fields)
+    return next((f for f in fields if _option(f, ext)), None)
+
+
+def _field_at(message: Desc, path: str) -> tuple[list[str], FD]:
+    parts = path.split(".")
+    current = message
+    field = None
+    for n, name in enumerate(parts):
+        field = current.fields_by_name.get(name)
+        if field is None:
+            raise BadRequest(f"unknown field {path!r}")
+        if n < len(parts) - 1:
+            if field.message_type is None:
+                raise BadRequest(f"{'.'.join(parts[: n + 1])!r} has no field {parts[n + 1]!r}")
+            current = field.message_type
+    assert field is not None
+    return parts, field
+
+
+def _scalar(field: FD, raw: str, where: str) -> object:
+    try:
+        if field.type == FD.TYPE_BOOL:
+            if raw.lower() not in ("true", "false"):
+                raise ValueError
+            return raw.lower() == "true"
+        if field.type in _INTS:
+            return int(raw)
+        if field.type in _FLOATS:
+            return float(raw)
+    except ValueError:
+        raise BadRequest(f"{where}: {raw[:40]!r} is not a valid {_type_name(field)}") from None
+    if field.message_type is not None and field.message_type.full_name not in (
+        "google.protobuf.Timestamp",
+        "google.protobuf.Duration",
+        "google.protobuf.FieldMask",
+    ):
+        raise BadRequest(f"{where} is a message; send it in the body")
+    return raw  # strings, bytes, enums by name, well-known types in JSON form
+
+
+def _type_name(field: FD) -> str:
+    if field.type == FD.TYPE_BOOL:
+        return "boolean"
+    if field.type in _INTS:
+        return "integer"
+    if field.type in _FLOATS:
+        return "number"
+    return "value"
+
+
+def _put(data: dict[str, Any], parts: list[str], value: object, repeated: bool) -> None:
+    node = data
+    for name in parts[:-1]:
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise BadRequest(f"{'.'.join(parts)} conflicts with another value")
+        node = child
+    if repeated:
+        existing = node.setdefault(parts[-1], [])
+        if not isinstance(existing, list):
+            raise BadRequest(f"{'.'.join(parts)} conflicts with another value")
+        existing.append(value)
+    else:
+        node[parts[-1]] = value
+
+
+def build_request(
+    request_class: type[Message],
+    *,
+    body_field: str,
+    body: bytes,
+    path_params: Mapping[str, str],
+    query: Iterable[tuple[str, str]],
+    headers: Mapping[str, str],
+) -> Message:
+    message_desc = request_class.DESCRIPTOR
+    data: dict[str, Any] = {}
+    if body_field:
+        try:
+            parsed = json.loads(body) if body.strip() else {}
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadRequest(f"the body is not valid JSON: {e}") from None
+        if body_field == "*":
+            if not isinstance(parsed, dict):
+                raise BadRequest("the body must be a JSON object")
+            data = parsed
+        else:
+            data[body_field] = parsed
+    for path, raw in path_params.items():
+        parts, field = _field_at(message_desc, path)
+        _put(data, parts, _scalar(field, raw, path), repeated=False)
+    for key, raw in query:
+        if body_field == "*":
+            raise BadRequest(f"query parameter {key!r} is not accepted; use the body")
+        parts, field = _field_at(message_desc, key)
+        if parts[0] == body_field:
+            raise BadRequest(f"{key} belongs in the body")
+        _put(data, parts, _scalar(field, raw, key), repeated=field.is_repeated)
+    _fill_from_header(message_desc, data, http_options_pb2.if_match, headers.get("if-match"))
+    _fill_from_header(
+        message_desc, data, http_options_pb2.resume_cursor, headers.get("last-event-id")
+    )
+    message = request_class()
+    try:
+        json_format.ParseDict(data, message)
+    except json_format.ParseError as e:
+        raise BadRequest(str(e)) from None
+    return message
+
+
+def _fill_from_header(message: Desc, data: dict[str, Any], ext: Any, header: str | None) -> None:
+    field = marked_field(message, ext)
+    if field is None or header is None or field.name in data:
+        return
+    value = header.strip()
+    if value.startswith("W/"):
+        value = value[2:]
+    value = value.strip('"')
+    data[field.name] = _scalar(field, value, field.name)
+
+
+def to_json(message: Message) -> dict[str, Any]:
+    out = json_format.MessageToDict(
+        message,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+    )
+    _numbers_for_int64(message.DESCRIPTOR, out)
+    return out
+
+
+def _numbers_for_int64(message: Desc, data: dict[str, Any]) -> None:
+    if message.full_name.startswith("google.protobuf."):
+        return
+    for field in message.fields:
+        value = data.get(field.name)
+        if value is None:
+            continue
+        if field.type in _INT64:
+            if isinstance(value, list):
+                data[field.name] = [_safe_int(v) for v in value]
+            else:
+                data[field.name] = _safe_int(value)
+        elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            items = value if isinstance(value, list) else [value]
+            for item in items:
+                if isinstance(item, dict):
+                    _numbers_for_int64(field.message_type, item)
+
+
+def _safe_int(value: object) -> object:
+    if isinstance(value, str):
+        n = int(value)
+        return n if -_SAFE_INT < n < _SAFE_INT else value
+    return value
+
+
+def etag_of(message: Message) -> str | None:
+    field = marked_field(message.DESCRIPTOR, http_options_pb2.etag)
+    if field is None:
+        return None
+    return f'"{getattr(message, field.name)}"'
+
+
+def cursor_of(message: Message) -> str | None:
+    field = marked_field(message.DESCRIPTOR, http_options_pb2.stream_cursor)
+    if field is None:
+        return None
+    value = getattr(message, field.name)
+    return str(value) if value != "" else None
