@@ -67,8 +67,9 @@ def _banner(settings: config.Settings, port: int, http_port: int, token: str, mq
             "",
             "Pulse Device Management is running.",
             f"  gRPC          {address}  (reflection on; health: grpc.health.v1.Health)",
-            f"  HTTP          http://{settings.http_host}:{http_port}/  "
-            "(web console; JSON API under /customer, /openapi.json)",
+            f"  HTTP          http://{settings.http_host}:{http_port}/customer/...  "
+            "(JSON API; /openapi.json)",
+            f"  console       http://{settings.http_host}:{http_port}/#token={token}",
             f"  MQTT          {mqtt_url}  (devices: pulse/{{tenant}}/{{device}}/...)",
             f"  demo tenant   {DEMO_TENANT}",
             f"  admin token   {token}",

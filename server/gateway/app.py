@@ -30,7 +30,7 @@ from server.gateway import openapi, routes, status, transcode
 
 log = logging.getLogger("pulse.gateway")
 
-CONSOLE_DIR = Path(__file__).resolve().parent.parent.parent / "console"
+CONSOLE_DIR = Path(__file__).resolve().parent / "console"
 HEARTBEAT_S = 15.0
 # Errors a stream raises before its first message (bad token, unknown
 # device, invalid request) arrive within this; they become plain HTTP errors.

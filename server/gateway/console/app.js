@@ -1,0 +1,448 @@
+// The operator console: devices, device detail (twin, diff, connectivity) and
+// device groups with a live filter builder. Plain modules, no build step.
+
+import { ApiError, call, setToken, stream, token } from "./api.js";
+
+const view = document.getElementById("view");
+const flash = document.getElementById("flash");
+const STATUSES = ["ONLINE", "STALE", "OFFLINE", "UNKNOWN"];
+const OPERATORS = ["EXISTS", "DOES_NOT_EXIST", "EQUALS", "NOT_EQUALS", "IN", "NOT_IN"];
+let cleanup = () => {};
+
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
+    else if (value === true) el.setAttribute(key, "");
+    else if (value !== false && value !== undefined && value !== null) el.setAttribute(key, value);
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined) el.append(child instanceof Node ? child : String(child));
+  }
+  return el;
+}
+
+function badge(value) {
+  return h("span", { class: `badge ${value}` }, value || "—");
+}
+
+function when(ts) {
+  return ts ? new Date(ts).toLocaleString() : "never";
+}
+
+function say(message) {
+  flash.textContent = message;
+}
+
+function fail(error) {
+  say(error instanceof ApiError ? `${error.message} (HTTP ${error.status})` : String(error));
+}
+
+function render(...nodes) {
+  view.replaceChildren(...nodes);
+  view.focus();
+}
+
+function debounce(fn, ms) {
+  let timer;
+  return (...args) => {
+    clearTimeout(timer);
+    timer = setTimeout(() => fn(...args), ms);
+  };
+}
+
+// ---- devices ---------------------------------------------------------------
+
+async function devicesView() {
+  const prefix = h("input", { id: "q", type: "search", placeholder: "DEVICE-" });
+  const status = h("select", { id: "status" }, h("option", { value: "" }, "any"),
+    STATUSES.map((s) => h("option", { value: s }, s)));
+  const body = h("tbody");
+  const info = h("span", { class: "muted" });
+  const prev = h("button", { type: "button", disabled: true }, "Previous");
+  const next = h("button", { type: "button", disabled: true }, "Next");
+  const tokens = [""];
+  let page = 0;
+
+  async function load() {
+    try {
+      const { data } = await call("GET", "/customer/devices", {
+        query: {
+          page_size: 25,
+          page_token: tokens[page],
+          "filter.device_id_prefix": prefix.value.trim(),
+          "filter.statuses": status.value,
+        },
+      });
+      say("");
+      body.replaceChildren(...data.devices.map((d) => h("tr", {},
+        h("td", {}, h("a", { href: `#/devices/${encodeURIComponent(d.device_id)}` }, d.device_id)),
+        h("td", {}, d.name), h("td", {}, d.site_id || "—"),
+        h("td", {}, badge(d.connectivity_status)), h("td", {}, when(d.last_seen_time)))));
+      tokens[page + 1] = data.next_page_token;
+      prev.disabled = page === 0;
+      next.disabled = !data.next_page_token;
+      info.textContent = `page ${page + 1}`;
+    } catch (e) { fail(e); }
+  }
+  const restart = debounce(() => { tokens.length = 1; page = 0; load(); }, 250);
+  prefix.addEventListener("input", restart);
+  status.addEventListener("change", restart);
+  prev.addEventListener("click", () => { page -= 1; load(); });
+  next.addEventListener("click", () => { page += 1; load(); });
+
+  render(
+    h("h1", {}, "Devices"),
+    h("div", { class: "toolbar" },
+      h("div", {}, h("label", { for: "q" }, "Device id starts with"), prefix),
+      h("div", {}, h("label", { for: "status" }, "Connectivity"), status)),
+    h("table", { "aria-label": "Devices" },
+      h("thead", {}, h("tr", {}, ["Device", "Name", "Site", "Status", "Last seen"].map((t) => h("th", { scope: "col" }, t)))),
+      body),
+    h("div", { class: "pager" }, prev, next, info));
+  await load();
+}
+
+// ---- device detail ----------------------------------------------------------
+
+async function deviceView(deviceId) {
+  const path = `/customer/devices/${encodeURIComponent(deviceId)}`;
+  let device;
+  try {
+    device = (await call("GET", path)).data;
+  } catch (e) { fail(e); render(h("h1", {}, deviceId)); return; }
+  const panels = { twin: h("section", {}), diff: h("section", {}), connectivity: h("section", {}) };
+  const tabs = h("div", { class: "tabs", role: "tablist" });
+  const stoppers = [];
+  function show(name) {
+    for (const [key, panel] of Object.entries(panels)) panel.hidden = key !== name;
+    for (const button of tabs.children) button.setAttribute("aria-selected", String(button.dataset.tab === name));
+    if (name === "diff") diffPanel(deviceId, panels.diff);
+  }
+  for (const [name, label] of [["twin", "Twin"], ["diff", "Diff"], ["connectivity", "Connectivity"]]) {
+    tabs.append(h("button", { type: "button", role: "tab", "data-tab": name, onclick: () => show(name) }, label));
+  }
+  render(
+    h("h1", {}, device.name ? `${device.device_id} — ${device.name}` : device.device_id),
+    h("dl", { class: "kv panel" },
+      h("dt", {}, "Status"), h("dd", {}, badge(device.connectivity_status)),
+      h("dt", {}, "Last seen"), h("dd", {}, when(device.last_seen_time)),
+      h("dt", {}, "Site"), h("dd", {}, device.site_id || "—"),
+      h("dt", {}, "Lifecycle"), h("dd", {}, device.lifecycle_status),
+      h("dt", {}, "Tags"), h("dd", {}, Object.entries(device.tags || {}).map(([k, v]) => (v ? `${k}=${v}` : k)).join(", ") || "—")),
+    tabs, panels.twin, panels.diff, panels.connectivity);
+  show("twin");
+  twinPanel(deviceId, panels.twin);
+  stoppers.push(connectivityPanel(deviceId, panels.connectivity));
+  cleanup = () => stoppers.forEach((stop) => stop && stop());
+}
+
+function jsonText(value) {
+  return JSON.stringify(value ?? {}, null, 2);
+}
+
+// Paths whose values differ between two documents, for the conflict message.
+function changedPaths(before, after, prefix = "") {
+  const out = [];
+  const keys = new Set([...Object.keys(before || {}), ...Object.keys(after || {})]);
+  for (const key of [...keys].sort()) {
+    const path = prefix ? `${prefix}/${key}` : key;
+    const a = before?.[key], b = after?.[key];
+    if (a && b && typeof a === "object" && typeof b === "object" && !Array.isArray(a) && !Array.isArray(b)) {
+      out.push(...changedPaths(a, b, path));
+    } else if (JSON.stringify(a) !== JSON.stringify(b)) {
+      out.push({ path, before: a, after: b });
+    }
+  }
+  return out;
+}
+
+async function twinPanel(deviceId, panel) {
+  const path = `/customer/devices/${encodeURIComponent(deviceId)}/twin`;
+  const editor = h("textarea", { id: "desired", spellcheck: "false", "aria-describedby": "desired-help" });
+  const facts = h("dl", { class: "kv" });
+  const conflict = h("div", { class: "panel conflict", hidden: true, role: "alert" });
+  const save = h("button", { type: "button", class: "primary" }, "Save desired state");
+  let base = null; // the twin the edit started from
+
+  function showTwin(twin) {
+    base = twin;
+    editor.value = jsonText(twin.desired);
+    facts.replaceChildren(
+      h("dt", {}, "Desired version"), h("dd", { id: "desired-version", class: "count" }, twin.desired_version),
+      h("dt", {}, "Reported version"), h("dd", { class: "count" }, twin.reported_version),
+      h("dt", {}, "Sync"), h("dd", { id: "sync-status" }, badge(twin.sync_status)),
+      h("dt", {}, "Reported"), h("dd", {}, h("pre", {}, jsonText(twin.reported))));
+  }
+
+  async function reload() {
+    conflict.hidden = true;
+    try { showTwin((await call("GET", path)).data); } catch (e) { fail(e); }
+  }
+
+  async function write(document, version) {
+    const { data } = await call("PATCH", `${path}/desired`, {
+      body: document, headers: { "If-Match": `"${version}"` },
+    });
+    return data;
+  }
+
+  save.addEventListener("click", async () => {
+    let edited;
+    try { edited = JSON.parse(editor.value); } catch (e) { say(`The desired state is not valid JSON: ${e.message}`); return; }
+    try {
+      showTwin(await write(edited, base.desired_version));
+      say(`Saved as version ${base.desired_version}.`);
+    } catch (error) {
+      if (!(error instanceof ApiError) || error.status !== 409) { fail(error); return; }
+      // Someone else wrote first: never overwrite silently.
+      const current = (await call("GET", path)).data;
+      const theirs = changedPaths(base.desired, current.desired);
+      conflict.replaceChildren(
+        h("h2", {}, "Someone else changed the desired state"),
+        h("p", {}, `You edited version ${base.desired_version}; it is now version ${current.desired_version}. Their changes:`),
+        h("table", { class: "diff" }, h("tbody", {}, theirs.map((c) => h("tr", {},
+          h("td", {}, c.path), h("td", {}, JSON.stringify(c.before) ?? "—"), h("td", {}, JSON.stringify(c.after) ?? "—"))))),
+        h("div", { class: "toolbar" },
+          h("button", { type: "button", onclick: reload }, "Reload (discard my edit)"),
+          h("button", { type: "button", class: "primary", onclick: async () => {
+            try { showTwin(await write(edited, current.desired_version)); conflict.hidden = true; say("Your edit was re-applied."); }
+            catch (e) { fail(e); }
+          } }, `Re-apply my edit on version ${current.desired_version}`)));
+      conflict.hidden = false;
+      say("Not saved: the desired state changed meanwhile.");
+    }
+  });
+
+  panel.replaceChildren(
+    h("div", { class: "grid2" },
+      h("div", { class: "panel" },
+        h("label", { for: "desired" }, "Desired state (JSON)"), editor,
+        h("p", { id: "desired-help", class: "muted" }, "Saved with If-Match, so a concurrent change is never overwritten."),
+        save),
+      h("div", { class: "panel" }, facts)),
+    conflict);
+  await reload();
+}
+
+async function diffPanel(deviceId, panel) {
+  try {
+    const { data } = await call("GET", `/customer/devices/${encodeURIComponent(deviceId)}/twin/delta`);
+    const rows = [
+      ...Object.entries(data.added).map(([p, v]) => ["added", p, undefined, v]),
+      ...Object.entries(data.removed).map(([p, v]) => ["removed", p, v, undefined]),
+      ...Object.entries(data.changed).map(([p, c]) => ["changed", p, c.old_value, c.new_value]),
+    ].sort((a, b) => a[1].localeCompare(b[1]));
+    panel.replaceChildren(
+      h("p", {}, data.in_sync ? "In sync: the device reports what is desired." :
+        `${rows.length} difference(s); ${data.unchanged_count} value(s) unchanged. ` +
+        `Desired version ${data.desired_version}, device acknowledged ${data.reported_version}.`),
+      h("table", { class: "diff", "aria-label": "Desired versus reported" },
+        h("thead", {}, h("tr", {}, ["Path", "Kind", "Reported", "Desired"].map((t) => h("th", { scope: "col" }, t)))),
+        h("tbody", {}, rows.map(([kind, p, old, now]) => h("tr", { class: kind },
+          h("td", {}, p), h("td", {}, kind),
+          h("td", {}, old === undefined ? "—" : JSON.stringify(old)),
+          h("td", {}, now === undefined ? "—" : JSON.stringify(now)))))),
+      h("p", { class: "muted" }, `Unchanged: ${data.unchanged_count}`));
+  } catch (e) { fail(e); }
+}
+
+function eventRow(e) {
+  return h("tr", { "data-event-id": e.id },
+    h("td", {}, when(e.timestamp)), h("td", {}, badge(e.event_type)),
+    h("td", {}, e.previous_status ? `${e.previous_status} → ${e.status}` : e.status),
+    h("td", {}, (e.trigger || "").toLowerCase()));
+}
+
+function connectivityPanel(deviceId, panel) {
+  const body = h("tbody", { id: "timeline" });
+  const more = h("button", { type: "button", disabled: true }, "Older events");
+  const seen = new Set();
+  let nextToken = "";
+  async function older() {
+    try {
+      const { data } = await call("GET", `/customer/devices/${encodeURIComponent(deviceId)}/connections`,
+        { query: { limit: 20, page_token: nextToken } });
+      for (const e of data.events) {
+        if (seen.has(e.id)) continue;
+        seen.add(e.id);
+        body.append(eventRow(e));
+      }
+      nextToken = data.next_page_token;
+      more.disabled = !nextToken;
+    } catch (e) { fail(e); }
+  }
+  more.addEventListener("click", older);
+  panel.replaceChildren(
+    h("table", { "aria-label": "Connection events" },
+      h("thead", {}, h("tr", {}, ["Time", "Event", "Status", "Trigger"].map((t) => h("th", { scope: "col" }, t)))),
+      body),
+    h("div", { class: "pager" }, more));
+  older();
+  // Live: new events go on top as they happen.
+  return stream("/customer/connections:watch", { device_ids: deviceId }, (kind, message) => {
+    if (kind !== "message" || !message.event) return;
+    const e = message.event;
+    if (seen.has(e.id)) return;
+    seen.add(e.id);
+    body.prepend(eventRow(e));
+  });
+}
+
+// ---- groups -----------------------------------------------------------------
+
+function filterBuilder(onChange) {
+  const statuses = STATUSES.map((s) => h("label", {}, h("input", { type: "checkbox", value: s, onchange: onChange }), ` ${s} `));
+  const sites = h("input", { id: "f-sites", placeholder: "site-01, site-02", oninput: onChange });
+  const prefix = h("input", { id: "f-prefix", placeholder: "DEVICE-", oninput: onChange });
+  const rows = h("div", {});
+  function addSelector() {
+    const key = h("input", { placeholder: "key", "aria-label": "Tag key", oninput: onChange });
+    const op = h("select", { "aria-label": "Operator", onchange: onChange }, OPERATORS.map((o) => h("option", { value: o }, o)));
+    const values = h("input", { placeholder: "values, comma separated", "aria-label": "Tag values", oninput: onChange });
+    const remove = h("button", { type: "button", "aria-label": "Remove selector" }, "×");
+    const row = h("div", { class: "selector" }, key, op, values, remove);
+    remove.addEventListener("click", () => { row.remove(); onChange(); });
+    rows.append(row);
+  }
+  const node = h("fieldset", { class: "panel" }, h("legend", {}, "Filter"),
+    h("div", { class: "field" }, h("span", { class: "muted" }, "Connectivity: "), statuses),
+    h("div", { class: "toolbar" },
+      h("div", {}, h("label", { for: "f-sites" }, "Sites (any of)"), sites),
+      h("div", {}, h("label", { for: "f-prefix" }, "Device id starts with"), prefix)),
+    h("div", {}, h("span", { class: "muted" }, "Tag selectors (all must hold)"), rows,
+      h("button", { type: "button", onclick: addSelector }, "Add tag selector")));
+  function value() {
+    const list = (text) => text.split(",").map((s) => s.trim()).filter(Boolean);
+    const filter = {};
+    const chosen = statuses.map((l) => l.querySelector("input")).filter((i) => i.checked).map((i) => i.value);
+    if (chosen.length) filter.statuses = chosen;
+    if (list(sites.value).length) filter.site_ids = list(sites.value);
+    if (prefix.value.trim()) filter.device_id_prefix = prefix.value.trim();
+    const selectors = [...rows.children].map((row) => {
+      const [key, op, values] = row.querySelectorAll("input, select");
+      const s = { key: key.value.trim(), operator: op.value };
+      if (list(values.value).length) s.values = list(values.value);
+      return s;
+    }).filter((s) => s.key);
+    if (selectors.length) filter.tag_selectors = selectors;
+    return filter;
+  }
+  return { node, value };
+}
+
+async function groupsView() {
+  const list = h("tbody");
+  const name = h("input", { id: "g-name", placeholder: "Online devices at plant 7", required: true });
+  const count = h("strong", { id: "preview-count", class: "count" }, "…");
+  const preview = h("tbody", { id: "preview" });
+  const problem = h("p", { class: "muted", role: "status" });
+  const builder = filterBuilder(debounce(refresh, 250));
+
+  async function refresh() {
+    try {
+      const { data } = await call("POST", "/customer/device-groups:preview",
+        { body: { query_filter: builder.value(), include_total: true, page_size: 10 } });
+      problem.textContent = "";
+      count.textContent = data.total ?? data.members.length;
+      preview.replaceChildren(...data.members.map((m) => h("tr", {},
+        h("td", {}, m.device_id), h("td", {}, m.name), h("td", {}, badge(m.status)), h("td", {}, m.site_id || "—"))));
+    } catch (e) {
+      count.textContent = "—";
+      problem.textContent = e.message;
+    }
+  }
+  async function loadGroups() {
+    try {
+      const { data } = await call("GET", "/customer/device-groups", { query: { page_size: 100 } });
+      list.replaceChildren(...data.groups.map((g) => h("tr", {},
+        h("td", {}, h("a", { href: `#/groups/${g.group_id}` }, g.name)), h("td", {}, g.group_type),
+        h("td", { class: "count" }, g.member_count ?? "—"))));
+    } catch (e) { fail(e); }
+  }
+  const create = h("button", { type: "button", class: "primary" }, "Create dynamic group");
+  create.addEventListener("click", async () => {
+    if (!name.value.trim()) { say("Give the group a name."); name.focus(); return; }
+    try {
+      await call("POST", "/customer/device-groups/dynamic", { body: { name: name.value.trim(), query_filter: builder.value() } });
+      say(`Created “${name.value.trim()}”.`);
+      name.value = "";
+      loadGroups();
+    } catch (e) { fail(e); }
+  });
+  render(
+    h("h1", {}, "Device groups"),
+    h("table", { "aria-label": "Groups" },
+      h("thead", {}, h("tr", {}, ["Name", "Type", "Members"].map((t) => h("th", { scope: "col" }, t)))), list),
+    h("h2", {}, "New dynamic group"),
+    h("div", { class: "field" }, h("label", { for: "g-name" }, "Name"), name),
+    builder.node,
+    h("p", {}, "Matching devices: ", count), problem,
+    h("table", { "aria-label": "Preview" },
+      h("thead", {}, h("tr", {}, ["Device", "Name", "Status", "Site"].map((t) => h("th", { scope: "col" }, t)))), preview),
+    h("div", { class: "pager" }, create));
+  loadGroups();
+  refresh();
+}
+
+async function groupView(groupId) {
+  const body = h("tbody");
+  const total = h("span", { class: "count" });
+  const more = h("button", { type: "button", disabled: true }, "More");
+  let token = "";
+  async function load(first) {
+    try {
+      const { data } = await call("GET", `/customer/device-groups/${groupId}/members`,
+        { query: { page_size: 50, page_token: token, include_total: first } });
+      if (first) total.textContent = `${data.total} member(s)`;
+      body.append(...data.members.map((m) => h("tr", {},
+        h("td", {}, h("a", { href: `#/devices/${encodeURIComponent(m.device_id)}` }, m.device_id)),
+        h("td", {}, m.name), h("td", {}, badge(m.status)), h("td", {}, m.site_id || "—"))));
+      token = data.next_page_token;
+      more.disabled = !token;
+    } catch (e) { fail(e); }
+  }
+  more.addEventListener("click", () => load(false));
+  const group = (await call("GET", `/customer/device-groups/${groupId}`).catch(fail))?.data;
+  render(h("h1", {}, group ? group.name : groupId), h("p", {}, total),
+    group?.query_filter ? h("pre", {}, jsonText(group.query_filter)) : null,
+    h("table", { "aria-label": "Members" },
+      h("thead", {}, h("tr", {}, ["Device", "Name", "Status", "Site"].map((t) => h("th", { scope: "col" }, t)))), body),
+    h("div", { class: "pager" }, more));
+  load(true);
+}
+
+// ---- routing ----------------------------------------------------------------
+
+function route() {
+  cleanup();
+  cleanup = () => {};
+  say("");
+  const hash = location.hash.replace(/^#/, "") || "/devices";
+  const params = new URLSearchParams(hash.startsWith("token=") ? hash : "");
+  if (params.get("token")) {
+    setToken(params.get("token"));
+    location.replace("#/devices");
+    return;
+  }
+  const parts = hash.split("/").filter(Boolean).map(decodeURIComponent);
+  for (const link of document.querySelectorAll("[data-nav]")) {
+    link.toggleAttribute("aria-current", link.dataset.nav === parts[0]);
+    if (link.dataset.nav === parts[0]) link.setAttribute("aria-current", "page");
+  }
+  if (!token()) { say("Paste a bearer token (pulse token) to start."); render(h("h1", {}, "Pulse")); return; }
+  if (parts[0] === "devices" && parts[1]) deviceView(parts[1]);
+  else if (parts[0] === "groups" && parts[1]) groupView(parts[1]);
+  else if (parts[0] === "groups") groupsView();
+  else devicesView();
+}
+
+document.getElementById("token-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const input = document.getElementById("token-input");
+  setToken(input.value);
+  input.value = "";
+  route();
+});
+window.addEventListener("hashchange", route);
+route();
