@@ -176,7 +176,7 @@ def compute_delta(desired: Mapping[str, JSONValue], reported: Mapping[str, JSONV
 
 
 def _sorted(entries: dict[str, Any]) -> dict[str, Any]:
-    return dict(sorted(entries.items())) if len(entries) > 1 else entries
+    return {path: entries[path] for path in sorted(entries)} if len(entries) > 1 else entries
 
 
 def _walk(
@@ -211,10 +211,12 @@ def _walk(
                     continue
                 # Python's == already matched the arrays; only elements it
                 # may have matched too loosely (true vs 1, nested values)
-                # need the strict comparison. Inlined: this is the hot spot.
-                for x, y in zip(new, old, strict=True):
+                # need the strict comparison. Inlined, and indexed rather
+                # than zipped, because this is the hot spot of most walks.
+                for i in range(len(new)):
+                    x = new[i]
                     t = type(x)
-                    if (t is not type(y) or t is dict or t is list) and not _equal(x, y):
+                    if (t is not type(old[i]) or t is dict or t is list) and not _equal(x, old[i]):
                         break
                 else:
                     unchanged += 1
