@@ -125,7 +125,7 @@ async function deviceView(deviceId) {
   render(
     h("h1", {}, device.name ? `${device.device_id} — ${device.name}` : device.device_id),
     h("dl", { class: "kv panel" },
-      h("dt", {}, "Status"), h("dd", {}, badge(device.connectivity_status)),
+      h("dt", {}, "Status"), h("dd", { id: "device-status" }, badge(device.connectivity_status)),
       h("dt", {}, "Last seen"), h("dd", {}, when(device.last_seen_time)),
       h("dt", {}, "Site"), h("dd", {}, device.site_id || "—"),
       h("dt", {}, "Lifecycle"), h("dd", {}, device.lifecycle_status),
@@ -278,14 +278,17 @@ function connectivityPanel(deviceId, panel) {
       h("thead", {}, h("tr", {}, ["Time", "Event", "Status", "Trigger"].map((t) => h("th", { scope: "col" }, t)))),
       body),
     h("div", { class: "pager" }, more));
-  older();
-  // Live: new events go on top as they happen.
+  // Live first, history second: the stream's first message (it opens with
+  // its cursor) means it is in place, so nothing can slip between the two.
+  let started = false;
   return stream("/customer/connections:watch", { device_ids: deviceId }, (kind, message) => {
+    if (!started) { started = true; older(); }
     if (kind !== "message" || !message.event) return;
     const e = message.event;
     if (seen.has(e.id)) return;
     seen.add(e.id);
     body.prepend(eventRow(e));
+    document.getElementById("device-status")?.replaceChildren(badge(e.status));
   });
 }
 

@@ -1,0 +1,174 @@
+"""The web console end to end, in a real headless Chromium driving the real
+gateway, server, database and (for the timeline) evaluator and broker.
+
+Screenshots land in test-artifacts/console/ for a person to look at. Where no
+Chromium is installed these tests say so and skip; everything else still runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pulse_client as pc
+import pytest
+
+from evaluator import handlers
+from evaluator.runtime import Evaluator
+from evaluator.simulator import SimulatedDevice
+from server import config
+from server.db import Database, create_pool
+from tests.conftest import Tenant
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SHOTS = Path(__file__).resolve().parent.parent.parent / "test-artifacts" / "console"
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium on this machine (apt-get install chromium)"
+)
+
+if CHROMIUM is not None:
+    from playwright.async_api import Browser, Page, async_playwright, expect
+
+
+@pytest.fixture(scope="session")
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as p:
+        b = await p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        yield b
+        await b.close()
+
+
+@pytest.fixture
+async def page(browser: Browser, gateway_url: str, tenant: Tenant) -> AsyncIterator[Page]:
+    context = await browser.new_context(viewport={"width": 1280, "height": 860})
+    p = await context.new_page()
+    await p.goto(f"{gateway_url}/#token={tenant.token()}")
+    yield p
+    await context.close()
+
+
+async def shot(page: Page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+async def test_filter_builder_previews_and_creates_a_dynamic_group(
+    page: Page, client: pc.AsyncPulseClient, db: Database, tenant: Tenant
+) -> None:
+    await client.sites.create("plant-7")
+    for n in range(6):
+        await client.devices.create(
+            f"PUMP-{n}", site_id="plant-7", tags={"env": "prod" if n < 4 else "dev"}
+        )
+    async with db.tenant(tenant.tenant_id) as con:
+        await con.execute(
+            "UPDATE device_state SET status = 'ONLINE' WHERE device_id = ANY($1::text[])",
+            ["PUMP-0", "PUMP-1", "PUMP-4"],
+        )
+    await page.goto(page.url.split("#")[0] + "#/groups")
+    count = page.locator("#preview-count")
+    await expect(count).to_have_text("6")
+    await page.get_by_label("Name").fill("Online prod pumps")
+    await page.get_by_label("ONLINE").check()
+    await expect(count).to_have_text("3")
+    await page.get_by_role("button", name="Add tag selector").click()
+    await page.get_by_label("Tag key").fill("env")
+    await page.get_by_label("Operator").select_option("EQUALS")
+    await page.get_by_label("Tag values").fill("prod")
+    await expect(count).to_have_text("2")
+    await expect(page.locator("#preview tr")).to_have_count(2)
+    await shot(page, "groups-builder")
+    await page.get_by_role("button", name="Create dynamic group").click()
+    await expect(page.get_by_role("link", name="Online prod pumps")).to_be_visible()
+    await page.get_by_role("link", name="Online prod pumps").click()
+    await expect(page.get_by_text("2 member(s)")).to_be_visible()
+    await shot(page, "group-members")
+
+
+async def test_a_conflicting_desired_edit_is_shown_and_never_overwrites(
+    page: Page, client: pc.AsyncPulseClient
+) -> None:
+    await client.devices.create("TWIN-1", name="Boiler")
+    await client.twin.update_desired("TWIN-1", {"led": "off", "rate": 1}, expected_version=0)
+    await page.goto(page.url.split("#")[0] + "#/devices/TWIN-1")
+    await expect(page.locator("#desired-version")).to_have_text("1")
+    await page.locator("#desired").fill('{"led": "on", "rate": 1}')
+    # A second operator writes first.
+    await client.twin.update_desired("TWIN-1", {"led": "off", "rate": 5}, expected_version=1)
+    await page.get_by_role("button", name="Save desired state").click()
+    alert = page.get_by_role("alert")
+    await expect(alert).to_contain_text("Someone else changed the desired state")
+    await expect(alert).to_contain_text("rate")
+    await shot(page, "twin-conflict")
+    twin = await client.twin.get("TWIN-1")
+    assert twin.desired_version == 2  # nothing overwritten
+    assert twin.desired["rate"] == 5
+    await page.get_by_role("button", name="Re-apply my edit on version 2").click()
+    await expect(page.locator("#desired-version")).to_have_text("3")
+    twin = await client.twin.get("TWIN-1")
+    assert twin.desired["led"] == "on"
+    await page.get_by_role("tab", name="Diff").click()
+    await expect(page.get_by_role("table", name="Desired versus reported")).to_contain_text("led")
+    await shot(page, "twin-diff")
+
+
+@contextlib.asynccontextmanager
+async def evaluator_running(
+    settings: config.Settings, dsn: str, mqtt_url: str
+) -> AsyncIterator[None]:
+    db = Database(await create_pool(dsn, size=2))
+    fast = dataclasses.replace(settings, sweep_interval_s=0.2, liveness_flush_s=0.05)
+    evaluator = Evaluator(
+        mqtt_url, handlers.build(db, fast), client_id=f"console-test-{uuid.uuid4().hex[:8]}"
+    )
+    task = asyncio.create_task(evaluator.run())
+    try:
+        await asyncio.wait_for(evaluator.connected.wait(), 10)
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await db.close()
+
+
+async def test_connection_lost_appears_live_on_the_timeline(
+    page: Page,
+    client: pc.AsyncPulseClient,
+    tenant: Tenant,
+    settings: config.Settings,
+    dsn: str,
+    mqtt_url: str,
+) -> None:
+    await client.devices.create("SIM-1", name="Simulated")
+    async with evaluator_running(settings, dsn, mqtt_url):
+        device = SimulatedDevice(mqtt_url, tenant.tenant_id, "SIM-1", heartbeat_s=1, keepalive_s=2)
+        await device.start()
+        try:
+            await page.goto(page.url.split("#")[0] + "#/devices/SIM-1")
+            await page.get_by_role("tab", name="Connectivity").click()
+            timeline = page.locator("#timeline")
+            await expect(timeline).to_contain_text("CONNECTED", timeout=15_000)
+            await device.drop_connection()
+            await expect(timeline).to_contain_text("CONNECTION_LOST", timeout=20_000)
+            await expect(page.locator("#device-status")).to_contain_text("OFFLINE")
+            await shot(page, "connectivity-timeline")
+        finally:
+            await device.stop()
