@@ -115,12 +115,26 @@ def _query_parameters(route: Route, schemas: _Schemas) -> list[dict[str, Any]]:
     return params
 
 
+def _path_key(route: Route) -> str:
+    """The template with `{device.device_id}` written `{device_id}`: OpenAPI
+    tools expect plain parameter names, and it merges with the GET path."""
+    path = route.template
+    for _, field in route.variables:
+        path = path.replace("{" + field + "}", "{" + field.rsplit(".", 1)[-1] + "}")
+    return path
+
+
 def document(routes: list[Route]) -> dict[str, Any]:
     schemas = _Schemas()
     paths: dict[str, Any] = {}
     for route in routes:
         parameters = [
-            {"name": field, "in": "path", "required": True, "schema": {"type": "string"}}
+            {
+                "name": field.rsplit(".", 1)[-1],
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string"},
+            }
             for _, field in route.variables
         ]
         parameters += _query_parameters(route, schemas)
@@ -155,7 +169,7 @@ def document(routes: list[Route]) -> dict[str, Any]:
                 "required": True,
                 "content": {"application/json": {"schema": body_schema}},
             }
-        paths.setdefault(route.template, {})[route.http_method.lower()] = operation
+        paths.setdefault(_path_key(route), {})[route.http_method.lower()] = operation
     # operationIds must be unique; additional bindings share a method.
     seen: dict[str, int] = {}
     for methods in paths.values():
