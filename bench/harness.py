@@ -11,7 +11,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,10 +109,17 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def subprocess_server(module: str, port: int, env: dict[str, str]) -> AsyncIterator[None]:
-    """Run `python -m module` until it accepts TCP connections on `port`."""
+async def subprocess_server(
+    module: str, port: int, env: dict[str, str], args: Sequence[str] = ()
+) -> AsyncIterator[None]:
+    """Run `python -m module [args]` until it accepts TCP connections on `port`."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", module, cwd=ROOT, env={**os.environ, **env, "PORT": str(port)}
+        sys.executable,
+        "-m",
+        module,
+        *args,
+        cwd=ROOT,
+        env={**os.environ, **env, "PORT": str(port)},
     )
     try:
         deadline = time.monotonic() + 30
