@@ -5,7 +5,15 @@ from __future__ import annotations
 import runpy
 import sys
 
-SUITES = ["bench.registry", "bench.delta"]
+SUITES = [
+    "bench.registry",
+    "bench.delta",
+    "bench.groups",
+    "bench.sweep",
+    "bench.watch",
+    "bench.twin",
+    "bench.ingest",
+]
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or SUITES:

@@ -28,7 +28,7 @@ import tempfile
 import uuid
 
 from pulse.device.v1 import twin_pb2
-from pulse_client import AsyncPulseClient
+from pulse_client import AsyncPulseClient, JsonValue
 
 from bench.harness import (
     Result,
@@ -42,7 +42,7 @@ from server.auth import Role, mint_token
 from server.db import Database, create_pool
 from server.tenants import ensure_tenant
 
-DESIRED = {
+DESIRED: dict[str, JsonValue] = {
     "telemetry": {"interval_s": 30, "channels": ["temp", "pressure", "flow"]},
     "led": {"color": "green", "blink": False},
     "thresholds": {f"sensor_{n}": {"low": n, "high": n * 10} for n in range(12)},

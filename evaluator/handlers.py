@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+from evaluator.liveness import Liveness
 from evaluator.runtime import Handler
+from evaluator.twin_ingest import TwinIngest
+from evaluator.twin_publisher import TwinPublisher
+from server import config
 from server.db import Database
 
 
-def build(db: Database) -> list[Handler]:
-    """Every handler, sharing one database pool."""
-    return []
+def build(db: Database, settings: config.Settings | None = None) -> list[Handler]:
+    """Every handler, sharing one database pool; settings default to the environment's."""
+    settings = settings or config.load()
+    return [
+        Liveness(
+            db,
+            stale_after_s=settings.stale_after_s,
+            sweep_interval_s=settings.sweep_interval_s,
+            flush_s=settings.liveness_flush_s,
+        ),
+        TwinIngest(db),
+        TwinPublisher(db),
+    ]

@@ -11,19 +11,37 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from pulse.device.v1 import devices_pb2, devices_pb2_grpc
+from pulse.device.v1 import (
+    connectivity_pb2,
+    connectivity_pb2_grpc,
+    devices_pb2,
+    devices_pb2_grpc,
+    groups_pb2,
+    groups_pb2_grpc,
+    twin_pb2,
+    twin_pb2_grpc,
+)
 
 from server.auth import TokenVerifier
 from server.config import Settings
+from server.connectivity.service import ConnectivityService
+from server.connectivity.watch import WatchHub
 from server.db import Database, create_pool
+from server.groups.service import DeviceGroupService
 from server.interceptors import chain
 from server.listener import Listener
 from server.pagination import PageTokens
 from server.registry.service import DeviceRegistryService
+from server.twin.service import TwinService
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = [devices_pb2.DESCRIPTOR.services_by_name["DeviceRegistryService"].full_name]
+SERVICE_NAMES = [
+    devices_pb2.DESCRIPTOR.services_by_name["DeviceRegistryService"].full_name,
+    groups_pb2.DESCRIPTOR.services_by_name["DeviceGroupService"].full_name,
+    twin_pb2.DESCRIPTOR.services_by_name["TwinService"].full_name,
+    connectivity_pb2.DESCRIPTOR.services_by_name["ConnectivityService"].full_name,
+]
 SHUTDOWN_GRACE_S = 5.0
 
 
@@ -34,10 +52,15 @@ class RunningServer:
     db: Database
     health: HealthServicer
     listener: Listener
+    watches: WatchHub | None = None
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
         """Report NOT_SERVING, refuse new calls, let running ones finish, close the pool."""
         await self.health.enter_graceful_shutdown()
+        if self.watches is not None:
+            # Watch streams never finish by themselves: end them now with a
+            # status that tells clients to resume elsewhere.
+            await self.watches.close()
         await self.server.stop(grace)
         await self.listener.stop()
         await self.db.close()
@@ -65,6 +88,12 @@ async def start(settings: Settings, dsn: str) -> RunningServer:
     devices_pb2_grpc.add_DeviceRegistryServiceServicer_to_server(
         DeviceRegistryService(db, tokens), server
     )
+    groups_pb2_grpc.add_DeviceGroupServiceServicer_to_server(DeviceGroupService(db, tokens), server)
+    twin_pb2_grpc.add_TwinServiceServicer_to_server(TwinService(db, listener), server)
+    watches = WatchHub(db, listener, tokens)
+    connectivity_pb2_grpc.add_ConnectivityServiceServicer_to_server(
+        ConnectivityService(db, tokens, watches), server
+    )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -80,7 +109,9 @@ async def start(settings: Settings, dsn: str) -> RunningServer:
     for name in ["", *SERVICE_NAMES]:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("gRPC server listening on %s:%d", settings.grpc_host, port)
-    return RunningServer(server=server, port=port, db=db, health=health, listener=listener)
+    return RunningServer(
+        server=server, port=port, db=db, health=health, listener=listener, watches=watches
+    )
 
 
 async def wait_for_signal() -> None:

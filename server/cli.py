@@ -12,9 +12,11 @@ from collections.abc import Coroutine
 from typing import Any
 
 from evaluator.service import mqtt_broker, running_evaluator
+from evaluator.simulator import device_ids, running_fleet
 from server import config, migrate
 from server.app import SERVICE_NAMES, RunningServer, start, wait_for_signal
 from server.auth import Role, mint_token
+from server.connectivity import retention
 from server.demo import DEMO_TENANT, seed_demo
 from server.embedded import EmbeddedPostgres
 from server.gateway.serve import running_gateway
@@ -94,6 +96,8 @@ async def _run(settings: config.Settings) -> None:
             running = await _start_server(settings, dsn)
             async with (
                 running_evaluator(settings, dsn, mqtt_url),
+                # Live data for the demo: DEVICE-01..05 apply desired state.
+                running_fleet(mqtt_url, DEMO_TENANT, device_ids(5)),
                 running_gateway(
                     f"127.0.0.1:{running.port}",
                     SERVICE_NAMES,
@@ -116,6 +120,20 @@ async def _run(settings: config.Settings) -> None:
     finally:
         if embedded is not None:
             await embedded.stop()
+
+
+async def _simulate(settings: config.Settings, args: argparse.Namespace) -> None:
+    mqtt_url = args.mqtt_url or settings.mqtt_url
+    if not mqtt_url:
+        raise SystemExit("pulse simulate: pass --mqtt-url (pulse run prints it) or set MQTT_URL")
+    async with running_fleet(
+        mqtt_url,
+        args.tenant,
+        device_ids(args.devices, args.prefix),
+        heartbeat_s=args.heartbeat,
+        apply_delay_s=args.apply_delay,
+    ):
+        await wait_for_signal()
 
 
 async def _evaluator(settings: config.Settings) -> None:
@@ -142,6 +160,16 @@ async def _gateway(settings: config.Settings, grpc_target: str) -> None:
         await wait_for_signal()
 
 
+async def _retention(settings: config.Settings, days: int) -> None:
+    dsn, embedded = await _database_url(settings)
+    try:
+        deleted = await retention.purge(dsn, older_than_days=days)
+        print(f"deleted {deleted} connection events older than {days} days")
+    finally:
+        if embedded is not None:
+            await embedded.stop()
+
+
 async def _migrate(settings: config.Settings) -> None:
     dsn, embedded = await _database_url(settings)
     try:
@@ -160,8 +188,25 @@ def main(argv: list[str] | None = None) -> None:
     )
     sub.add_parser("migrate", help="apply pending migrations and exit")
     sub.add_parser("evaluator", help="run only the device-facing evaluator (MQTT ingest, liveness)")
+    sim = sub.add_parser(
+        "simulate", help="run simulated MQTT devices (registered ones: DEVICE-01.. of the demo)"
+    )
+    sim.add_argument("--devices", type=int, default=5, help="how many: PREFIX01, PREFIX02, ...")
+    sim.add_argument("--prefix", default="DEVICE-", help="device id prefix")
+    sim.add_argument("--tenant", type=uuid.UUID, default=DEMO_TENANT)
+    sim.add_argument("--mqtt-url", default=None, help="the broker (default: MQTT_URL)")
+    sim.add_argument("--heartbeat", type=float, default=5.0, help="seconds between heartbeats")
+    sim.add_argument(
+        "--apply-delay", type=float, default=0.5, help="seconds to apply a desired change"
+    )
     gw = sub.add_parser("gateway", help="run only the HTTP gateway against a gRPC server")
     gw.add_argument("--grpc-target", required=True, help="host:port of a pulse gRPC server")
+    ret = sub.add_parser(
+        "retention", help="delete connection events past retention (as the schema owner)"
+    )
+    ret.add_argument(
+        "--days", type=int, default=None, help="keep this many days (PULSE_EVENT_RETENTION_DAYS)"
+    )
     tok = sub.add_parser("token", help="print a development token signed with the local secret")
     tok.add_argument("--tenant", type=uuid.UUID, default=DEMO_TENANT)
     tok.add_argument("--role", choices=[r.name.lower() for r in Role], default="admin")
@@ -189,10 +234,14 @@ def main(argv: list[str] | None = None) -> None:
         )
     elif args.command == "migrate":
         _run_async(_migrate(settings))
+    elif args.command == "retention":
+        _run_async(_retention(settings, args.days or settings.event_retention_days))
     elif args.command == "gateway":
         _run_async(_gateway(settings, args.grpc_target))
     elif args.command == "evaluator":
         _run_async(_evaluator(settings))
+    elif args.command == "simulate":
+        _run_async(_simulate(settings, args))
     else:
         _run_async(_run(settings))
 

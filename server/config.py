@@ -39,6 +39,14 @@ class Settings:
     cors_origins: tuple[str, ...]
     #: Largest request body the gateway accepts (413 beyond).
     http_max_body: int
+    #: Liveness: an ONLINE device silent for longer than this becomes STALE.
+    stale_after_s: float = 30.0
+    #: Liveness: how often the evaluator sweeps for stale devices.
+    sweep_interval_s: float = 1.0
+    #: Liveness: how long device messages are gathered into one batch write.
+    liveness_flush_s: float = 0.1
+    #: Connection events older than this are removed by `pulse retention`.
+    event_retention_days: int = 90
 
 
 def _load_or_create_secret(data_dir: Path) -> bytes:
@@ -78,6 +86,10 @@ def load(env: dict[str, str] | None = None) -> Settings:
         http_port=int(env.get("PULSE_HTTP_PORT", "8000")),
         cors_origins=tuple(o.strip() for o in env.get("PULSE_CORS_ORIGINS", "").split(",") if o),
         http_max_body=int(env.get("PULSE_HTTP_MAX_BODY", str(1 << 20))),
+        stale_after_s=float(env.get("PULSE_STALE_AFTER_S", "30")),
+        sweep_interval_s=float(env.get("PULSE_SWEEP_INTERVAL_S", "1")),
+        liveness_flush_s=float(env.get("PULSE_LIVENESS_FLUSH_S", "0.1")),
+        event_retention_days=int(env.get("PULSE_EVENT_RETENTION_DAYS", "90")),
     )
 
 

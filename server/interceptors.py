@@ -62,8 +62,12 @@ class _AroundInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler.response_streaming:
             inner_stream: Streaming = handler.unary_stream
 
-            def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-                return self.around_stream(inner_stream, request, context, method)
+            # An async generator function, not a function returning one:
+            # grpc.aio runs any other kind of streaming handler as a sync
+            # generator in its thread pool.
+            async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+                async for item in self.around_stream(inner_stream, request, context, method):
+                    yield item
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,

@@ -18,6 +18,9 @@ OPEN_SERVICES = frozenset(
 )
 
 _REGISTRY = "/pulse.device.v1.DeviceRegistryService/"
+_GROUPS = "/pulse.device.v1.DeviceGroupService/"
+_TWIN = "/pulse.device.v1.TwinService/"
+_CONNECTIVITY = "/pulse.device.v1.ConnectivityService/"
 
 REQUIRED_ROLE: dict[str, Role] = {
     _REGISTRY + "GetDevice": Role.VIEWER,
@@ -27,6 +30,22 @@ REQUIRED_ROLE: dict[str, Role] = {
     _REGISTRY + "UpdateDevice": Role.OPERATOR,
     _REGISTRY + "CreateSite": Role.ADMIN,
     _REGISTRY + "DecommissionDevice": Role.ADMIN,
+    _GROUPS + "GetGroup": Role.VIEWER,
+    _GROUPS + "ListGroups": Role.VIEWER,
+    _GROUPS + "ListGroupMembers": Role.VIEWER,
+    _GROUPS + "PreviewFilter": Role.VIEWER,
+    _GROUPS + "CreateGroup": Role.OPERATOR,
+    _GROUPS + "UpdateGroup": Role.OPERATOR,
+    _GROUPS + "DeleteGroup": Role.OPERATOR,
+    _GROUPS + "AddGroupMembers": Role.OPERATOR,
+    _GROUPS + "RemoveGroupMembers": Role.OPERATOR,
+    _TWIN + "GetTwin": Role.VIEWER,
+    _TWIN + "GetTwinDelta": Role.VIEWER,
+    _TWIN + "WatchTwin": Role.VIEWER,
+    _TWIN + "UpdateDesired": Role.OPERATOR,
+    _TWIN + "PatchDesired": Role.OPERATOR,
+    _CONNECTIVITY + "ListConnectionEvents": Role.VIEWER,
+    _CONNECTIVITY + "WatchConnectionEvents": Role.VIEWER,
 }
 
 

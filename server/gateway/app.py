@@ -112,6 +112,7 @@ class Gateway:
                 path_params=params,
                 query=request.query_params.multi_items(),
                 headers=request.headers,
+                infer_update_mask=route.http_method == "PATCH",
             )
         except transcode.BadRequest as e:
             return _error(400, grpc.StatusCode.INVALID_ARGUMENT, str(e))

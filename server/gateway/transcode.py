@@ -24,6 +24,14 @@ _INT64 = {FD.TYPE_INT64, FD.TYPE_UINT64, FD.TYPE_SINT64, FD.TYPE_FIXED64, FD.TYP
 _INTS = _INT64 | {FD.TYPE_INT32, FD.TYPE_UINT32, FD.TYPE_SINT32, FD.TYPE_FIXED32, FD.TYPE_SFIXED32}
 _FLOATS = {FD.TYPE_DOUBLE, FD.TYPE_FLOAT}
 _SAFE_INT = 2**53
+_FIELD_MASK = "google.protobuf.FieldMask"
+
+
+def _camel(path: str) -> str:
+    return ".".join(
+        part.split("_")[0] + "".join(w.capitalize() for w in part.split("_")[1:])
+        for part in path.strip().split(".")
+    )
 
 
 class BadRequest(ValueError):
@@ -69,6 +77,10 @@ def _scalar(field: FD, raw: str, where: str) -> object:
             return float(raw)
     except ValueError:
         raise BadRequest(f"{where}: {raw[:40]!r} is not a valid {_type_name(field)}") from None
+    if field.message_type is not None and field.message_type.full_name == _FIELD_MASK:
+        # Accept the proto field names users see everywhere else
+        # (update_mask=query_filter); proto3 JSON spells paths in camelCase.
+        return ",".join(_camel(path) for path in raw.split(",") if path)
     if field.message_type is not None and field.message_type.full_name not in (
         "google.protobuf.Timestamp",
         "google.protobuf.Duration",
@@ -112,6 +124,7 @@ def build_request(
     path_params: Mapping[str, str],
     query: Iterable[tuple[str, str]],
     headers: Mapping[str, str],
+    infer_update_mask: bool = False,
 ) -> Message:
     message_desc = request_class.DESCRIPTOR
     data: dict[str, Any] = {}
@@ -136,6 +149,8 @@ def build_request(
         if parts[0] == body_field:
             raise BadRequest(f"{key} belongs in the body")
         _put(data, parts, _scalar(field, raw, key), repeated=field.is_repeated)
+    if infer_update_mask:
+        _implied_update_mask(message_desc, data, body_field, set(path_params))
     _fill_from_header(message_desc, data, http_options_pb2.if_match, headers.get("if-match"))
     _fill_from_header(
         message_desc, data, http_options_pb2.resume_cursor, headers.get("last-event-id")
@@ -146,6 +161,25 @@ def build_request(
     except json_format.ParseError as e:
         raise BadRequest(str(e)) from None
     return message
+
+
+def _implied_update_mask(
+    message: Desc, data: dict[str, Any], body_field: str, path_fields: set[str]
+) -> None:
+    """AIP-134: a PATCH without update_mask updates the fields it sends."""
+    field = message.fields_by_name.get("update_mask")
+    if field is None or field.message_type is None or "update_mask" in data:
+        return
+    if field.message_type.full_name != _FIELD_MASK or not body_field:
+        return
+    if body_field == "*":
+        sent = [k for k in data if k not in path_fields and k != "update_mask"]
+    else:
+        body = data.get(body_field)
+        identifying = {p.split(".", 1)[1] for p in path_fields if p.startswith(body_field + ".")}
+        sent = [k for k in body if k not in identifying] if isinstance(body, dict) else []
+    if sent:
+        data["update_mask"] = ",".join(_camel(k) for k in sent)
 
 
 def _fill_from_header(message: Desc, data: dict[str, Any], ext: Any, header: str | None) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 from pulse.device.v1 import devices_pb2, devices_pb2_grpc, filter_pb2
 
 from server import validation as v
@@ -13,6 +12,7 @@ from server.auth import current_principal
 from server.db import Database
 from server.errors import FieldViolation, InvalidArgument
 from server.groups import filters
+from server.groups.convert import parse_request_filter
 from server.pagination import PageTokens, fingerprint, page_size
 from server.registry import convert, store
 
@@ -60,11 +60,10 @@ def compile_request_filter(
     message: filter_pb2.DeviceFilter, *, first_param: int, field: str = "filter"
 ) -> tuple[filters.CompiledFilter, str]:
     """The compiled filter and its canonical text (for page-token fingerprints)."""
-    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    try:
-        parsed = filters.parse_filter(data, field_prefix=field)
-    except filters.FilterError as e:
-        raise InvalidArgument([FieldViolation(p, d) for p, d in e.violations]) from e
+    out: list[FieldViolation] = []
+    parsed = parse_request_filter(message, field=field, out=out)
+    if parsed is None:
+        raise InvalidArgument(out)
     return filters.compile_filter(parsed, first_param=first_param), filters.canonical_text(parsed)
 
 

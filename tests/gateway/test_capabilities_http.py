@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
-from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import pulse_client as pc
@@ -100,9 +99,9 @@ async def test_versions_etag_if_match_409_428_304(
 
 async def _events(
     http: httpx.AsyncClient, headers: dict[str, str], want: int
-) -> list[tuple[str, dict]]:
+) -> list[tuple[str, dict[str, Any]]]:
     """The first `want` events of a connections watch, as (id, message)."""
-    out: list[tuple[str, dict]] = []
+    out: list[tuple[str, dict[str, Any]]] = []
     async with http.stream(
         "GET", "/customer/connections:watch", params={"device_ids": ["SSE-1"]}, headers=headers
     ) as response:

@@ -34,11 +34,17 @@ async def test_create_get_list_update_over_http(http: httpx.AsyncClient, tenant:
     r = await http.patch(
         "/customer/devices/DEVICE-01",
         params={"update_mask": "name,model"},
-        json={"name": "Boiler", "model": "bx"},
+        json={"name": "Boiler", "model": "bx", "site_id": "ignored-not-in-mask"},
         headers=h,
     )
     assert r.status_code == 200, r.text
     assert (r.json()["name"], r.json()["model"]) == ("Boiler", "bx")
+    assert r.json()["site_id"] == "site-01"
+
+    # No update_mask: the fields sent are the mask (AIP-134).
+    r = await http.patch("/customer/devices/DEVICE-01", json={"model": "bx-2"}, headers=h)
+    assert r.status_code == 200, r.text
+    assert (r.json()["model"], r.json()["name"]) == ("bx-2", "Boiler")
 
     for n in range(2, 5):
         await http.post("/customer/devices", json={"device_id": f"DEVICE-0{n}"}, headers=h)

@@ -5,6 +5,7 @@ services as attributes; failures raise :class:`PulseError` subclasses.
 """
 
 from ._client import AsyncPulseClient
+from ._connectivity import AsyncConnectivity, Connectivity
 from ._devices import AsyncDevices, AsyncSites, Devices, JsonValue, Sites
 from ._errors import (
     Aborted,
@@ -29,27 +30,36 @@ from ._errors import (
     VersionConflict,
     from_rpc_error,
 )
+from ._groups import AsyncGroups, FilterLike, Groups
 from ._pages import AsyncPager, Page, Pager
 from ._rpc import AsyncStream, Stream, Token
 from ._sync import PulseClient
+from ._twin import AsyncTwins, Modify, RetryPolicy, Twins, struct_to_dict
 
 __all__ = [
     "Aborted",
     "AlreadyExists",
+    "AsyncConnectivity",
     "AsyncDevices",
+    "AsyncGroups",
     "AsyncPager",
     "AsyncPulseClient",
     "AsyncSites",
     "AsyncStream",
+    "AsyncTwins",
     "Cancelled",
+    "Connectivity",
     "DataLoss",
     "DeadlineExceeded",
     "Devices",
     "FailedPrecondition",
     "FieldViolation",
+    "FilterLike",
+    "Groups",
     "Internal",
     "InvalidArgument",
     "JsonValue",
+    "Modify",
     "NotFound",
     "OutOfRange",
     "Page",
@@ -59,13 +69,16 @@ __all__ = [
     "PulseClient",
     "PulseError",
     "ResourceExhausted",
+    "RetryPolicy",
     "Sites",
     "Stream",
     "Token",
+    "Twins",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
     "Unknown",
     "VersionConflict",
     "from_rpc_error",
+    "struct_to_dict",
 ]

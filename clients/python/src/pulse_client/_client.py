@@ -9,9 +9,12 @@ from typing import Self
 import grpc
 import grpc.aio
 
+from ._connectivity import AsyncConnectivity
 from ._devices import AsyncDevices, AsyncSites
 from ._errors import Unavailable
+from ._groups import AsyncGroups
 from ._rpc import AsyncRpc, ChannelOptions, Token, channel_credentials
+from ._twin import AsyncTwins
 
 __all__ = ["AsyncPulseClient"]
 
@@ -28,6 +31,9 @@ class AsyncPulseClient:
         channel: The underlying ``grpc.aio`` channel, owned by the client.
         devices: Device registry calls.
         sites: Site calls.
+        groups: Device groups, static and dynamic.
+        twin: Device twin calls (desired and reported state).
+        connectivity: Connection events: history and live watch streams.
     """
 
     def __init__(
@@ -46,6 +52,9 @@ class AsyncPulseClient:
         self._rpc = AsyncRpc(channel, token=token, timeout=timeout)
         self.devices = AsyncDevices(self._rpc)
         self.sites = AsyncSites(self._rpc)
+        self.groups = AsyncGroups(self._rpc)
+        self.twin = AsyncTwins(self._rpc)
+        self.connectivity = AsyncConnectivity(self._rpc)
 
     @classmethod
     async def connect(

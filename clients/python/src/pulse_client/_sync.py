@@ -7,9 +7,12 @@ from typing import Self
 
 import grpc
 
+from ._connectivity import Connectivity
 from ._devices import Devices, Sites
 from ._errors import Unavailable
+from ._groups import Groups
 from ._rpc import ChannelOptions, Rpc, Token, channel_credentials
+from ._twin import Twins
 
 __all__ = ["PulseClient"]
 
@@ -21,6 +24,9 @@ class PulseClient:
         channel: The underlying ``grpc`` channel, owned by the client.
         devices: Device registry calls.
         sites: Site calls.
+        groups: Device groups, static and dynamic.
+        twin: Device twin calls (desired and reported state).
+        connectivity: Connection events: history and live watch streams.
     """
 
     def __init__(
@@ -38,6 +44,9 @@ class PulseClient:
         self._rpc = Rpc(channel, token=token, timeout=timeout)
         self.devices = Devices(self._rpc)
         self.sites = Sites(self._rpc)
+        self.groups = Groups(self._rpc)
+        self.twin = Twins(self._rpc)
+        self.connectivity = Connectivity(self._rpc)
 
     @classmethod
     def connect(

@@ -1,0 +1,259 @@
+"""Simulated devices that speak MQTT the way real ones do, for the demo
+(`pulse run`, `pulse simulate`) and for end-to-end tests.
+
+A `SimulatedDevice`, per connection:
+  - connects with a last will (`lost`, retained) on `pulse/{tenant}/{device}/status`,
+    so the broker announces a connection lost without a goodbye;
+  - publishes `online` (retained) there, subscribes to its `twin/desired`;
+  - sends a heartbeat to `pulse/{tenant}/{device}/heartbeat` every `heartbeat_s`;
+  - applies each new desired document after `apply_delay_s` (only the latest
+    if several arrive meanwhile; versions it has applied already are
+    ignored, since publication is at-least-once) and reports back on
+    `twin/reported`: `{"state": {...}, "desired_version": n}`;
+  - reconnects by itself if the broker goes away;
+  - on `stop()` publishes `offline` (retained) and disconnects cleanly;
+    `drop_connection()` instead cuts the TCP connection without a word, so
+    the broker fires the will.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import aiomqtt
+
+from evaluator import topics
+from evaluator.runtime import broker_address
+
+log = logging.getLogger("pulse.simulator")
+
+ONLINE = b"online"
+OFFLINE = b"offline"
+LOST = b"lost"
+
+_BACKOFF_MAX_S = 5.0
+
+
+class SimulatedDevice:
+    def __init__(
+        self,
+        mqtt_url: str,
+        tenant_id: uuid.UUID,
+        device_id: str,
+        *,
+        heartbeat_s: float = 5.0,
+        apply_delay_s: float = 0.5,
+        client_id: str | None = None,
+        keepalive_s: int = 30,
+    ) -> None:
+        """Args:
+        mqtt_url: The broker, mqtt://host:port.
+        tenant_id, device_id: Who the device is; they make up its topics.
+        heartbeat_s: Seconds between heartbeats.
+        apply_delay_s: How long "applying" a desired document takes.
+        client_id: The MQTT client id; unique per broker, since a second
+            connection with the same id takes the first one over.
+        keepalive_s: MQTT keepalive; the broker fires the will when it hears
+            nothing for 1.5 times this long.
+        """
+        self._host, self._port = broker_address(mqtt_url)
+        self.tenant_id = tenant_id
+        self.device_id = device_id
+        self.heartbeat_s = heartbeat_s
+        self.apply_delay_s = apply_delay_s
+        self.client_id = client_id or f"sim-{tenant_id.hex[:12]}-{device_id}-{uuid.uuid4().hex[:6]}"
+        self._keepalive_s = keepalive_s
+        #: The state the device runs with and the desired version it came from.
+        self.state: dict[str, Any] = {}
+        self.applied_version = 0
+        self.heartbeats = 0
+        self._target: tuple[int, dict[str, Any]] | None = None
+        self._work = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._client: aiomqtt.Client | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._dropped = False
+        self.connected = asyncio.Event()
+
+    def topic(self, kind: str) -> str:
+        return topics.topic(self.tenant_id, self.device_id, kind)
+
+    async def start(self, *, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Connect (in the background, reconnecting as needed) and return once
+        online."""
+        if self._task is not None and not self._task.done():
+            raise RuntimeError(f"{self.device_id} is already running")
+        self._stopping = self._dropped = False
+        self._task = asyncio.create_task(self._run(), name=f"sim-{self.device_id}")
+        connected = asyncio.create_task(self.connected.wait())
+        await asyncio.wait(
+            {connected, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not connected.done():
+            connected.cancel()
+            await self._cancel()
+            raise TimeoutError(f"{self.device_id} could not connect to the broker")
+
+    async def stop(self) -> None:
+        """Say `offline` and disconnect cleanly (no will)."""
+        self._stopping = True
+        client = self._client
+        if client is not None and self.connected.is_set():
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.publish(self.topic("status"), OFFLINE, qos=1, retain=True)
+        await self._cancel()
+
+    async def drop_connection(self) -> None:
+        """Cut the connection without DISCONNECT, as a device losing power
+        would; the broker then publishes the will. The device stays down
+        until `start()`."""
+        self._dropped = True
+        client = self._client
+        if client is not None:
+            sock = client._client.socket()  # paho's socket: aiomqtt has no public handle
+            if isinstance(sock, socket.socket):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await asyncio.wait_for(asyncio.shield(self._task), 5)
+        await self._cancel()
+
+    async def report(self) -> None:
+        """Publish the current state and applied version now."""
+        client = self._client
+        if client is None:
+            raise RuntimeError(f"{self.device_id} is not connected")
+        await client.publish(self.topic("twin/reported"), self._reported(), qos=1)
+
+    async def wait_for_version(self, version: int, *, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Return once the device has applied and reported `version` or later."""
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: self.applied_version >= version)
+
+    async def _cancel(self) -> None:
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _reported(self) -> bytes:
+        return json.dumps({"state": self.state, "desired_version": self.applied_version}).encode()
+
+    async def _run(self) -> None:
+        backoff = 0.2
+        while not (self._stopping or self._dropped):
+            try:
+                async with aiomqtt.Client(
+                    self._host,
+                    self._port,
+                    identifier=self.client_id,
+                    clean_session=True,
+                    keepalive=self._keepalive_s,
+                    will=aiomqtt.Will(self.topic("status"), LOST, qos=1, retain=True),
+                ) as client:
+                    self._client = client
+                    await client.subscribe(self.topic("twin/desired"), qos=1)
+                    await client.publish(self.topic("status"), ONLINE, qos=1, retain=True)
+                    self.connected.set()
+                    backoff = 0.2
+                    async with asyncio.TaskGroup() as tasks:
+                        tasks.create_task(self._heartbeat(client))
+                        tasks.create_task(self._apply(client))
+                        await self._receive(client)
+                        # The broker ended the stream; stop the helpers too.
+                        raise aiomqtt.MqttError("connection closed")
+            except* aiomqtt.MqttError as errors:
+                if not (self._stopping or self._dropped):
+                    log.info("%s: connection lost (%s); reconnecting", self.device_id, errors)
+            finally:
+                self.connected.clear()
+                self._client = None
+            if self._stopping or self._dropped:
+                return
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _BACKOFF_MAX_S)
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = message.payload
+            if not isinstance(payload, bytes | bytearray) or not payload:
+                continue  # an empty retained message clears the topic
+            try:
+                desired = json.loads(payload)
+                version, state = desired["version"], desired["state"]
+                if type(version) is not int or type(state) is not dict:
+                    raise TypeError("bad field types")
+            except (ValueError, KeyError, TypeError) as error:
+                log.warning("%s: ignoring a malformed desired message (%s)", self.device_id, error)
+                continue
+            pending = self._target[0] if self._target else self.applied_version
+            if version > max(pending, self.applied_version):
+                self._target = (version, state)
+                self._work.set()
+
+    async def _apply(self, client: aiomqtt.Client) -> None:
+        while True:
+            await self._work.wait()
+            await asyncio.sleep(self.apply_delay_s)
+            self._work.clear()
+            if self._target is None:
+                continue
+            version, state = self._target
+            self._target = None
+            self.state, self.applied_version = state, version
+            await client.publish(self.topic("twin/reported"), self._reported(), qos=1)
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _heartbeat(self, client: aiomqtt.Client) -> None:
+        started = time.monotonic()
+        while True:
+            uptime = round(time.monotonic() - started, 1)
+            await client.publish(
+                self.topic("heartbeat"), json.dumps({"uptime_s": uptime}).encode(), qos=1
+            )
+            self.heartbeats += 1
+            await asyncio.sleep(self.heartbeat_s)
+
+
+def device_ids(count: int, prefix: str = "DEVICE-") -> list[str]:
+    """`DEVICE-01`, `DEVICE-02`, ...: the demo tenant's naming."""
+    return [f"{prefix}{n:02d}" for n in range(1, count + 1)]
+
+
+@contextlib.asynccontextmanager
+async def running_fleet(
+    mqtt_url: str,
+    tenant_id: uuid.UUID,
+    device_ids: Iterable[str],
+    *,
+    heartbeat_s: float = 5.0,
+    apply_delay_s: float = 0.5,
+) -> AsyncIterator[list[SimulatedDevice]]:
+    """Simulated devices, online for as long as the context lasts and then
+    stopped cleanly (`offline`)."""
+    devices = [
+        SimulatedDevice(
+            mqtt_url, tenant_id, d, heartbeat_s=heartbeat_s, apply_delay_s=apply_delay_s
+        )
+        for d in device_ids
+    ]
+    try:
+        for device in devices:
+            await device.start()
+        log.info("simulating %d devices of tenant %s", len(devices), tenant_id)
+        yield devices
+    finally:
+        for device in devices:
+            await device.stop()

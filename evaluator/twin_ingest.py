@@ -1,0 +1,264 @@
+"""Reported state from devices (`pulse/{tenant}/{device}/twin/reported`) into
+device_state, in batches.
+
+A message is `{"state": {...}, "desired_version": n}`: the device's whole
+reported document and the desired version it last applied. `handle` checks
+it on arrival (cheap, in the MQTT loop) and queues it; `run` writes whatever
+has queued up, one statement per tenant per batch (`store.ingest_reported`),
+so a burst costs a round trip per tenant rather than per message. While a
+batch is being written the next one accumulates; when the queue is full,
+`handle` waits, which slows the MQTT loop down instead of growing memory.
+
+A message that is refused (malformed, too large, unknown device, an older
+version, ...) is counted under its reason in `counts`, logged with its tenant
+and device, and never changes state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import asyncpg
+
+from evaluator import topics
+from evaluator.runtime import Publisher
+from server.db import Database
+from server.twin import documents, store
+from server.twin.notify import ChangeNotifier
+
+log = logging.getLogger("pulse.evaluator.twin")
+
+# Before parsing: a payload this large cannot hold a document within the
+# limit (escaping at most doubles it, plus the envelope), so it is refused
+# without spending time on it.
+RAW_MAX = 2 * documents.MAX_BYTES + 1024
+
+MALFORMED_JSON = "malformed_json"
+NOT_OBJECT = "not_object"
+BAD_STATE = "bad_state"
+BAD_VERSION = "bad_version"
+DATABASE_ERROR = "database_error"
+
+_RETRY_MAX_S = 5.0
+# Errors that say the database is (for now) unreachable, not that the
+# reports are wrong.
+_TRANSIENT = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.InsufficientResourcesError,
+)
+# A device stuck in a loop can send thousands of bad messages a second; the
+# log gets the first few of each window and a count of the rest.
+_LOG_WINDOW_S = 10.0
+_LOG_PER_WINDOW = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    tenant_id: uuid.UUID
+    device_id: str
+    reason: str
+    detail: str
+
+
+class _BadMessage(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _no_constants(name: str) -> NoReturn:
+    # json.loads accepts NaN and Infinity by default; JSON does not.
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_report(device_id: str, payload: bytes) -> store.Report:
+    """The report in a message, or _BadMessage saying why not."""
+    if len(payload) > RAW_MAX:
+        raise _BadMessage(documents.TOO_LARGE, f"payload is {len(payload)} bytes")
+    try:
+        message: Any = json.loads(payload, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as error:
+        # UnicodeDecodeError is a ValueError; RecursionError comes from
+        # thousands of nested brackets.
+        raise _BadMessage(MALFORMED_JSON, str(error)[:200]) from None
+    if type(message) is not dict:
+        raise _BadMessage(NOT_OBJECT, f"payload is a JSON {type(message).__name__}")
+    state = message.get("state")
+    if type(state) is not dict:
+        raise _BadMessage(BAD_STATE, '"state" must be a JSON object')
+    version = message.get("desired_version")
+    if type(version) is not int or version < 0 or version >= 2**63:
+        raise _BadMessage(BAD_VERSION, '"desired_version" must be a non-negative integer')
+    text, problem = documents.inspect(state)
+    if problem is not None:
+        raise _BadMessage(*problem)
+    assert text is not None
+    return store.Report(device_id=device_id, document=text, desired_version=version)
+
+
+class TwinIngest:
+    """The evaluator handler for `twin/reported` messages."""
+
+    kinds = frozenset({"twin/reported"})
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        batch_max: int = 5000,
+        queue_max: int = 20000,
+        concurrency: int = 4,
+        keep_rejections: int = 1000,
+    ) -> None:
+        """Args:
+        db: The evaluator's pool (RLS applies: one tenant scope per statement).
+        batch_max: Most reports written in one round of statements.
+        queue_max: Reports queued before `handle` waits.
+        concurrency: Tenants of one batch written in parallel.
+        keep_rejections: Recent rejections kept in `rejections` for inspection.
+        """
+        self._db = db
+        self._batch_max = batch_max
+        self._queue_max = queue_max
+        self._queue: list[tuple[uuid.UUID, store.Report]] = []
+        self._queued = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._notifier = ChangeNotifier(db)
+        #: Outcomes by reason: store.APPLIED, UNCHANGED, SUPERSEDED for
+        #: accepted messages, anything else for refused ones.
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.rejections: collections.deque[Rejection] = collections.deque(maxlen=keep_rejections)
+        self._log_window_start = time.monotonic()
+        self._log_lines = 0
+        self._log_suppressed = 0
+
+    @property
+    def accepted(self) -> int:
+        return sum(self.counts[reason] for reason in store.ACCEPTED)
+
+    @property
+    def rejected(self) -> int:
+        return sum(n for reason, n in self.counts.items() if reason not in store.ACCEPTED)
+
+    async def handle(self, message: topics.DeviceMessage) -> None:
+        try:
+            report = parse_report(message.device_id, message.payload)
+        except _BadMessage as bad:
+            self._reject(message.tenant_id, message.device_id, bad.reason, bad.detail)
+            return
+        while len(self._queue) >= self._queue_max:
+            self._room.clear()
+            await self._room.wait()
+        self._queue.append((message.tenant_id, report))
+        self._queued.set()
+
+    async def run(self, publisher: Publisher) -> None:
+        while True:
+            await self._queued.wait()
+            self._queued.clear()
+            while self._queue:
+                batch = self._queue[: self._batch_max]
+                del self._queue[: self._batch_max]
+                self._room.set()
+                await self._write(batch)
+
+    async def _write(self, batch: list[tuple[uuid.UUID, store.Report]]) -> None:
+        by_tenant: dict[uuid.UUID, list[store.Report]] = {}
+        for tenant_id, report in batch:
+            by_tenant.setdefault(tenant_id, []).append(report)
+        if len(by_tenant) == 1:
+            [(tenant_id, reports)] = by_tenant.items()
+            await self._write_tenant(tenant_id, reports)
+            return
+        async with asyncio.TaskGroup() as tasks:
+            for tenant_id, reports in by_tenant.items():
+                tasks.create_task(self._write_tenant(tenant_id, reports))
+
+    async def _write_tenant(self, tenant_id: uuid.UUID, reports: list[store.Report]) -> None:
+        async with self._slots:
+            try:
+                outcomes = await self._outcomes(tenant_id, reports)
+            except Exception:
+                # A bug, not bad input: keep the evaluator (and the other
+                # tenants' batches) running, and say loudly what was lost.
+                log.exception(
+                    "twin ingest failed for tenant %s; %d reports lost", tenant_id, len(reports)
+                )
+                outcomes = [DATABASE_ERROR] * len(reports)
+        for report, outcome in zip(reports, outcomes, strict=True):
+            if outcome in store.ACCEPTED:
+                self.counts[outcome] += 1
+            else:
+                self._reject(
+                    tenant_id,
+                    report.device_id,
+                    outcome,
+                    f"desired_version {report.desired_version}",
+                )
+
+    async def _outcomes(self, tenant_id: uuid.UUID, reports: list[store.Report]) -> list[str]:
+        try:
+            result = await self._store(tenant_id, reports)
+        except asyncpg.DataError:
+            # Something the checks let through and PostgreSQL refuses: find
+            # it by writing the reports one by one, so the others still land.
+            return [await self._store_one(tenant_id, report) for report in reports]
+        self._notifier.changed(tenant_id, result.changed)
+        return result.outcomes
+
+    async def _store(self, tenant_id: uuid.UUID, reports: list[store.Report]) -> store.IngestResult:
+        """One statement; waits out a database that is down rather than
+        dropping reports that the broker already considers delivered."""
+        delay = 0.2
+        while True:
+            try:
+                async with self._db.tenant(tenant_id) as con:
+                    return await store.ingest_reported(con, tenant_id, reports)
+            except _TRANSIENT as error:
+                log.warning(
+                    "twin ingest: database unavailable (%s); retrying in %.1fs", error, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
+
+    async def _store_one(self, tenant_id: uuid.UUID, report: store.Report) -> str:
+        try:
+            result = await self._store(tenant_id, [report])
+        except asyncpg.DataError as error:
+            log.warning("twin ingest: PostgreSQL refused a document: %s", error)
+            return documents.INVALID_VALUE
+        self._notifier.changed(tenant_id, result.changed)
+        return result.outcomes[0]
+
+    def _reject(self, tenant_id: uuid.UUID, device_id: str, reason: str, detail: str) -> None:
+        self.counts[reason] += 1
+        self.rejections.append(Rejection(tenant_id, device_id, reason, detail))
+        now = time.monotonic()
+        if now - self._log_window_start > _LOG_WINDOW_S:
+            if self._log_suppressed:
+                log.warning("... and %d more rejected twin/reported messages", self._log_suppressed)
+            self._log_window_start, self._log_lines, self._log_suppressed = now, 0, 0
+        if self._log_lines >= _LOG_PER_WINDOW:
+            self._log_suppressed += 1
+            return
+        self._log_lines += 1
+        log.warning(
+            "rejected twin/reported from tenant %s device %s: %s (%s)",
+            tenant_id,
+            device_id,
+            reason,
+            detail,
+        )

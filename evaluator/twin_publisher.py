@@ -1,0 +1,134 @@
+"""Desired state to devices: drains the twin outbox to retained MQTT messages
+on `pulse/{tenant}/{device}/twin/desired`.
+
+Every committed desired write leaves an outbox row (same transaction, see
+migrations/0003_twin.sql), and only committed rows are visible here, so a
+write is never announced before it commits. Rows are deleted only after the
+broker acknowledged the publication (QoS 1), in the transaction that claimed
+them, so a crash, a lost broker or a lost database between commit and
+publication leaves them queued, and the next drain (at the latest the one
+when the evaluator starts again) publishes them. The price is at-least-once:
+a device may see the same version twice and must ignore versions it has
+already applied.
+
+The drain publishes each device's *current* desired document, once per
+batch however many writes queued it, since a retained topic only keeps the
+latest anyway. One drainer at a time holds the outbox (an advisory lock in
+`store.claim_outbox`), so with several evaluators two of them can never
+publish one device's versions out of order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import aiomqtt
+import asyncpg
+
+from evaluator import topics
+from evaluator.runtime import Publisher
+from server.db import Database
+from server.twin import store
+
+log = logging.getLogger("pulse.evaluator.twin")
+
+_TRANSIENT = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.InsufficientResourcesError,
+    aiomqtt.MqttError,
+    TimeoutError,
+)
+_RETRY_MAX_S = 5.0
+
+
+class TwinPublisher:
+    """The evaluator handler that publishes desired state; it consumes no
+    device messages."""
+
+    kinds: frozenset[str] = frozenset()
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        poll_s: float = 0.1,
+        batch: int = 500,
+        publish_timeout_s: float = 10.0,
+    ) -> None:
+        """Args:
+        db: The evaluator's pool; the drain needs two connections at once.
+        poll_s: How often an empty outbox is looked at again.
+        batch: Most outbox rows drained per transaction.
+        publish_timeout_s: Longest a batch may wait for the broker before its
+            transaction is rolled back (and the rows retried later).
+        """
+        self._db = db
+        self._poll_s = poll_s
+        self._batch = batch
+        self._publish_timeout_s = publish_timeout_s
+        #: Desired messages published (one per device per batch).
+        self.published = 0
+
+    async def handle(self, message: topics.DeviceMessage) -> None:
+        return None
+
+    async def run(self, publisher: Publisher) -> None:
+        delay = self._poll_s
+        while True:
+            try:
+                drained = await self.drain_once(publisher)
+            except _TRANSIENT as error:
+                log.warning("desired-state publishing paused (%s); retrying in %.1fs", error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
+                continue
+            delay = self._poll_s
+            if drained < self._batch:
+                await asyncio.sleep(self._poll_s)
+
+    async def drain_once(self, publisher: Publisher) -> int:
+        """Publish one batch of queued desired writes; return how many rows
+        it drained."""
+        async with self._db.admin() as con, con.transaction():
+            entries = await store.claim_outbox(con, limit=self._batch)
+            if not entries:
+                return 0
+            by_tenant: dict[uuid.UUID, set[str]] = {}
+            for entry in entries:
+                by_tenant.setdefault(entry.tenant_id, set()).add(entry.device_id)
+            messages: list[tuple[str, bytes]] = []
+            for tenant_id, device_ids in by_tenant.items():
+                async with self._db.tenant(tenant_id, readonly=True) as tenant_con:
+                    for desired in await store.current_desired(
+                        tenant_con, tenant_id, sorted(device_ids)
+                    ):
+                        topic = topics.topic(tenant_id, desired.device_id, "twin/desired")
+                        messages.append((topic, desired.payload()))
+            async with asyncio.timeout(self._publish_timeout_s):
+                await _publish_all(publisher, messages)
+            await store.delete_outbox(con, [entry.id for entry in entries])
+        self.published += len(messages)
+        return len(entries)
+
+
+async def _publish_all(publisher: Publisher, messages: list[tuple[str, bytes]]) -> None:
+    """Publish concurrently (each waits for its PUBACK); on the first failure
+    cancel the rest and raise that failure itself, not an ExceptionGroup, so
+    the caller can tell a broker problem from a bug."""
+    pending = [
+        asyncio.ensure_future(publisher.publish(topic, payload, qos=1, retain=True))
+        for topic, payload in messages
+    ]
+    try:
+        await asyncio.gather(*pending)
+    except BaseException:
+        for task in pending:
+            task.cancel()
+        # Only reaps the cancelled tasks; the original error is re-raised.
+        await asyncio.gather(*pending, return_exceptions=True)
+        raise

@@ -1,0 +1,460 @@
+"""All SQL for device groups. Every function runs on a tenant-scoped
+connection (`Database.tenant`) and also names the tenant explicitly, so the
+primary-key indexes are used and RLS is a second, independent fence.
+
+Membership of a dynamic group is never stored: `list_members` and
+`count_members` evaluate the group's compiled filter against devices and
+device_state on every call.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from server.db import Connection
+from server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+)
+from server.groups import filters
+
+STATIC = "STATIC"
+DYNAMIC = "DYNAMIC"
+
+# update_mask path -> column. Nothing else ever reaches the SET clause.
+UPDATABLE = {"name": "name", "description": "description", "query_filter": "query_filter"}
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRecord:
+    group_id: str
+    name: str
+    description: str
+    group_type: str
+    # Canonical filter JSON for dynamic groups, None for static ones.
+    query_filter: dict[str, object] | None
+    version: int
+    created_at: datetime
+    updated_at: datetime
+    member_count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRecord:
+    device_id: str
+    name: str
+    # None only if a device lacked its device_state row (see _FROM_DEVICES).
+    status: str | None
+    site_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    members: list[MemberRecord]
+    # True when there are members after the last one returned.
+    more: bool
+
+
+_GROUP_COLUMNS = """
+    group_id, name, description, group_type, query_filter, version, created_at, updated_at
+"""
+
+# The left join costs nothing when the filter reads device_state (a strict
+# condition on `s` turns it into an inner join) and lets the planner drop the
+# join entirely from a count whose filter never reads `s`. Every device has a
+# state row (both are inserted together), so the results are the same as an
+# inner join's; the compiled filter is two-valued under an outer join.
+_FROM_DEVICES = """
+    FROM devices d
+    LEFT JOIN device_state s ON s.tenant_id = d.tenant_id AND s.device_id = d.device_id
+"""
+
+_MEMBER_COLUMNS = "d.device_id, d.name, s.status, d.site_id"
+
+
+def _group(row: asyncpg.Record, member_count: int = 0) -> GroupRecord:
+    return GroupRecord(**dict(row.items()), member_count=member_count)
+
+
+def _member(row: asyncpg.Record) -> MemberRecord:
+    return MemberRecord(**dict(row.items()))
+
+
+# --------------------------------------------------------------------------
+# Groups
+
+
+async def create_group(
+    con: Connection,
+    tenant_id: uuid.UUID,
+    *,
+    group_id: str,
+    name: str,
+    description: str,
+    group_type: str,
+    query_filter: dict[str, object] | None,
+) -> GroupRecord:
+    try:
+        row = await con.fetchrow(
+            f"""
+            INSERT INTO device_groups
+                (tenant_id, group_id, name, description, group_type, query_filter)
+            VALUES ($1, $2, $3, $4, $5, $6)
+            RETURNING {_GROUP_COLUMNS}
+            """,
+            tenant_id,
+            group_id,
+            name,
+            description,
+            group_type,
+            query_filter,
+        )
+    except asyncpg.UniqueViolationError as e:
+        raise AlreadyExists("group", group_id) from e
+    assert row is not None
+    return _group(row)
+
+
+async def get_group(
+    con: Connection, tenant_id: uuid.UUID, group_id: str, *, lock: bool = False
+) -> GroupRecord:
+    # With `lock`, a concurrent DeleteGroup waits until this transaction (a
+    # member change) ends, rather than deleting the group between our check
+    # and our insert; concurrent member changes do not wait for each other.
+    suffix = " FOR SHARE" if lock else ""
+    row = await con.fetchrow(
+        f"""
+        SELECT {_GROUP_COLUMNS} FROM device_groups
+        WHERE tenant_id = $1 AND group_id = $2{suffix}
+        """,
+        tenant_id,
+        group_id,
+    )
+    if row is None:
+        raise NotFound("group", group_id)
+    return _group(row)
+
+
+async def list_groups(
+    con: Connection, tenant_id: uuid.UUID, *, after: tuple[str, str] | None, limit: int
+) -> list[GroupRecord]:
+    """Up to `limit` groups after the (name, group_id) key `after`."""
+    name, group_id = after if after is not None else ("", "")
+    rows = await con.fetch(
+        f"""
+        SELECT {_GROUP_COLUMNS} FROM device_groups
+        WHERE tenant_id = $1 AND (name, group_id) > ($2, $3)
+        ORDER BY name, group_id
+        LIMIT $4
+        """,
+        tenant_id,
+        name,
+        group_id,
+        limit,
+    )
+    return [_group(r) for r in rows]
+
+
+async def update_group(
+    con: Connection,
+    tenant_id: uuid.UUID,
+    group_id: str,
+    *,
+    expected_version: int,
+    changes: dict[str, Any],
+) -> GroupRecord:
+    """One conditional UPDATE: it applies only at `expected_version`."""
+    columns = [UPDATABLE[path] for path in changes]
+    assignments = ", ".join(f"{col} = ${i}" for i, col in enumerate(columns, start=4))
+    row = await con.fetchrow(
+        f"""
+        UPDATE device_groups
+        SET {assignments}, version = version + 1, updated_at = now()
+        WHERE tenant_id = $1 AND group_id = $2 AND version = $3
+        RETURNING {_GROUP_COLUMNS}
+        """,
+        tenant_id,
+        group_id,
+        expected_version,
+        *changes.values(),
+    )
+    if row is None:
+        current = await get_group(con, tenant_id, group_id)  # NotFound if absent
+        raise version_mismatch(current, expected_version)
+    return _group(row)
+
+
+def version_mismatch(current: GroupRecord, expected: int) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"group {current.group_id!r} is at version {current.version}, not {expected}; "
+        "read it again and retry",
+        reason="VERSION_MISMATCH",
+        metadata={
+            "group": current.group_id,
+            "current_version": str(current.version),
+            "expected_version": str(expected),
+        },
+        subject=f"device-groups/{current.group_id}",
+    )
+
+
+async def delete_group(
+    con: Connection, tenant_id: uuid.UUID, group_id: str, *, expected_version: int | None
+) -> None:
+    deleted = await con.fetchval(
+        """
+        DELETE FROM device_groups
+        WHERE tenant_id = $1 AND group_id = $2 AND ($3::bigint IS NULL OR version = $3)
+        RETURNING version
+        """,
+        tenant_id,
+        group_id,
+        expected_version,
+    )
+    if deleted is None:
+        current = await get_group(con, tenant_id, group_id)  # NotFound if absent
+        assert expected_version is not None
+        raise version_mismatch(current, expected_version)
+
+
+# --------------------------------------------------------------------------
+# Static members
+
+
+async def add_members(
+    con: Connection, tenant_id: uuid.UUID, group_id: str, device_ids: list[str]
+) -> int:
+    """Add devices to a static group; returns how many were new.
+
+    Unknown devices are INVALID_ARGUMENT naming each one (by its index in
+    `device_ids`), checked before anything is inserted.
+    """
+    missing = await con.fetch(
+        """
+        SELECT i.ord - 1 AS index, i.device_id
+        FROM unnest($2::text[]) WITH ORDINALITY AS i (device_id, ord)
+        WHERE NOT EXISTS (
+            SELECT 1 FROM devices d WHERE d.tenant_id = $1 AND d.device_id = i.device_id
+        )
+        ORDER BY i.ord
+        """,
+        tenant_id,
+        device_ids,
+    )
+    if missing:
+        raise InvalidArgument(
+            [
+                FieldViolation(f"device_ids[{r['index']}]", f"device {r['device_id']!r} not found")
+                for r in missing
+            ]
+        )
+    try:
+        result = await con.execute(
+            """
+            INSERT INTO device_group_members (tenant_id, group_id, device_id)
+            SELECT $1, $2, unnest($3::text[])
+            ON CONFLICT DO NOTHING
+            """,
+            tenant_id,
+            group_id,
+            device_ids,
+        )
+    except asyncpg.ForeignKeyViolationError as e:
+        # The group is locked by the caller, so only the devices can be at
+        # fault here: one was checked above, then vanished. Devices are
+        # never deleted today; this keeps the answer right if that changes.
+        raise InvalidArgument.single("device_ids", "a device was removed concurrently") from e
+    return int(result.rsplit(" ", 1)[-1])
+
+
+async def remove_members(
+    con: Connection, tenant_id: uuid.UUID, group_id: str, device_ids: list[str]
+) -> int:
+    result = await con.execute(
+        """
+        DELETE FROM device_group_members
+        WHERE tenant_id = $1 AND group_id = $2 AND device_id = ANY($3::text[])
+        """,
+        tenant_id,
+        group_id,
+        device_ids,
+    )
+    return int(result.rsplit(" ", 1)[-1])
+
+
+# --------------------------------------------------------------------------
+# Membership, resolved at read time
+
+# Read queries are planned for their actual parameters every time. With
+# asyncpg's statement cache the same SQL text runs again and again, and after
+# five runs PostgreSQL may switch to a generic plan, which for a filter means
+# guessing every selectivity: 240 ms instead of 7 ms for the benchmark's
+# selective first page (docs/groups.md).
+_CUSTOM_PLANS = "SET LOCAL plan_cache_mode = force_custom_plan"
+
+# Under row-level security the planner ignores column statistics for
+# operators that are not LEAKPROOF, which includes jsonb's ?, ?| and @>: every
+# tag condition is estimated to keep 1% of the rows. A count whose filter has
+# tag conditions and also reads device_state can then be planned as a nested
+# loop over what is really most of the fleet (seconds instead of a hash
+# join's fraction of one). Such counts first count up to this many members
+# with the planner's plan, which is exact and fast for small groups, and only
+# a group that reaches it is counted again with nested loops ruled out.
+COUNT_PROBE = 10_000
+_BULK_COUNT = "SET LOCAL enable_nestloop = off; SET LOCAL work_mem = '32MB'"
+# Back to the defaults, for whatever else the transaction runs (ListGroups
+# counts every group of a page in one transaction).
+_END_BULK_COUNT = "SET LOCAL enable_nestloop = DEFAULT; SET LOCAL work_mem = DEFAULT"
+
+
+def compile_members_filter(f: filters.DeviceFilter, *, first_param: int) -> filters.CompiledFilter:
+    """``compile_filter``, with a one-value site or status as a plain equality.
+
+    ``col = ANY('{v}')`` selects what ``col = 'v'`` does, but PostgreSQL
+    before 17 does not treat it as an equality when it orders an index scan,
+    so a page of "online devices at site 7" would read and sort every device
+    at the site instead of walking (site_id, device_id) in order and stopping
+    after one page.
+    """
+    eq: list[tuple[str, object]] = []
+    rest = f
+    if len(f.site_ids) == 1:
+        eq.append(("d.site_id", f.site_ids[0]))
+        rest = replace(rest, site_ids=())
+    if len(f.statuses) == 1:
+        eq.append(("s.status", f.statuses[0].value))
+        rest = replace(rest, statuses=())
+    compiled = filters.compile_filter(rest, first_param=first_param + len(eq))
+    if not eq:
+        return compiled
+    terms = [f"{column} = ${first_param + i}::text" for i, (column, _) in enumerate(eq)]
+    return filters.CompiledFilter(
+        "(" + " AND ".join([*terms, compiled.sql]) + ")",
+        [value for _, value in eq] + compiled.params,
+    )
+
+
+def stored_filter(group: GroupRecord) -> filters.DeviceFilter:
+    """The saved filter of a dynamic group."""
+    assert group.query_filter is not None, "static groups have no filter"
+    # Stored JSON is canonical_json output, hence valid parse_filter input.
+    return filters.parse_filter(group.query_filter)
+
+
+def members_sql(compiled: filters.CompiledFilter) -> str:
+    """One keyset page of a filter: $1 tenant, $2 last device_id, $3 limit.
+
+    The compiled filter's placeholders must start at $4. Public so that the
+    benchmark runs exactly this SQL without the server.
+    """
+    return f"""
+        SELECT {_MEMBER_COLUMNS}
+        {_FROM_DEVICES}
+        WHERE d.tenant_id = $1 AND d.device_id > $2 AND {compiled.sql}
+        ORDER BY d.device_id
+        LIMIT $3
+    """
+
+
+def count_sql(compiled: filters.CompiledFilter, *, limit: int | None = None) -> str:
+    """How many devices match: $1 tenant; the filter's placeholders from $2.
+
+    With `limit`, counting stops there.
+    """
+    matches = f"SELECT 1 {_FROM_DEVICES} WHERE d.tenant_id = $1 AND {compiled.sql}"
+    if limit is not None:
+        matches += f" LIMIT {int(limit)}"
+    return f"SELECT count(*) FROM ({matches}) m"
+
+
+async def list_members(
+    con: Connection, tenant_id: uuid.UUID, group: GroupRecord, *, after: str, limit: int
+) -> Page:
+    """Up to `limit` members with device_id > `after`, in device_id order."""
+    if group.group_type == DYNAMIC:
+        return await list_filter_members(
+            con, tenant_id, stored_filter(group), after=after, limit=limit
+        )
+    rows = await con.fetch(
+        f"""
+        SELECT {_MEMBER_COLUMNS}
+        FROM device_group_members m
+        JOIN devices d ON d.tenant_id = m.tenant_id AND d.device_id = m.device_id
+        LEFT JOIN device_state s ON s.tenant_id = d.tenant_id AND s.device_id = d.device_id
+        WHERE m.tenant_id = $1 AND m.group_id = $2 AND m.device_id > $3
+        ORDER BY m.device_id
+        LIMIT $4
+        """,
+        tenant_id,
+        group.group_id,
+        after,
+        limit + 1,
+    )
+    return _page(rows, limit)
+
+
+async def list_filter_members(
+    con: Connection, tenant_id: uuid.UUID, f: filters.DeviceFilter, *, after: str, limit: int
+) -> Page:
+    """A page of the devices `f` selects, after `after` in device_id order."""
+    compiled = compile_members_filter(f, first_param=4)
+    await con.execute(_CUSTOM_PLANS)
+    rows = await con.fetch(members_sql(compiled), tenant_id, after, limit + 1, *compiled.params)
+    return _page(rows, limit)
+
+
+def _page(rows: list[asyncpg.Record], limit: int) -> Page:
+    # One row beyond the page is fetched to know whether another page exists.
+    return Page([_member(r) for r in rows[:limit]], more=len(rows) > limit)
+
+
+async def count_members(con: Connection, tenant_id: uuid.UUID, group: GroupRecord) -> int:
+    if group.group_type == DYNAMIC:
+        return await count_filter_members(con, tenant_id, stored_filter(group))
+    count = await con.fetchval(
+        "SELECT count(*) FROM device_group_members WHERE tenant_id = $1 AND group_id = $2",
+        tenant_id,
+        group.group_id,
+    )
+    return int(count)
+
+
+def _estimates_are_blind(f: filters.DeviceFilter) -> bool:
+    """Whether a count of `f` joins device_state on a blindly estimated device set."""
+    has_tags = bool(f.any_tag_keys or f.tag_selectors)
+    reads_state = bool(f.statuses or f.last_seen_before or f.last_seen_after)
+    return has_tags and reads_state
+
+
+async def count_filter_members(
+    con: Connection, tenant_id: uuid.UUID, f: filters.DeviceFilter
+) -> int:
+    """How many devices `f` selects."""
+    compiled = compile_members_filter(f, first_param=2)
+    await con.execute(_CUSTOM_PLANS)
+    if _estimates_are_blind(f):
+        probe = await con.fetchval(
+            count_sql(compiled, limit=COUNT_PROBE), tenant_id, *compiled.params
+        )
+        if probe < COUNT_PROBE:
+            return int(probe)
+        await con.execute(_BULK_COUNT)
+        count = await con.fetchval(count_sql(compiled), tenant_id, *compiled.params)
+        await con.execute(_END_BULK_COUNT)
+        return int(count)
+    count = await con.fetchval(count_sql(compiled), tenant_id, *compiled.params)
+    return int(count)
+
+
+async def with_member_count(
+    con: Connection, tenant_id: uuid.UUID, group: GroupRecord
+) -> GroupRecord:
+    return replace(group, member_count=await count_members(con, tenant_id, group))

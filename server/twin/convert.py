@@ -1,0 +1,95 @@
+"""Twin records to protos; the delta and sync status are computed here, on
+the way out, from the two documents (they are never stored)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from google.protobuf import struct_pb2
+from pulse.device.v1 import status_pb2, twin_pb2
+
+from server.registry.convert import struct, timestamp
+from server.twin.delta import Delta, compute_delta, flat_delta
+from server.twin.store import TwinRecord
+from server.twin.sync import sync_status
+
+
+def value(item: Any) -> struct_pb2.Value:
+    """A JSON value as a protobuf Value."""
+    out = struct_pb2.Value()
+    if item is None:
+        out.null_value = struct_pb2.NULL_VALUE
+    elif isinstance(item, bool):
+        out.bool_value = item
+    elif isinstance(item, int | float):
+        out.number_value = item
+    elif isinstance(item, str):
+        out.string_value = item
+    elif isinstance(item, dict):
+        out.struct_value.update(item)
+    elif isinstance(item, list):
+        out.list_value.extend(item)
+    else:
+        raise TypeError(f"not a JSON value: {type(item).__name__}")
+    return out
+
+
+def delta(result: Delta, *, desired_version: int, reported_version: int) -> twin_pb2.TwinDelta:
+    message = twin_pb2.TwinDelta(
+        unchanged_count=result.unchanged_count,
+        in_sync=result.in_sync,
+        desired_version=desired_version,
+        reported_version=reported_version,
+    )
+    for path, item in result.added.items():
+        message.added[path].CopyFrom(value(item))
+    for path, item in result.removed.items():
+        message.removed[path].CopyFrom(value(item))
+    for path, change in result.changed.items():
+        message.changed[path].CopyFrom(
+            twin_pb2.ValueChange(
+                old_value=value(change["old_value"]), new_value=value(change["new_value"])
+            )
+        )
+    return message
+
+
+def twin_delta(record: TwinRecord) -> twin_pb2.TwinDelta:
+    return delta(
+        compute_delta(record.desired, record.reported),
+        desired_version=record.desired_version,
+        reported_version=record.reported_version,
+    )
+
+
+def twin(record: TwinRecord, *, now: datetime, stale_after: timedelta) -> twin_pb2.Twin:
+    result = compute_delta(record.desired, record.reported)
+    status = sync_status(
+        desired_version=record.desired_version,
+        reported_version=record.reported_version,
+        in_sync=result.in_sync,
+        connectivity=record.status,
+        desired_updated_at=record.desired_updated_at,
+        reported_updated_at=record.reported_updated_at,
+        now=now,
+        stale_after=stale_after,
+    )
+    return twin_pb2.Twin(
+        device_id=record.device_id,
+        desired=struct(record.desired),
+        reported=struct(record.reported),
+        desired_version=record.desired_version,
+        reported_version=record.reported_version,
+        sync_status=twin_pb2.Twin.SyncStatus.Value(status.value),
+        desired_update_time=timestamp(record.desired_updated_at),
+        reported_update_time=timestamp(record.reported_updated_at),
+        structured_delta=delta(
+            result,
+            desired_version=record.desired_version,
+            reported_version=record.reported_version,
+        ),
+        delta=struct(flat_delta(record.desired, record.reported)),
+        connectivity_status=status_pb2.ConnectivityStatus.Value(record.status),
+        revision=record.revision,
+    )

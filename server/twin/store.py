@@ -1,0 +1,393 @@
+"""All SQL for device twins: the API's reads and writes, the evaluator's
+batched ingest of reported state, and the desired-state outbox.
+
+Tenant functions run on a tenant-scoped connection (`Database.tenant`) and
+also name the tenant, so the primary key is used and RLS is a second fence.
+The outbox functions run on the owner's connection (`Database.admin`): the
+outbox queue spans tenants (see migrations/0003_twin.sql).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from server.db import Connection
+from server.errors import FailedPrecondition, NotFound
+
+# Any constant works, as long as every drainer uses the same one and the
+# migration lock's differs.
+_OUTBOX_LOCK = 0x7477696E6F7574  # "twinout"
+
+
+def channel(tenant_id: uuid.UUID) -> str:
+    """The NOTIFY channel announcing twin changes of one tenant.
+
+    Payload: `device_id:revision` items joined by "," (server/twin/notify.py).
+    """
+    return f"twin_{tenant_id.hex}"
+
+
+async def notify(con: Connection, notices: Sequence[tuple[str, str]]) -> None:
+    """Send (channel, payload) notifications in one round trip, outside any
+    data transaction (autocommit on a plain pool connection).
+
+    Notifications are hints that something committed, so this transaction
+    commits asynchronously: PostgreSQL holds a database-wide lock from a
+    notifying transaction's commit until its WAL flush, and waiting for the
+    disk under that lock would queue every writer behind every other.
+    """
+    await con.execute(
+        """
+        WITH async AS (SELECT set_config('synchronous_commit', 'off', true)),
+             sent AS (SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS n(c, p))
+        SELECT (SELECT count(*) FROM async) + (SELECT count(*) FROM sent)
+        """,
+        [c for c, _ in notices],
+        [p for _, p in notices],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TwinRecord:
+    device_id: str
+    desired: dict[str, Any]
+    reported: dict[str, Any]
+    desired_version: int
+    reported_version: int
+    desired_updated_at: datetime | None
+    reported_updated_at: datetime | None
+    status: str
+    revision: int
+
+
+_TWIN_COLUMNS = """
+    s.device_id, s.desired, s.reported, s.desired_version, s.reported_version,
+    s.desired_updated_at, s.reported_updated_at, s.status, s.twin_revision AS revision
+"""
+
+
+def _twin(row: Any) -> TwinRecord:
+    return TwinRecord(
+        device_id=row["device_id"],
+        desired=row["desired"],
+        reported=row["reported"],
+        desired_version=row["desired_version"],
+        reported_version=row["reported_version"],
+        desired_updated_at=row["desired_updated_at"],
+        reported_updated_at=row["reported_updated_at"],
+        status=row["status"],
+        revision=row["revision"],
+    )
+
+
+async def get_twin(con: Connection, tenant_id: uuid.UUID, device_id: str) -> TwinRecord:
+    row = await con.fetchrow(
+        f"SELECT {_TWIN_COLUMNS} FROM device_state s WHERE s.tenant_id = $1 AND s.device_id = $2",
+        tenant_id,
+        device_id,
+    )
+    if row is None:
+        raise NotFound("device", device_id)
+    return _twin(row)
+
+
+async def get_twins(
+    con: Connection, tenant_id: uuid.UUID, device_ids: Sequence[str]
+) -> list[TwinRecord]:
+    """The twins of those of `device_ids` that exist, in device_id order."""
+    rows = await con.fetch(
+        f"""
+        SELECT {_TWIN_COLUMNS} FROM device_state s
+        WHERE s.tenant_id = $1 AND s.device_id = any($2::text[])
+        ORDER BY s.device_id
+        """,
+        tenant_id,
+        list(device_ids),
+    )
+    return [_twin(r) for r in rows]
+
+
+def version_mismatch(device_id: str, expected: int, current: int) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"desired state of device {device_id!r} is at version {current}, not {expected}; "
+        "read it again and retry",
+        reason="VERSION_MISMATCH",
+        metadata={
+            "device": device_id,
+            "expected_version": str(expected),
+            "current_version": str(current),
+        },
+        subject=f"devices/{device_id}/twin",
+    )
+
+
+def _decommissioned(device_id: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"device {device_id!r} is decommissioned and its twin cannot be changed",
+        reason="DEVICE_DECOMMISSIONED",
+        metadata={"device": device_id},
+        subject=f"devices/{device_id}",
+    )
+
+
+async def write_desired(
+    con: Connection,
+    tenant_id: uuid.UUID,
+    device_id: str,
+    desired: dict[str, Any],
+    *,
+    expected_version: int | None,
+) -> TwinRecord:
+    """Replace the desired document if its version is still `expected_version`
+    (None: whatever it is), in one conditional UPDATE that also queues the
+    publication (the outbox row commits with it, or not at all).
+
+    Raises NotFound, or FailedPrecondition (VERSION_MISMATCH with the current
+    version, DEVICE_DECOMMISSIONED).
+    """
+    row = await con.fetchrow(
+        f"""
+        WITH s AS (
+            UPDATE device_state s
+            SET desired = $3,
+                desired_version = s.desired_version + 1,
+                desired_updated_at = now(),
+                twin_revision = s.twin_revision + 1
+            FROM devices d
+            WHERE s.tenant_id = $1 AND s.device_id = $2
+              AND ($4::bigint IS NULL OR s.desired_version = $4::bigint)
+              AND d.tenant_id = s.tenant_id AND d.device_id = s.device_id
+              AND d.lifecycle = 'ACTIVE'
+            RETURNING s.*
+        ), queued AS (
+            INSERT INTO twin_outbox (tenant_id, device_id, desired_version)
+            SELECT tenant_id, device_id, desired_version FROM s
+        )
+        SELECT {_TWIN_COLUMNS} FROM s
+        """,
+        tenant_id,
+        device_id,
+        desired,
+        expected_version,
+    )
+    if row is not None:
+        return _twin(row)
+    # Only failures pay for this second read, in the same transaction, so the
+    # version reported is the one that made the write fail (or a later one).
+    found = await con.fetchrow(
+        """
+        SELECT s.desired_version, d.lifecycle
+        FROM devices d JOIN device_state s USING (tenant_id, device_id)
+        WHERE d.tenant_id = $1 AND d.device_id = $2
+        """,
+        tenant_id,
+        device_id,
+    )
+    if found is None:
+        raise NotFound("device", device_id)
+    if found["lifecycle"] != "ACTIVE":
+        raise _decommissioned(device_id)
+    assert expected_version is not None
+    raise version_mismatch(device_id, expected_version, found["desired_version"])
+
+
+async def lock_desired(
+    con: Connection, tenant_id: uuid.UUID, device_id: str
+) -> tuple[dict[str, Any], int]:
+    """The desired document and version, row-locked until the transaction
+    ends, so a read-modify-write in the same transaction cannot interleave
+    with another writer."""
+    row = await con.fetchrow(
+        """
+        SELECT s.desired, s.desired_version, d.lifecycle
+        FROM device_state s JOIN devices d USING (tenant_id, device_id)
+        WHERE s.tenant_id = $1 AND s.device_id = $2
+        FOR UPDATE OF s
+        """,
+        tenant_id,
+        device_id,
+    )
+    if row is None:
+        raise NotFound("device", device_id)
+    if row["lifecycle"] != "ACTIVE":
+        raise _decommissioned(device_id)
+    return row["desired"], row["desired_version"]
+
+
+# --- reported state (the evaluator's ingest) ------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """One device message: its reported document, already checked and
+    serialised as JSON text, and the desired version it applied."""
+
+    device_id: str
+    document: str
+    desired_version: int
+
+
+# Outcomes of ingest_reported, one per report. The first three are accepted.
+APPLIED = "applied"
+UNCHANGED = "unchanged"  # same version and document as stored
+SUPERSEDED = "superseded"  # a later report of the same batch won
+UNKNOWN_TENANT = "unknown_tenant"
+UNKNOWN_DEVICE = "unknown_device"
+DECOMMISSIONED = "decommissioned"
+STALE_VERSION = "stale_version"  # older than the stored reported version
+FUTURE_VERSION = "future_version"  # a desired version that was never written
+ACCEPTED = frozenset({APPLIED, UNCHANGED, SUPERSEDED})
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    #: Each report's outcome, in order.
+    outcomes: list[str]
+    #: (device_id, new revision) of each twin changed, for watchers.
+    changed: list[tuple[str, int]]
+
+
+async def ingest_reported(
+    con: Connection, tenant_id: uuid.UUID, reports: Sequence[Report]
+) -> IngestResult:
+    """Store a batch of one tenant's reports in one statement.
+
+    Per device, the report with the highest acceptable version wins (the
+    later one among equals): acceptable means the device is active and the
+    version is neither below the stored reported version (never roll back)
+    nor above the desired version (never acknowledge what was not asked).
+    The version check is repeated on the locked row, so concurrent ingests
+    cannot roll each other back either.
+    """
+    rows = await con.fetch(
+        """
+        WITH m AS (
+            SELECT * FROM unnest($2::text[], $3::text[], $4::bigint[])
+                WITH ORDINALITY AS m(device_id, document, version, ord)
+        ), c AS (
+            SELECT m.ord, m.device_id, m.document, m.version, d.lifecycle,
+                   s.reported_version AS stored_version, s.desired_version
+            FROM m
+            LEFT JOIN devices d ON d.tenant_id = $1 AND d.device_id = m.device_id
+            LEFT JOIN device_state s ON s.tenant_id = $1 AND s.device_id = m.device_id
+        ), best AS (
+            SELECT DISTINCT ON (device_id) ord, device_id, document::jsonb AS document, version
+            FROM c
+            WHERE lifecycle = 'ACTIVE' AND version >= stored_version AND version <= desired_version
+            ORDER BY device_id, version DESC, ord DESC
+        ), u AS (
+            UPDATE device_state s
+            SET reported = b.document,
+                reported_version = b.version,
+                reported_updated_at = now(),
+                twin_revision = s.twin_revision + 1
+            FROM best b
+            WHERE s.tenant_id = $1 AND s.device_id = b.device_id
+              AND b.version >= s.reported_version AND b.version <= s.desired_version
+              AND (b.version <> s.reported_version OR b.document <> s.reported)
+            RETURNING b.ord, s.device_id, s.twin_revision
+        )
+        SELECT c.ord, c.device_id, c.lifecycle, c.version, c.stored_version, c.desired_version,
+               b.ord IS NOT NULL AS chosen, u.twin_revision AS revision,
+               EXISTS (SELECT 1 FROM tenants) AS tenant_known
+        FROM c
+        LEFT JOIN best b ON b.ord = c.ord
+        LEFT JOIN u ON u.ord = c.ord
+        ORDER BY c.ord
+        """,
+        tenant_id,
+        [r.device_id for r in reports],
+        [r.document for r in reports],
+        [r.desired_version for r in reports],
+    )
+    return IngestResult(
+        outcomes=[_outcome(row) for row in rows],
+        changed=[
+            (row["device_id"], row["revision"]) for row in rows if row["revision"] is not None
+        ],
+    )
+
+
+def _outcome(row: Any) -> str:
+    if row["lifecycle"] is None:
+        return UNKNOWN_DEVICE if row["tenant_known"] else UNKNOWN_TENANT
+    if row["lifecycle"] != "ACTIVE":
+        return DECOMMISSIONED
+    if row["version"] < row["stored_version"]:
+        return STALE_VERSION
+    if row["version"] > row["desired_version"]:
+        return FUTURE_VERSION
+    if row["revision"] is not None:
+        return APPLIED
+    if row["chosen"]:
+        # Equal to what is stored, or overtaken by a concurrent ingest.
+        return UNCHANGED
+    return SUPERSEDED
+
+
+# --- the desired-state outbox (the evaluator's publisher) -------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    id: int
+    tenant_id: uuid.UUID
+    device_id: str
+
+
+async def claim_outbox(con: Connection, *, limit: int) -> list[OutboxEntry]:
+    """The oldest queued entries, for the caller's open transaction on the
+    owner's connection. Empty unless this transaction holds the drain lock:
+    one drainer at a time, so two publishers never reorder a device's
+    retained message."""
+    rows = await con.fetch(
+        """
+        WITH lock AS (SELECT pg_try_advisory_xact_lock($1) AS held)
+        SELECT o.id, o.tenant_id, o.device_id
+        FROM lock, twin_outbox o
+        WHERE lock.held
+        ORDER BY o.id
+        LIMIT $2
+        """,
+        _OUTBOX_LOCK,
+        limit,
+    )
+    return [OutboxEntry(r["id"], r["tenant_id"], r["device_id"]) for r in rows]
+
+
+async def delete_outbox(con: Connection, ids: Sequence[int]) -> None:
+    await con.execute("DELETE FROM twin_outbox WHERE id = any($1::bigint[])", list(ids))
+
+
+@dataclass(frozen=True, slots=True)
+class Desired:
+    device_id: str
+    document: dict[str, Any]
+    version: int
+
+    def payload(self) -> bytes:
+        """The MQTT message devices receive on their twin/desired topic."""
+        return json.dumps(
+            {"state": self.document, "version": self.version}, separators=(",", ":")
+        ).encode()
+
+
+async def current_desired(
+    con: Connection, tenant_id: uuid.UUID, device_ids: Sequence[str]
+) -> list[Desired]:
+    """The desired documents of those of `device_ids` still active."""
+    rows = await con.fetch(
+        """
+        SELECT s.device_id, s.desired, s.desired_version
+        FROM device_state s JOIN devices d USING (tenant_id, device_id)
+        WHERE s.tenant_id = $1 AND s.device_id = any($2::text[]) AND d.lifecycle = 'ACTIVE'
+        """,
+        tenant_id,
+        list(device_ids),
+    )
+    return [Desired(r["device_id"], r["desired"], r["desired_version"]) for r in rows]

@@ -1,0 +1,85 @@
+"""Arranging devices for group tests: straight into the tables, in the
+tenant's scope, the way the registry and the liveness evaluator write them."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+from server.db import Database
+from server.groups.filters import DeviceRow
+
+
+async def insert_sites(db: Database, tenant_id: uuid.UUID, site_ids: Iterable[str]) -> None:
+    async with db.tenant(tenant_id) as con:
+        await con.executemany(
+            "INSERT INTO sites (tenant_id, site_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            [(tenant_id, s) for s in site_ids],
+        )
+
+
+async def insert_rows(db: Database, tenant_id: uuid.UUID, rows: Sequence[DeviceRow]) -> None:
+    """Devices and their state exactly as `rows` describe them (sites must exist)."""
+    async with db.tenant(tenant_id) as con:
+        await con.executemany(
+            """
+            INSERT INTO devices (tenant_id, device_id, name, site_id, model, tags, lifecycle)
+            VALUES ($1, $2, $3, $4, $5, $6, $7)
+            """,
+            [
+                (tenant_id, r.device_id, r.name, r.site_id, r.model, dict(r.tags), r.lifecycle)
+                for r in rows
+            ],
+        )
+        await con.executemany(
+            """
+            INSERT INTO device_state (tenant_id, device_id, status, last_seen_at)
+            VALUES ($1, $2, $3, $4)
+            """,
+            [(tenant_id, r.device_id, r.status, r.last_seen_at) for r in rows],
+        )
+
+
+async def set_status(
+    db: Database,
+    tenant_id: uuid.UUID,
+    device_ids: Iterable[str],
+    status: str,
+    last_seen_at: datetime | None = None,
+) -> None:
+    """What the liveness evaluator does when devices change state."""
+    async with db.tenant(tenant_id) as con:
+        await con.execute(
+            """
+            UPDATE device_state SET status = $3, last_seen_at = coalesce($4, last_seen_at)
+            WHERE tenant_id = $1 AND device_id = ANY($2::text[])
+            """,
+            tenant_id,
+            list(device_ids),
+            status,
+            last_seen_at,
+        )
+
+
+def row(
+    device_id: str,
+    *,
+    status: str = "ONLINE",
+    site_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    name: str = "",
+    model: str = "",
+    lifecycle: str = "ACTIVE",
+    last_seen_at: datetime | None = None,
+) -> DeviceRow:
+    return DeviceRow(
+        device_id=device_id,
+        name=name,
+        site_id=site_id,
+        model=model,
+        tags=tags or {},
+        lifecycle=lifecycle,
+        status=status,
+        last_seen_at=last_seen_at,
+    )
