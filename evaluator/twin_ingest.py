@@ -82,15 +82,19 @@ def _no_constants(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
+# Built once: json.loads with any option builds a new decoder per call.
+_DECODER = json.JSONDecoder(parse_constant=_no_constants)
+
+
 def parse_report(device_id: str, payload: bytes) -> store.Report:
     """The report in a message, or _BadMessage saying why not."""
     if len(payload) > RAW_MAX:
         raise _BadMessage(documents.TOO_LARGE, f"payload is {len(payload)} bytes")
     try:
-        message: Any = json.loads(payload, parse_constant=_no_constants)
+        message: Any = _DECODER.decode(payload.decode())
     except (ValueError, RecursionError) as error:
-        # UnicodeDecodeError is a ValueError; RecursionError comes from
-        # thousands of nested brackets.
+        # UnicodeDecodeError (not UTF-8) is a ValueError; RecursionError
+        # comes from thousands of nested brackets.
         raise _BadMessage(MALFORMED_JSON, str(error)[:200]) from None
     if type(message) is not dict:
         raise _BadMessage(NOT_OBJECT, f"payload is a JSON {type(message).__name__}")

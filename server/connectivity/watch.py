@@ -63,8 +63,9 @@ POLL_MIN_S = 0.005
 POLL_MAX_S = 1.0
 RETRY_MIN_S = 0.05
 RETRY_MAX_S = 2.0
-# An idle stream sends a bookmark this often if its position moved (past
-# other devices' events), so a narrowed watcher resumes without re-scanning.
+# A live stream sends a bookmark this often if its position moved past what
+# it last sent (other devices' events), so a narrowed watcher resumes
+# without re-reading them.
 BOOKMARK_IDLE_S = 15.0
 _SUBSCRIPTION_SIZE = 10_000
 RESPONSE_CACHE = 4096
@@ -104,7 +105,17 @@ class WatcherState(NamedTuple):
 
 
 class _Watcher:
-    __slots__ = ("error", "floor", "lags", "live", "narrowing", "queue", "queue_size", "wake")
+    __slots__ = (
+        "error",
+        "floor",
+        "lags",
+        "live",
+        "narrowing",
+        "queue",
+        "queue_size",
+        "tick",
+        "wake",
+    )
 
     def __init__(self, narrowing: Narrowing, queue_size: int) -> None:
         self.narrowing = narrowing
@@ -117,6 +128,8 @@ class _Watcher:
         self.wake = asyncio.Event()
         self.error: DomainError | None = None
         self.lags = 0
+        # Set by the hub's bookmark ticker: send a bookmark if the position moved.
+        self.tick = False
 
     def go_live(self, position: Position) -> None:
         self.floor = position
@@ -312,6 +325,7 @@ class WatchHub:
         self._watchers: set[_Watcher] = set()
         self._subscription: Subscription | None = None
         self._pump_task: asyncio.Task[None] | None = None
+        self._ticker_task: asyncio.Task[None] | None = None
         self._subscribing = asyncio.Lock()
         self._closing = False
         self._delays: dict[int, float] = {}
@@ -349,8 +363,9 @@ class WatchHub:
         for watcher in list(self._watchers):
             watcher.fail(ServerShuttingDown())
         tasks = [f.task for f in self._feeds.values() if f.task is not None]
-        if self._pump_task is not None:
-            tasks.append(self._pump_task)
+        for task in (self._pump_task, self._ticker_task):
+            if task is not None:
+                tasks.append(task)
         for feed in self._feeds.values():
             feed.ready.set()  # release streams still waiting for a feed to start
         for task in tasks:
@@ -370,6 +385,16 @@ class WatchHub:
                 self._pump_task = asyncio.create_task(
                     self._pump(self._subscription), name="watch-pump"
                 )
+                self._ticker_task = asyncio.create_task(self._tick(), name="watch-bookmarks")
+
+    async def _tick(self) -> None:
+        """Every BOOKMARK_IDLE_S, let each stream send a bookmark if its
+        position moved: one timer for all streams instead of one per wait."""
+        while True:
+            await asyncio.sleep(BOOKMARK_IDLE_S)
+            for watcher in self._watchers:
+                watcher.tick = True
+                watcher.wake.set()
 
     async def _pump(self, subscription: Subscription) -> None:
         async for payload in subscription:
@@ -422,7 +447,11 @@ class WatchHub:
     async def watch(
         self, tenant_id: uuid.UUID, resume: Position | None, narrowing: Narrowing
     ) -> AsyncIterator[Response]:
-        """The stream's messages: replay after `resume` (None: from now), then live."""
+        """The stream's messages: replay after `resume` (None: from now), then live.
+
+        One generator for the whole stream: every layer of generators costs
+        each message a resumption.
+        """
         if self._closing:
             raise ServerShuttingDown()
         await self._ensure_listening()
@@ -435,53 +464,38 @@ class WatchHub:
             position = feed.head if resume is None else resume
             if resume is None:
                 watcher.go_live(position)
-            async for message in self._stream(feed, watcher, position):
-                yield message
+            sent: Position | None = None  # the position of the last cursor sent
+            replayed = False
+            while True:
+                self._raise_if_failed(watcher, tenant_id, position)
+                if not watcher.live:
+                    batch, view = await self._catch_up_read(feed, watcher, position)
+                    for event in batch.events:
+                        position = event.position
+                        if narrowing.accepts(event, view):
+                            sent = position
+                            yield feed.response(event)
+                    position = max(position, batch.end)
+                    if position >= feed.head:  # no await between this check and the switch
+                        watcher.go_live(position)
+                    continue
+                if watcher.queue:
+                    position, message = watcher.queue.popleft()
+                    sent = position
+                    yield message
+                    continue
+                # Live with an empty queue: every wanted event up to the
+                # feed's head has been sent, so the stream's position is the head.
+                position = max(position, feed.head)
+                if not replayed or (watcher.tick and sent != position):
+                    replayed = True
+                    sent = position
+                    yield self.bookmark(tenant_id, position)
+                watcher.tick = False
+                watcher.wake.clear()
+                await watcher.wake.wait()
         finally:
             self._leave(feed, watcher)
-
-    async def _stream(
-        self, feed: _Feed, watcher: _Watcher, position: Position
-    ) -> AsyncIterator[Response]:
-        tenant_id = feed.tenant_id
-        sent: Position | None = None  # the position of the last cursor sent
-        replayed = False
-        idle_timeout = False
-        while True:
-            self._raise_if_failed(watcher, tenant_id, position)
-            if not watcher.live:
-                batch, view = await self._catch_up_read(feed, watcher, position)
-                for event in batch.events:
-                    position = event.position
-                    if watcher.narrowing.accepts(event, view):
-                        sent = position
-                        yield feed.response(event)
-                position = max(position, batch.end)
-                assert feed.head is not None
-                if position >= feed.head:  # no await between this check and the switch
-                    watcher.go_live(position)
-                continue
-            if watcher.queue:
-                position, message = watcher.queue.popleft()
-                sent = position
-                yield message
-                continue
-            # Live with an empty queue: every wanted event up to the feed's
-            # head has been sent, so the stream's position is the head.
-            assert feed.head is not None
-            position = max(position, feed.head)
-            if not replayed or (idle_timeout and sent != position):
-                replayed = True
-                sent = position
-                yield self.bookmark(tenant_id, position)
-                continue
-            watcher.wake.clear()
-            idle_timeout = False
-            try:
-                async with asyncio.timeout(BOOKMARK_IDLE_S):
-                    await watcher.wake.wait()
-            except TimeoutError:
-                idle_timeout = True
 
     def _raise_if_failed(
         self, watcher: _Watcher, tenant_id: uuid.UUID, position: Position | None

@@ -8,11 +8,10 @@ other's disk flushes, and behind every other notifying writer on the same
 server (bench/twin.py prints both variants: on this shared machine the
 in-transaction one ranged from no loss to a fifth of the throughput, worst
 while other databases were notifying too). Instead, each writer hands its
-change here after its commit,
-and one round trip, a couple of milliseconds later, announces the changes
-of every writer that committed meanwhile (group commit, as PostgreSQL does
-for WAL), in an asynchronously committed transaction of its own. Writers do
-not wait for it.
+change here after its commit, and one round trip, ten milliseconds later,
+announces the changes of every writer that committed meanwhile (group
+commit, as PostgreSQL does for WAL), in an asynchronously committed
+transaction of its own. Writers do not wait for it.
 
 The cost: a process that dies between a commit and this call leaves that
 change unannounced. Watchers therefore also re-read on their own every
@@ -60,11 +59,13 @@ class ChangeNotifier:
     """Announces committed twin changes on each tenant's channel, batching
     the changes of concurrent writers into one round trip."""
 
-    def __init__(self, db: Database, *, gather_s: float = 0.002) -> None:
+    def __init__(self, db: Database, *, gather_s: float = 0.01) -> None:
         """Args:
         db: The pool to send on (outside any tenant scope).
         gather_s: How long the first change waits for others to join its
-            round trip.
+            round trip. Each round trip costs the process about as much CPU
+            as a third of an UpdateDesired call; 10 ms cut that share from
+            about 0.2 ms to under 0.1 ms per call at 700 writes/s.
         """
         self._db = db
         self._gather_s = gather_s
