@@ -126,7 +126,8 @@ class Gateway:
         except grpc.aio.AioRpcError as e:
             http, error_body = status.from_rpc_error(e)
             return JSONResponse(error_body, status_code=http)
-        etag = transcode.etag_of(reply)
+        body = json.dumps(transcode.to_json(reply), separators=(",", ":")).encode()
+        etag = transcode.etag_of(reply, body)
         headers = {"ETag": etag} if etag else {}
         if (
             etag
@@ -134,7 +135,7 @@ class Gateway:
             and etag in _etags(request.headers.get("if-none-match"))
         ):
             return Response(status_code=304, headers=headers)
-        return JSONResponse(transcode.to_json(reply), headers=headers)
+        return Response(body, media_type="application/json", headers=headers)
 
     async def _stream(
         self, route: routes.Route, message: Message, metadata: tuple[tuple[str, str], ...]

@@ -8,6 +8,7 @@ proto3 JSON strings, because the upstream clients compare versions as numbers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -186,10 +187,9 @@ def _fill_from_header(message: Desc, data: dict[str, Any], ext: Any, header: str
     field = marked_field(message, ext)
     if field is None or header is None or field.name in data:
         return
-    value = header.strip()
-    if value.startswith("W/"):
-        value = value[2:]
-    value = value.strip('"')
+    value = header.strip().removeprefix("W/").strip('"')
+    if ext is http_options_pb2.if_match:
+        value = value.split("-", 1)[0]  # the version part of "<version>-<digest>"
     data[field.name] = _scalar(field, value, field.name)
 
 
@@ -229,11 +229,19 @@ def _safe_int(value: object) -> object:
     return value
 
 
-def etag_of(message: Message) -> str | None:
+def etag_of(message: Message, body: bytes) -> str | None:
+    """`"<version>-<digest of the body>"` for a response with a version field.
+
+    The version leads, so `If-Match` can send the tag back as the expected
+    version; the digest makes it a strong validator of the whole
+    representation, so `If-None-Match` never answers 304 for a twin whose
+    reported state or sync status changed while its desired version did not.
+    """
     field = marked_field(message.DESCRIPTOR, http_options_pb2.etag)
     if field is None:
         return None
-    return f'"{getattr(message, field.name)}"'
+    digest = hashlib.sha256(body).hexdigest()[:12]
+    return f'"{getattr(message, field.name)}-{digest}"'
 
 
 def cursor_of(message: Message) -> str | None:

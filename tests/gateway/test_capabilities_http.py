@@ -45,7 +45,7 @@ async def test_the_upstream_verification_commands(
     r = await http.get("/customer/devices/DEVICE-01/twin", headers=h)
     assert r.status_code == 200
     assert r.json()["desired_version"] == 1  # a JSON number, as upstream clients compare it
-    assert r.headers["etag"] == '"1"'
+    assert r.headers["etag"].startswith('"1-')
 
     r = await http.get("/customer/devices/DEVICE-01/connections", params={"limit": 10}, headers=h)
     assert r.status_code == 200
@@ -67,7 +67,7 @@ async def test_the_upstream_verification_commands(
 
 
 async def test_versions_etag_if_match_409_428_304(
-    http: httpx.AsyncClient, client: pc.AsyncPulseClient, tenant: Tenant
+    http: httpx.AsyncClient, client: pc.AsyncPulseClient, tenant: Tenant, db: Database
 ) -> None:
     h = _auth(tenant)
     await client.devices.create("V-1")
@@ -80,7 +80,8 @@ async def test_versions_etag_if_match_409_428_304(
     r = await http.patch(f"{path}/desired", json={"led": "on"}, headers={**h, "If-Match": '"0"'})
     assert r.status_code == 200, r.text
     assert r.json()["desired_version"] == 1
-    assert r.headers["etag"] == '"1"'
+    etag = r.headers["etag"]
+    assert etag.startswith('"1-')
 
     r = await http.patch(f"{path}/desired", json={"led": "off"}, headers={**h, "If-Match": '"0"'})
     assert r.status_code == 409
@@ -90,11 +91,30 @@ async def test_versions_etag_if_match_409_428_304(
     assert info["metadata"]["current_version"] == "1"
     assert (await client.twin.get("V-1")).desired["led"] == "on"
 
-    r = await http.get(path, headers={**h, "If-None-Match": '"1"'})
+    current = (await http.get(path, headers=h)).headers["etag"]
+    r = await http.get(path, headers={**h, "If-None-Match": current})
     assert r.status_code == 304
     assert r.content == b""
-    r = await http.get(path, headers={**h, "If-None-Match": '"0"'})
+    # The device reports: desired_version stays 1, but the representation
+    # changed, so the old tag no longer matches.
+    await client.devices.update("V-1", name="renamed")  # not part of the twin: still 304
+    assert (await http.get(path, headers={**h, "If-None-Match": current})).status_code == 304
+    async with db.tenant(tenant.tenant_id) as con:
+        await con.execute(
+            'UPDATE device_state SET reported = \'{"led": "on"}\', reported_version = 1 '
+            "WHERE device_id = 'V-1'"
+        )
+    r = await http.get(path, headers={**h, "If-None-Match": current})
     assert r.status_code == 200
+    assert r.json()["reported"] == {"led": "on"}
+    assert r.headers["etag"].startswith('"1-') and r.headers["etag"] != current
+
+    # If-Match takes the whole tag back: its version part is what counts.
+    r = await http.patch(
+        f"{path}/desired", json={"led": "off"}, headers={**h, "If-Match": r.headers["etag"]}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["desired_version"] == 2
 
 
 async def _events(
