@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from server.errors import FieldViolation
+from server.errors import FieldViolation, InvalidArgument
 
 ID_MAX = 128
 NAME_MAX = 256
@@ -34,6 +34,20 @@ def check_id(field: str, value: str, out: list[FieldViolation]) -> None:
         out.append(FieldViolation(field, f"is {len(value)} characters; at most {ID_MAX}"))
     elif not ID_PATTERN.fullmatch(value):
         out.append(FieldViolation(field, f"{value[:40]!r} is not a valid id ({ID_RULE})"))
+
+
+def raise_if(violations: list[FieldViolation]) -> None:
+    """INVALID_ARGUMENT listing every violation, if there are any."""
+    if violations:
+        raise InvalidArgument(violations)
+
+
+def require_id(field: str, value: str) -> str:
+    """`value` if it is a valid id, else INVALID_ARGUMENT naming `field`."""
+    out: list[FieldViolation] = []
+    check_id(field, value, out)
+    raise_if(out)
+    return value
 
 
 def check_text(field: str, value: str, limit: int, out: list[FieldViolation]) -> None:

@@ -28,18 +28,6 @@ DESCRIPTION_MAX = 1024
 MAX_DEVICE_IDS = 1000
 
 
-def _raise_if(violations: list[FieldViolation]) -> None:
-    if violations:
-        raise InvalidArgument(violations)
-
-
-def _group_id(field: str, value: str) -> str:
-    out: list[FieldViolation] = []
-    v.check_id(field, value, out)
-    _raise_if(out)
-    return value
-
-
 def _check_name(field: str, value: str, out: list[FieldViolation]) -> None:
     if not value:
         out.append(FieldViolation(field, f"is required (1 to {v.NAME_MAX} characters)"))
@@ -87,7 +75,7 @@ def _new_group_fields(group: groups_pb2.Group) -> dict[str, Any]:
                 "give a query_filter for a dynamic group, or set STATIC for explicit members",
             )
         )
-    _raise_if(out)
+    v.raise_if(out)
     return {
         "group_id": group.group_id or str(uuid.uuid4()),
         "name": group.name,
@@ -125,7 +113,7 @@ def _update_fields(request: groups_pb2.UpdateGroupRequest) -> dict[str, Any]:
         parsed = _required_filter(group, out)
         if parsed is not None:
             changes["query_filter"] = filters.canonical_json(parsed)
-    _raise_if(out)
+    v.raise_if(out)
     if not request.HasField("expected_version"):
         # As for the twin: an unconditional update could undo a change the
         # caller never saw, so it has to be asked for explicitly.
@@ -147,7 +135,7 @@ def _device_ids(values: list[str]) -> list[str]:
     else:
         for i, device_id in enumerate(values):
             v.check_id(f"device_ids[{i}]", device_id, out)
-    _raise_if(out)
+    v.raise_if(out)
     return list(dict.fromkeys(values))
 
 
@@ -181,7 +169,7 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
         self, request: groups_pb2.GetGroupRequest, context: Context
     ) -> groups_pb2.Group:
         tenant = current_principal().tenant_id
-        group_id = _group_id("group_id", request.group_id)
+        group_id = v.require_id("group_id", request.group_id)
         async with self._db.tenant(tenant, readonly=True) as con:
             record = await store.get_group(con, tenant, group_id)
             record = await store.with_member_count(con, tenant, record)
@@ -217,7 +205,7 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
         self, request: groups_pb2.UpdateGroupRequest, context: Context
     ) -> groups_pb2.Group:
         tenant = current_principal().tenant_id
-        group_id = _group_id("group.group_id", request.group.group_id)
+        group_id = v.require_id("group.group_id", request.group.group_id)
         changes = _update_fields(request)
         async with self._db.tenant(tenant) as con:
             current = await store.get_group(con, tenant, group_id)
@@ -243,7 +231,7 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
         self, request: groups_pb2.DeleteGroupRequest, context: Context
     ) -> empty_pb2.Empty:
         tenant = current_principal().tenant_id
-        group_id = _group_id("group_id", request.group_id)
+        group_id = v.require_id("group_id", request.group_id)
         expected: int | None = None
         if request.HasField("expected_version"):
             if request.expected_version < 1:
@@ -259,7 +247,7 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
         self, request: groups_pb2.ListGroupMembersRequest, context: Context
     ) -> groups_pb2.ListGroupMembersResponse:
         tenant = current_principal().tenant_id
-        group_id = _group_id("group_id", request.group_id)
+        group_id = v.require_id("group_id", request.group_id)
         size = page_size(request.page_size)
         request_fp = fingerprint("group-members", group_id)
         after = self._cursor(request.page_token, "group-members", tenant, request_fp)
@@ -281,7 +269,7 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
         self, request: groups_pb2.AddGroupMembersRequest, context: Context
     ) -> groups_pb2.Group:
         tenant = current_principal().tenant_id
-        group_id = _group_id("group_id", request.group_id)
+        group_id = v.require_id("group_id", request.group_id)
         device_ids = _device_ids(list(request.device_ids))
         async with self._db.tenant(tenant) as con:
             group = await store.get_group(con, tenant, group_id, lock=True)
@@ -294,7 +282,7 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
         self, request: groups_pb2.RemoveGroupMembersRequest, context: Context
     ) -> groups_pb2.Group:
         tenant = current_principal().tenant_id
-        group_id = _group_id("group_id", request.group_id)
+        group_id = v.require_id("group_id", request.group_id)
         device_ids = _device_ids(list(request.device_ids))
         async with self._db.tenant(tenant) as con:
             group = await store.get_group(con, tenant, group_id, lock=True)
@@ -318,7 +306,7 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
             size = page_size(request.page_size)
         except InvalidArgument as e:  # reported together with the filter's problems
             out.extend(e.violations)
-        _raise_if(out)
+        v.raise_if(out)
         assert parsed is not None
         request_fp = fingerprint("filter-preview", filters.canonical_text(parsed))
         after = self._cursor(request.page_token, "filter-preview", tenant, request_fp)

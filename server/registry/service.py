@@ -19,11 +19,6 @@ from server.registry import convert, store
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _raise_if(violations: list[FieldViolation]) -> None:
-    if violations:
-        raise InvalidArgument(violations)
-
-
 def _checked_device_fields(device: devices_pb2.Device, paths: set[str]) -> dict[str, Any]:
     """The named fields of `device`, validated, as store values."""
     out: list[FieldViolation] = []
@@ -45,15 +40,8 @@ def _checked_device_fields(device: devices_pb2.Device, paths: set[str]) -> dict[
         metadata = convert.to_dict(device.metadata)
         v.check_document("device.metadata", metadata, v.METADATA_MAX_BYTES, out)
         values["metadata"] = metadata
-    _raise_if(out)
+    v.raise_if(out)
     return values
-
-
-def _device_id(field: str, value: str) -> str:
-    out: list[FieldViolation] = []
-    v.check_id(field, value, out)
-    _raise_if(out)
-    return value
 
 
 def compile_request_filter(
@@ -76,7 +64,7 @@ class DeviceRegistryService(devices_pb2_grpc.DeviceRegistryServiceServicer):
         self, request: devices_pb2.CreateDeviceRequest, context: Context
     ) -> devices_pb2.Device:
         tenant = current_principal().tenant_id
-        device_id = _device_id("device.device_id", request.device.device_id)
+        device_id = v.require_id("device.device_id", request.device.device_id)
         fields = _checked_device_fields(request.device, set(store.UPDATABLE))
         async with self._db.tenant(tenant) as con:
             record = await store.create_device(con, tenant, device_id=device_id, **fields)
@@ -86,7 +74,7 @@ class DeviceRegistryService(devices_pb2_grpc.DeviceRegistryServiceServicer):
         self, request: devices_pb2.GetDeviceRequest, context: Context
     ) -> devices_pb2.Device:
         tenant = current_principal().tenant_id
-        device_id = _device_id("device_id", request.device_id)
+        device_id = v.require_id("device_id", request.device_id)
         async with self._db.tenant(tenant, readonly=True) as con:
             record = await store.get_device(con, tenant, device_id)
         return convert.device(record)
@@ -126,7 +114,7 @@ class DeviceRegistryService(devices_pb2_grpc.DeviceRegistryServiceServicer):
         self, request: devices_pb2.UpdateDeviceRequest, context: Context
     ) -> devices_pb2.Device:
         tenant = current_principal().tenant_id
-        device_id = _device_id("device.device_id", request.device.device_id)
+        device_id = v.require_id("device.device_id", request.device.device_id)
         paths = list(request.update_mask.paths)
         if not paths:
             raise InvalidArgument.single(
@@ -152,7 +140,7 @@ class DeviceRegistryService(devices_pb2_grpc.DeviceRegistryServiceServicer):
         self, request: devices_pb2.DecommissionDeviceRequest, context: Context
     ) -> devices_pb2.Device:
         tenant = current_principal().tenant_id
-        device_id = _device_id("device_id", request.device_id)
+        device_id = v.require_id("device_id", request.device_id)
         async with self._db.tenant(tenant) as con:
             record = await store.decommission_device(con, tenant, device_id)
         return convert.device(record)
@@ -164,7 +152,7 @@ class DeviceRegistryService(devices_pb2_grpc.DeviceRegistryServiceServicer):
         out: list[FieldViolation] = []
         v.check_id("site.site_id", request.site.site_id, out)
         v.check_text("site.name", request.site.name, v.NAME_MAX, out)
-        _raise_if(out)
+        v.raise_if(out)
         async with self._db.tenant(tenant) as con:
             record = await store.create_site(
                 con, tenant, site_id=request.site.site_id, name=request.site.name

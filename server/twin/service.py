@@ -26,14 +26,6 @@ Context = grpc.aio.ServicerContext[Any, Any]
 WATCH_MAX_DEVICES = 100
 
 
-def _device_id(field: str, value: str) -> str:
-    out: list[FieldViolation] = []
-    v.check_id(field, value, out)
-    if out:
-        raise InvalidArgument(out)
-    return value
-
-
 def _expected_version(device_id: str, has_expected: bool, expected: int, force: bool) -> int | None:
     """The version to check, or None for a forced write; refuses a write
     that names no version and does not ask to be unconditional."""
@@ -66,7 +58,7 @@ class TwinService(twin_pb2_grpc.TwinServiceServicer):
 
     async def GetTwin(self, request: twin_pb2.GetTwinRequest, context: Context) -> twin_pb2.Twin:
         tenant = current_principal().tenant_id
-        device_id = _device_id("device_id", request.device_id)
+        device_id = v.require_id("device_id", request.device_id)
         async with self._db.tenant(tenant, readonly=True) as con:
             record = await store.get_twin(con, tenant, device_id)
         return self._render(record)
@@ -75,7 +67,7 @@ class TwinService(twin_pb2_grpc.TwinServiceServicer):
         self, request: twin_pb2.GetTwinDeltaRequest, context: Context
     ) -> twin_pb2.TwinDelta:
         tenant = current_principal().tenant_id
-        device_id = _device_id("device_id", request.device_id)
+        device_id = v.require_id("device_id", request.device_id)
         async with self._db.tenant(tenant, readonly=True) as con:
             record = await store.get_twin(con, tenant, device_id)
         return convert.twin_delta(record)
@@ -84,7 +76,7 @@ class TwinService(twin_pb2_grpc.TwinServiceServicer):
         self, request: twin_pb2.UpdateDesiredRequest, context: Context
     ) -> twin_pb2.Twin:
         tenant = current_principal().tenant_id
-        device_id = _device_id("device_id", request.device_id)
+        device_id = v.require_id("device_id", request.device_id)
         desired = documents.from_struct("desired", request.desired)
         expected = _expected_version(
             device_id, request.HasField("expected_version"), request.expected_version, request.force
@@ -100,7 +92,7 @@ class TwinService(twin_pb2_grpc.TwinServiceServicer):
         self, request: twin_pb2.PatchDesiredRequest, context: Context
     ) -> twin_pb2.Twin:
         tenant = current_principal().tenant_id
-        device_id = _device_id("device_id", request.device_id)
+        device_id = v.require_id("device_id", request.device_id)
         patch = _patch(request.patch)
         expected = _expected_version(
             device_id, request.HasField("expected_version"), request.expected_version, request.force
