@@ -36,7 +36,7 @@ async def running_evaluator(
     db = Database(await create_pool(dsn, size=settings.db_pool_size))
     evaluator = Evaluator(
         mqtt_url,
-        handlers.build(db),
+        handlers.build(db, settings),
         client_id=os.environ.get("PULSE_EVALUATOR_ID", "pulse-evaluator"),
         shared_group=os.environ.get("PULSE_MQTT_SHARED_GROUP") or None,
     )

@@ -19,13 +19,24 @@ import asyncpg
 
 APP_ROLE = "pulse_app"
 
+#: What a lost or refused database connection raises: retryable, not a bug.
+CONNECTION_LOST = (
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.PostgresConnectionError,
+    ConnectionError,
+    OSError,
+)
+
 if TYPE_CHECKING:
     # asyncpg-stubs makes these generic; at run time they are plain classes.
     from asyncpg.pool import PoolConnectionProxy
 
     Connection: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
     Pool: TypeAlias = asyncpg.Pool[asyncpg.Record]
+    Pooled: TypeAlias = PoolConnectionProxy[asyncpg.Record]
 else:
+    Pooled = asyncpg.pool.PoolConnectionProxy
     Connection = asyncpg.Connection
     Pool = asyncpg.Pool
 
@@ -78,8 +89,8 @@ class Database:
         self, tenant_id: uuid.UUID, *, readonly: bool = False
     ) -> AsyncIterator[Connection]:
         """A transaction in which only `tenant_id`'s rows exist."""
-        async with self.pool.acquire() as con:
-            await con.execute(_begin_sql(tenant_id, readonly=readonly))
+        con = await self._begin(_begin_sql(tenant_id, readonly=readonly))
+        try:
             try:
                 yield con
             except BaseException:
@@ -87,6 +98,27 @@ class Database:
                     await con.execute("ROLLBACK")
                 raise
             await con.execute("COMMIT")
+        finally:
+            await self.pool.release(con)
+
+    async def _begin(self, sql: str) -> Pooled:
+        # A pooled connection may have been closed by the server (restart,
+        # failover) since its last use; nothing has happened yet at BEGIN, so
+        # one retry on a fresh connection is safe.
+        for attempt in (1, 2):
+            con = await self.pool.acquire()
+            try:
+                await con.execute(sql)
+            except CONNECTION_LOST:
+                await self.pool.release(con)
+                if attempt == 2:
+                    raise
+                continue
+            except BaseException:
+                await self.pool.release(con)
+                raise
+            return con
+        raise AssertionError("unreachable")
 
     @asynccontextmanager
     async def admin(self) -> AsyncIterator[Connection]:

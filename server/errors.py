@@ -143,3 +143,10 @@ def internal_status() -> status_pb2.Status:
     return status_pb2.Status(
         code=code_pb2.INTERNAL, message="internal error; the server log has the details"
     )
+
+
+def unavailable_status() -> status_pb2.Status:
+    """The database could not be reached: transient, so safe to retry."""
+    return status_pb2.Status(
+        code=code_pb2.UNAVAILABLE, message="the database is unavailable; retry shortly"
+    )

@@ -17,7 +17,14 @@ import grpc
 from grpc_status import rpc_status
 
 from server.auth import Role, TokenVerifier, reset_principal, set_principal
-from server.errors import DomainError, PermissionDenied, Unauthenticated, internal_status
+from server.db import CONNECTION_LOST
+from server.errors import (
+    DomainError,
+    PermissionDenied,
+    Unauthenticated,
+    internal_status,
+    unavailable_status,
+)
 from server.permissions import REQUIRED_ROLE, is_open
 
 log = logging.getLogger("pulse.rpc")
@@ -137,6 +144,9 @@ class ErrorInterceptor(_AroundInterceptor):
     async def _abort(self, error: BaseException, context: Any, method: str) -> None:
         if isinstance(error, DomainError):
             await context.abort_with_status(rpc_status.to_status(error.to_status()))
+        if isinstance(error, CONNECTION_LOST):
+            log.warning("database unavailable in %s: %s", method, error)
+            await context.abort_with_status(rpc_status.to_status(unavailable_status()))
         # The traceback goes to the log; the request body never does.
         log.error("unhandled error in %s", method, exc_info=error)
         await context.abort_with_status(rpc_status.to_status(internal_status()))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,31 +25,9 @@ from evaluator.runtime import Evaluator, broker_address
 from server.connectivity.model import Signal
 from server.connectivity.transitions import DeviceSignal, Transition, apply_signals, fleet
 from server.db import Database, create_pool
+from tests.helpers import eventually, unique_id
 
 Message = connectivity_pb2.WatchConnectionEventsResponse
-
-
-def unique_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]] | Callable[[], bool],
-    *,
-    timeout: float = 30.0,  # noqa: ASYNC109
-    what: str = "the condition",
-) -> None:
-    """Poll `check` until it holds; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture(scope="session")

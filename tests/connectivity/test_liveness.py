@@ -14,8 +14,9 @@ from pulse.device.v1 import status_pb2 as st
 
 from evaluator.simulator import SimulatedDevice
 from tests.conftest import ClientFactory, Tenant, TenantFactory
+from tests.helpers import eventually
 
-from .conftest import Collector, EvaluatorFactory, clear_retained, eventually
+from .conftest import Collector, EvaluatorFactory, clear_retained
 
 Step = tuple[int, int, int, int]  # event type, previous status, status, trigger
 

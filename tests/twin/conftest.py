@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -24,29 +23,7 @@ from evaluator.twin_ingest import TwinIngest
 from evaluator.twin_publisher import TwinPublisher
 from server.db import Database, create_pool
 from tests.conftest import Tenant
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]] | Callable[[], bool],
-    *,
-    timeout: float = 10.0,  # noqa: ASYNC109
-    what: str = "the condition",
-) -> None:
-    """Poll `check` until it holds; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {timeout}s")
-        await asyncio.sleep(0.02)
-
-
-def unique_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+from tests.helpers import unique_id
 
 
 @contextlib.asynccontextmanager

@@ -20,7 +20,8 @@ from evaluator.twin_ingest import TwinIngest
 from server.db import Database
 from server.twin import store
 from tests.conftest import Tenant, TenantFactory
-from tests.twin.conftest import EvaluatorFactory, RunningEvaluator, create_devices, eventually
+from tests.helpers import eventually
+from tests.twin.conftest import EvaluatorFactory, RunningEvaluator, create_devices
 
 
 def reported(state: Any, version: Any) -> bytes:

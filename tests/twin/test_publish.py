@@ -18,7 +18,8 @@ from evaluator.twin_publisher import TwinPublisher
 from server.db import Database
 from server.twin import store
 from tests.conftest import Tenant
-from tests.twin.conftest import EvaluatorFactory, create_devices, eventually, mqtt_client
+from tests.helpers import eventually
+from tests.twin.conftest import EvaluatorFactory, create_devices, mqtt_client
 
 
 class Inbox:

@@ -12,7 +12,8 @@ from pulse_client import AsyncPulseClient, struct_to_dict
 
 from evaluator.simulator import SimulatedDevice
 from tests.conftest import Tenant
-from tests.twin.conftest import EvaluatorFactory, create_devices, eventually
+from tests.helpers import eventually
+from tests.twin.conftest import EvaluatorFactory, create_devices
 
 
 async def test_a_device_converges_after_each_desired_change(
