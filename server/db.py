@@ -22,6 +22,8 @@ APP_ROLE = "pulse_app"
 #: What a lost or refused database connection raises: retryable, not a bug.
 CONNECTION_LOST = (
     asyncpg.ConnectionDoesNotExistError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
     asyncpg.CannotConnectNowError,
     asyncpg.PostgresConnectionError,
     ConnectionError,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import aiomqtt
 import pytest
 from pulse_client import AsyncPulseClient
 
+from evaluator.broker import EmbeddedBroker
 from evaluator.runtime import Evaluator, broker_address
 from evaluator.twin_ingest import TwinIngest
 from evaluator.twin_publisher import TwinPublisher
@@ -46,6 +48,22 @@ async def clear_retained(mqtt_url: str, prefix: str) -> None:
                         found.add(message.topic.value)
         for topic in found:
             await client.publish(topic, b"", qos=1, retain=True)
+
+
+@pytest.fixture
+async def mqtt_url() -> AsyncIterator[str]:
+    """MQTT_URL, or a fresh embedded broker for each twin test: amqtt was seen
+    delivering earlier tests' retained messages to a subscriber of an
+    unrelated exact topic, and these tests assert exactly what arrives."""
+    url = os.environ.get("MQTT_URL")
+    if url:
+        yield url
+        return
+    broker = EmbeddedBroker()
+    try:
+        yield await broker.start()
+    finally:
+        await broker.stop()
 
 
 @pytest.fixture
