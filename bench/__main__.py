@@ -13,6 +13,7 @@ SUITES = [
     "bench.watch",
     "bench.twin",
     "bench.ingest",
+    "bench.gateway",
 ]
 
 if __name__ == "__main__":
