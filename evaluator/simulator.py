@@ -185,7 +185,12 @@ class SimulatedDevice:
             backoff = min(backoff * 2, _BACKOFF_MAX_S)
 
     async def _receive(self, client: aiomqtt.Client) -> None:
+        desired_topic = self.topic("twin/desired")
         async for message in client.messages:
+            # amqtt (the embedded broker) was seen handing new subscribers
+            # retained messages of other topics; only ours counts.
+            if message.topic.value != desired_topic:
+                continue
             payload = message.payload
             if not isinstance(payload, bytes | bytearray) or not payload:
                 continue  # an empty retained message clears the topic
