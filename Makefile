@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PROTO_SRC := $(wildcard protos/pulse/device/v1/*.proto)
 GEN_DIR := clients/python/src
 
 .PHONY: run test lint proto proto-check bench clean-data
