@@ -25,7 +25,6 @@ import secrets
 import statistics
 import struct
 import tempfile
-import uuid
 
 from pulse.device.v1 import twin_pb2
 from pulse_client import AsyncPulseClient, JsonValue
@@ -36,11 +35,10 @@ from bench.harness import (
     free_port,
     run,
     scratch_database,
+    seed_tenant,
     subprocess_server,
 )
 from server.auth import Role, mint_token
-from server.db import Database, create_pool
-from server.tenants import ensure_tenant
 
 DESIRED: dict[str, JsonValue] = {
     "telemetry": {"interval_s": 30, "channels": ["temp", "pressure", "flow"]},
@@ -113,11 +111,7 @@ async def _wrk(url: str, token: str) -> Result:
 
 async def main() -> None:
     async with scratch_database() as dsn:
-        tenant = uuid.uuid4()
-        db = Database(await create_pool(dsn, size=1))
-        async with db.admin() as con:
-            await ensure_tenant(con, tenant, "bench")
-        await db.close()
+        tenant = await seed_tenant(dsn, [])
         secret = secrets.token_hex(32)
         token = mint_token(secret.encode(), tenant_id=tenant, role=Role.ADMIN)
         grpc_port, http_port = free_port(), free_port()

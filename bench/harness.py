@@ -11,6 +11,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,7 +20,9 @@ from pathlib import Path
 import asyncpg
 
 from server import migrate
+from server.db import Database, create_pool
 from server.embedded import EmbeddedPostgres
+from server.tenants import ensure_tenant
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,6 +49,40 @@ async def scratch_database() -> AsyncIterator[str]:
         await admin.close()
         if embedded is not None:
             await embedded.stop()
+
+
+async def seed_tenant(
+    dsn: str,
+    device_ids: Sequence[str],
+    *,
+    tags: dict[str, str] | None = None,
+    desired_version: int = 0,
+) -> uuid.UUID:
+    """A new tenant holding these devices (named after their ids) and their state rows."""
+    tenant = uuid.uuid4()
+    db = Database(await create_pool(dsn, size=1))
+    try:
+        async with db.admin() as con:
+            await ensure_tenant(con, tenant, "bench")
+        async with db.tenant(tenant) as con:
+            await con.execute(
+                """
+                WITH d AS (
+                    INSERT INTO devices (tenant_id, device_id, name, tags)
+                    SELECT $1, id, id, $3 FROM unnest($2::text[]) id
+                    RETURNING tenant_id, device_id
+                )
+                INSERT INTO device_state (tenant_id, device_id, desired_version)
+                SELECT tenant_id, device_id, $4 FROM d
+                """,
+                tenant,
+                list(device_ids),
+                tags or {},
+                desired_version,
+            )
+    finally:
+        await db.close()
+    return tenant
 
 
 @dataclass(frozen=True)

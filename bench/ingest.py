@@ -33,13 +33,12 @@ from collections.abc import AsyncIterator, Callable
 
 import aiomqtt
 
-from bench.harness import ROOT, run, scratch_database
+from bench.harness import ROOT, run, scratch_database, seed_tenant
 from evaluator import topics
-from evaluator.broker import EmbeddedBroker
 from evaluator.runtime import Evaluator, broker_address
+from evaluator.service import mqtt_broker
 from evaluator.twin_ingest import TwinIngest
 from server.db import Database, create_pool
-from server.tenants import ensure_tenant
 
 DEVICES = 3000
 PER_ROUND = 30_000
@@ -122,41 +121,6 @@ async def timed_round(
     return count / (time.perf_counter() - start)
 
 
-async def _seed(dsn: str, tenant: uuid.UUID) -> None:
-    db = Database(await create_pool(dsn, size=1))
-    async with db.admin() as con:
-        await ensure_tenant(con, tenant, "bench")
-    async with db.tenant(tenant) as con:
-        await con.execute(
-            """
-            WITH d AS (
-                INSERT INTO devices (tenant_id, device_id)
-                SELECT $1, 'ING-' || lpad(n::text, 5, '0') FROM generate_series(0, $2 - 1) n
-                RETURNING tenant_id, device_id
-            )
-            -- Every version the publisher will send is one that was asked for.
-            INSERT INTO device_state (tenant_id, device_id, desired_version)
-            SELECT tenant_id, device_id, 1000000 FROM d
-            """,
-            tenant,
-            DEVICES,
-        )
-    await db.close()
-
-
-@contextlib.asynccontextmanager
-async def broker() -> AsyncIterator[str]:
-    url = os.environ.get("MQTT_URL")
-    if url:
-        yield url
-        return
-    embedded = EmbeddedBroker()
-    try:
-        yield await embedded.start()
-    finally:
-        await embedded.stop()
-
-
 async def _forget_session(mqtt_url: str, client_id: str) -> None:
     host, port = broker_address(mqtt_url)
     async with aiomqtt.Client(host, port, identifier=client_id, clean_session=True):
@@ -164,9 +128,11 @@ async def _forget_session(mqtt_url: str, client_id: str) -> None:
 
 
 async def main() -> None:
-    async with scratch_database() as dsn, broker() as mqtt_url:
-        tenant = uuid.uuid4()
-        await _seed(dsn, tenant)
+    async with scratch_database() as dsn, mqtt_broker(os.environ.get("MQTT_URL")) as mqtt_url:
+        # Every version the publisher will send is one that was asked for.
+        tenant = await seed_tenant(
+            dsn, [_device(k) for k in range(DEVICES)], desired_version=1_000_000
+        )
         prefix = f"pulse/{tenant}/"
         print(
             f"twin/reported ingest, QoS 1, {DEVICES} devices, {PER_ROUND:,} messages a round, "

@@ -13,41 +13,23 @@ Each server runs in its own process; the client runs in this one.
 from __future__ import annotations
 
 import secrets
-import uuid
 
 import asyncpg
 import grpc
 from pulse.device.v1 import devices_pb2, devices_pb2_grpc
 from pulse_client import AsyncPulseClient
 
-from bench.harness import closed_loop, free_port, run, scratch_database, subprocess_server
+from bench.harness import (
+    closed_loop,
+    free_port,
+    run,
+    scratch_database,
+    seed_tenant,
+    subprocess_server,
+)
 from server.auth import Role, mint_token
-from server.db import Database, create_pool
-from server.tenants import ensure_tenant
 
 DEVICES = 1000
-
-
-async def _seed(dsn: str, tenant: uuid.UUID) -> None:
-    db = Database(await create_pool(dsn, size=1))
-    async with db.admin() as con:
-        await ensure_tenant(con, tenant, "bench")
-    async with db.tenant(tenant) as con:
-        await con.execute(
-            """
-            WITH d AS (
-                INSERT INTO devices (tenant_id, device_id, name, tags)
-                SELECT $1, 'BENCH-' || lpad(n::text, 6, '0'), 'device ' || n,
-                       '{"env": "prod", "line": "3"}'::jsonb
-                FROM generate_series(1, $2) n
-                RETURNING tenant_id, device_id
-            )
-            INSERT INTO device_state (tenant_id, device_id) SELECT * FROM d
-            """,
-            tenant,
-            DEVICES,
-        )
-    await db.close()
 
 
 def _device_id(i: int) -> str:
@@ -56,8 +38,11 @@ def _device_id(i: int) -> str:
 
 async def main() -> None:
     async with scratch_database() as dsn:
-        tenant = uuid.uuid4()
-        await _seed(dsn, tenant)
+        tenant = await seed_tenant(
+            dsn,
+            [_device_id(i) for i in range(DEVICES)],
+            tags={"env": "prod", "line": "3"},
+        )
         print(f"GetDevice, 64 in flight, {DEVICES} devices, medians of 3 rounds")
 
         pool = await asyncpg.create_pool(dsn, min_size=10, max_size=10)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import uuid
 from typing import Any
 
 import asyncpg
@@ -28,11 +27,17 @@ import grpc
 from pulse.device.v1 import twin_pb2, twin_pb2_grpc
 from pulse_client import AsyncPulseClient
 
-from bench.harness import closed_loop, free_port, run, scratch_database, subprocess_server
+from bench.harness import (
+    closed_loop,
+    free_port,
+    run,
+    scratch_database,
+    seed_tenant,
+    subprocess_server,
+)
 from server.auth import Role, mint_token
 from server.db import Database, create_pool
 from server.registry.convert import struct
-from server.tenants import ensure_tenant
 from server.twin import store
 
 IN_FLIGHT = 64
@@ -54,26 +59,6 @@ def _document(i: int) -> dict[str, Any]:
         "mode": "eco",
         "telemetry": {"interval_s": 30, "fields": ["t", "rh", "co2"]},
     }
-
-
-async def _seed(dsn: str, tenant: uuid.UUID) -> None:
-    db = Database(await create_pool(dsn, size=1))
-    async with db.admin() as con:
-        await ensure_tenant(con, tenant, "bench")
-    async with db.tenant(tenant) as con:
-        await con.execute(
-            """
-            WITH d AS (
-                INSERT INTO devices (tenant_id, device_id)
-                SELECT $1, 'TWIN-' || lpad(n::text, 5, '0') FROM generate_series(0, $2 - 1) n
-                RETURNING tenant_id, device_id
-            )
-            INSERT INTO device_state (tenant_id, device_id) SELECT * FROM d
-            """,
-            tenant,
-            DEVICES,
-        )
-    await db.close()
 
 
 async def _echo_server() -> None:
@@ -109,8 +94,7 @@ async def _echo_server() -> None:
 
 async def main() -> None:
     async with scratch_database() as dsn:
-        tenant = uuid.uuid4()
-        await _seed(dsn, tenant)
+        tenant = await seed_tenant(dsn, [f"TWIN-{n:05d}" for n in range(DEVICES)])
         versions = {_device(i): 0 for i in range(DEVICES)}
         print(f"UpdateDesired, {IN_FLIGHT} in flight, {DEVICES} devices, medians of 3 rounds")
 

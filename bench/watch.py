@@ -27,7 +27,6 @@ import secrets
 import statistics
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,12 +38,11 @@ import grpc
 from pulse.device.v1 import connectivity_pb2
 from pulse_client import AsyncPulseClient
 
-from bench.harness import ROOT, free_port, run, scratch_database
+from bench.harness import ROOT, free_port, run, scratch_database, seed_tenant
 from server.auth import Role, mint_token
 from server.connectivity.model import CHANNEL, Signal
 from server.connectivity.transitions import DeviceSignal, apply_signals, fleet
 from server.db import Database, create_pool
-from server.tenants import ensure_tenant
 
 PER_WATCHER = 10
 BROAD_WATCHERS = 10
@@ -271,22 +269,8 @@ async def _bare_run(watchers: int, seconds: float) -> Outcome:
 async def _pulse_run(watchers: int, seconds: float) -> tuple[Outcome, list[float]]:
     devices = _devices(watchers)
     async with scratch_database() as dsn:
-        tenant = uuid.uuid4()
+        tenant = await seed_tenant(dsn, devices)
         db = Database(await create_pool(dsn, size=2))
-        async with db.admin() as con:
-            await ensure_tenant(con, tenant, "bench")
-        async with db.tenant(tenant) as con:
-            await con.execute(
-                """
-                WITH d AS (
-                    INSERT INTO devices (tenant_id, device_id)
-                    SELECT $1, unnest($2::text[]) RETURNING tenant_id, device_id
-                )
-                INSERT INTO device_state (tenant_id, device_id) SELECT * FROM d
-                """,
-                tenant,
-                devices,
-            )
         secret = secrets.token_hex(32)
         token = mint_token(secret.encode(), tenant_id=tenant, role=Role.VIEWER)
         port = free_port()

@@ -15,10 +15,10 @@ from server.db import Database, create_pool
 
 
 @contextlib.asynccontextmanager
-async def mqtt_broker(settings: Settings) -> AsyncIterator[str]:
-    """MQTT_URL, or an embedded broker for as long as the context lasts."""
-    if settings.mqtt_url:
-        yield settings.mqtt_url
+async def mqtt_broker(mqtt_url: str | None) -> AsyncIterator[str]:
+    """`mqtt_url`, or an embedded broker for as long as the context lasts."""
+    if mqtt_url:
+        yield mqtt_url
         return
     broker = EmbeddedBroker()
     url = await broker.start()

@@ -92,7 +92,7 @@ async def _run(settings: config.Settings) -> None:
     try:
         await migrate.apply(dsn)
         await seed_demo(dsn)
-        async with mqtt_broker(settings) as mqtt_url:
+        async with mqtt_broker(settings.mqtt_url) as mqtt_url:
             running = await _start_server(settings, dsn)
             async with (
                 running_evaluator(settings, dsn, mqtt_url),
@@ -140,7 +140,10 @@ async def _evaluator(settings: config.Settings) -> None:
     dsn, embedded = await _database_url(settings)
     try:
         await migrate.apply(dsn)
-        async with mqtt_broker(settings) as mqtt_url, running_evaluator(settings, dsn, mqtt_url):
+        async with (
+            mqtt_broker(settings.mqtt_url) as mqtt_url,
+            running_evaluator(settings, dsn, mqtt_url),
+        ):
             await wait_for_signal()
     finally:
         if embedded is not None:

@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 from pulse_client import AsyncPulseClient
 
-from evaluator.broker import EmbeddedBroker
+from evaluator.service import mqtt_broker
 from server import config, migrate
 from server.app import RunningServer, start
 from server.auth import Role, mint_token
@@ -68,15 +68,8 @@ async def dsn(server_url: str) -> AsyncIterator[str]:
 @pytest.fixture(scope="session")
 async def mqtt_url() -> AsyncIterator[str]:
     """MQTT_URL (Mosquitto here and in CI), or an embedded broker."""
-    url = os.environ.get("MQTT_URL")
-    if url:
+    async with mqtt_broker(os.environ.get("MQTT_URL")) as url:
         yield url
-        return
-    broker = EmbeddedBroker()
-    try:
-        yield await broker.start()
-    finally:
-        await broker.stop()
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 
+import aiomqtt
 import pytest
+
+from evaluator.runtime import broker_address
 
 
 def unique_id(prefix: str) -> str:
@@ -32,3 +36,19 @@ async def eventually(
         if time.monotonic() > deadline:
             pytest.fail(f"{what} did not happen within {timeout}s")
         await asyncio.sleep(0.02)
+
+
+async def clear_retained(mqtt_url: str, prefix: str) -> None:
+    """Delete the retained messages under `prefix`/# (an empty retained
+    message removes one), so a shared broker does not collect them."""
+    host, port = broker_address(mqtt_url)
+    found: set[str] = set()
+    async with aiomqtt.Client(host, port, identifier=unique_id("test-clear")) as client:
+        await client.subscribe(f"{prefix}/#", qos=1)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.3):
+                async for message in client.messages:
+                    if message.retain and message.payload:
+                        found.add(message.topic.value)
+        for topic in found:
+            await client.publish(topic, b"", qos=1, retain=True)

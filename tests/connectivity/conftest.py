@@ -174,18 +174,3 @@ async def start_evaluator(fleet_db: Database, mqtt_url: str) -> AsyncIterator[Ev
             # otherwise queue every device message for a client that is gone.
             async with aiomqtt.Client(host, port, identifier=started.client_id, clean_session=True):
                 pass
-
-
-async def clear_retained(mqtt_url: str, tenant_id: uuid.UUID) -> None:
-    """Remove the retained status messages a test's devices left on a shared broker."""
-    host, port = broker_address(mqtt_url)
-    found: set[str] = set()
-    async with aiomqtt.Client(host, port, identifier=unique_id("test-clear")) as client:
-        await client.subscribe(f"pulse/{tenant_id}/#", qos=1)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(0.3):
-                async for message in client.messages:
-                    if message.retain and message.payload:
-                        found.add(message.topic.value)
-        for topic in found:
-            await client.publish(topic, b"", qos=1, retain=True)

@@ -14,9 +14,9 @@ from pulse.device.v1 import status_pb2 as st
 
 from evaluator.simulator import SimulatedDevice
 from tests.conftest import ClientFactory, Tenant, TenantFactory
-from tests.helpers import eventually
+from tests.helpers import clear_retained, eventually
 
-from .conftest import Collector, EvaluatorFactory, clear_retained
+from .conftest import Collector, EvaluatorFactory
 
 Step = tuple[int, int, int, int]  # event type, previous status, status, trigger
 
@@ -116,7 +116,7 @@ async def test_a_device_online_silent_back_offline_and_dropped(
     finally:
         await starter.close()
         await device.stop()
-        await clear_retained(mqtt_url, tenant.tenant_id)
+        await clear_retained(mqtt_url, f"pulse/{tenant.tenant_id}")
 
     expected = [
         (cp.CONNECTED, st.UNKNOWN, st.ONLINE, cp.STATUS_ONLINE),
@@ -178,7 +178,7 @@ async def test_two_evaluators_at_once_record_each_transition_once(
         await starter.close()
         for sim in sims:
             await sim.stop()
-        await clear_retained(mqtt_url, tenant.tenant_id)
+        await clear_retained(mqtt_url, f"pulse/{tenant.tenant_id}")
 
     for device_id in devices:
         events = [e async for e in client.connectivity.list(device_id)]

@@ -19,13 +19,13 @@ import aiomqtt
 import pytest
 from pulse_client import AsyncPulseClient
 
-from evaluator.broker import EmbeddedBroker
 from evaluator.runtime import Evaluator, broker_address
+from evaluator.service import mqtt_broker
 from evaluator.twin_ingest import TwinIngest
 from evaluator.twin_publisher import TwinPublisher
 from server.db import Database, create_pool
 from tests.conftest import Tenant
-from tests.helpers import unique_id
+from tests.helpers import clear_retained, unique_id
 
 
 @contextlib.asynccontextmanager
@@ -35,35 +35,13 @@ async def mqtt_client(mqtt_url: str, **kwargs: object) -> AsyncIterator[aiomqtt.
         yield client
 
 
-async def clear_retained(mqtt_url: str, prefix: str) -> None:
-    """Delete the retained messages under `prefix`/# (an empty retained
-    message removes one), so a shared broker does not collect them."""
-    found: set[str] = set()
-    async with mqtt_client(mqtt_url) as client:
-        await client.subscribe(f"{prefix}/#", qos=1)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(0.3):
-                async for message in client.messages:
-                    if message.retain and message.payload:
-                        found.add(message.topic.value)
-        for topic in found:
-            await client.publish(topic, b"", qos=1, retain=True)
-
-
 @pytest.fixture
 async def mqtt_url() -> AsyncIterator[str]:
     """MQTT_URL, or a fresh embedded broker for each twin test: amqtt was seen
     delivering earlier tests' retained messages to a subscriber of an
     unrelated exact topic, and these tests assert exactly what arrives."""
-    url = os.environ.get("MQTT_URL")
-    if url:
+    async with mqtt_broker(os.environ.get("MQTT_URL")) as url:
         yield url
-        return
-    broker = EmbeddedBroker()
-    try:
-        yield await broker.start()
-    finally:
-        await broker.stop()
 
 
 @pytest.fixture
