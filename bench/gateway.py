@@ -119,7 +119,7 @@ async def main() -> None:
         async with (
             subprocess_server("bench.serve", grpc_port, env),
             subprocess_server(
-                "server.cli",
+                "launcher",
                 http_port,
                 {**env, "PULSE_HTTP_PORT": str(http_port), "PULSE_LOG_LEVEL": "WARNING"},
                 ["gateway", "--grpc-target", f"127.0.0.1:{grpc_port}"],

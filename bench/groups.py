@@ -27,9 +27,10 @@ from pulse.device.v1 import groups_pb2
 from pulse_client import AsyncPulseClient
 
 from bench.harness import free_port, run, scratch_database, subprocess_server
+from server import filters
 from server.auth import Role, mint_token
 from server.db import Database, create_pool
-from server.groups import filters, store
+from server.groups import store
 
 DEVICES = int(os.environ.get("BENCH_GROUPS_DEVICES", "1000000"))
 SITES = 400
@@ -226,8 +227,10 @@ class Raw:
 
     async def page(self, f: filters.DeviceFilter, after: str) -> int:
         async with self.db.tenant(self.tenant, readonly=True) as con:
-            page = await store.list_filter_members(con, self.tenant, f, after=after, limit=PAGE)
-        return len(page.members)
+            members = await store.list_filter_members(
+                con, self.tenant, f, after=after, limit=PAGE + 1
+            )
+        return len(members[:PAGE])
 
     async def count(self, f: filters.DeviceFilter) -> int:
         async with self.db.tenant(self.tenant, readonly=True) as con:

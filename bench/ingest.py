@@ -34,10 +34,10 @@ from collections.abc import AsyncIterator, Callable
 import aiomqtt
 
 from bench.harness import ROOT, run, scratch_database, seed_tenant
-from evaluator import topics
 from evaluator.runtime import Evaluator, broker_address
 from evaluator.service import mqtt_broker
 from evaluator.twin_ingest import TwinIngest
+from server import wire
 from server.db import Database, create_pool
 
 DEVICES = 3000
@@ -71,7 +71,7 @@ def _publisher() -> None:
     k = 0
     for line in sys.stdin:
         for _ in range(int(line)):
-            client.publish(topics.topic(tenant, _device(k), "twin/reported"), _payload(k), qos=1)
+            client.publish(wire.topic(tenant, _device(k), "twin/reported"), _payload(k), qos=1)
             k += 1
     client.loop_stop()
     client.disconnect()
@@ -160,7 +160,7 @@ async def main() -> None:
                     async with aiomqtt.Client(
                         host, port, identifier=bare_id, clean_session=False, keepalive=30
                     ) as client:
-                        await client.subscribe(topics.SUBSCRIPTION, qos=1)
+                        await client.subscribe(wire.SUBSCRIPTION, qos=1)
                         counter = asyncio.create_task(count(client))
                         bare_rates.append(
                             await timed_round(feed, lambda: received, lambda: received, PER_ROUND)

@@ -37,7 +37,7 @@ from bench.harness import (
 )
 from server.auth import Role, mint_token
 from server.db import Database, create_pool
-from server.registry.convert import struct
+from server.protoconv import struct
 from server.twin import store
 
 IN_FLIGHT = 64

@@ -16,7 +16,7 @@ def build(db: Database, settings: config.Settings | None = None) -> list[Handler
     return [
         Liveness(
             db,
-            stale_after_s=settings.stale_after_s,
+            stale_after_s=settings.liveness_stale_after_s,
             sweep_interval_s=settings.sweep_interval_s,
             flush_s=settings.liveness_flush_s,
         ),

@@ -26,11 +26,10 @@ import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from evaluator import topics
 from evaluator.runtime import Publisher
+from server import transient, wire
 from server.connectivity.model import Signal
 from server.connectivity.transitions import (
-    TRANSIENT_ERRORS,
     DeviceSignal,
     Transition,
     apply_signals,
@@ -41,19 +40,18 @@ from server.db import Database
 
 log = logging.getLogger("pulse.evaluator.liveness")
 
-_RETRY_MAX_S = 5.0
 # Past this many pending signals (the database is unreachable), runs of
 # activity are merged so memory follows the number of devices, not messages.
 _COMPACT_AT = 50_000
 
 
-def classify(message: topics.DeviceMessage) -> Signal:
+def classify(message: wire.DeviceMessage) -> Signal:
     if message.kind != "status":
         return Signal.ACTIVITY
-    text = message.payload.strip().lower()
-    if text == b"online":
+    status = wire.status(message.payload)
+    if status == wire.ONLINE:
         return Signal.ONLINE
-    if text == b"offline":
+    if status == wire.OFFLINE:
         return Signal.OFFLINE
     return Signal.WILL
 
@@ -109,7 +107,7 @@ class Liveness:
         self.transitions = 0
         self.sweeps = 0
 
-    async def handle(self, message: topics.DeviceMessage) -> None:
+    async def handle(self, message: wire.DeviceMessage) -> None:
         if message.retain:
             return
         self._pending.append(
@@ -168,20 +166,12 @@ class Liveness:
         return count
 
     async def _flush_forever(self) -> None:
-        delay = self._flush_s
         while True:
             await self._wake.wait()
             # Linger so that a burst of messages becomes one statement.
             await asyncio.sleep(self._flush_s)
             self._wake.clear()
-            try:
-                await self.flush()
-                delay = self._flush_s
-            except TRANSIENT_ERRORS as error:
-                log.warning("liveness flush failed (%s); retrying in %.1fs", error, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _RETRY_MAX_S)
-                self._wake.set()
+            await transient.retry_forever(self.flush, log=log, what="liveness flush")
 
     async def _sweep_forever(self, publisher: Publisher) -> None:
         connected = getattr(publisher, "connected", None)
@@ -198,7 +188,7 @@ class Liveness:
                 continue
             try:
                 count = await self.sweep_once()
-            except TRANSIENT_ERRORS as error:
+            except transient.TRANSIENT as error:
                 log.warning("liveness sweep failed (%s); retrying next tick", error)
                 continue
             if count:

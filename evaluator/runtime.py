@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import aiomqtt
 
-from evaluator import topics
+from server import wire
 
 log = logging.getLogger("pulse.evaluator")
 
@@ -30,7 +30,7 @@ class Handler(Protocol):
     #: The message kinds this handler receives; "*" for every device message.
     kinds: frozenset[str]
 
-    async def handle(self, message: topics.DeviceMessage) -> None: ...
+    async def handle(self, message: wire.DeviceMessage) -> None: ...
 
     async def run(self, publisher: Publisher) -> None:
         """Background work (flushing batches, sweeps) until cancelled."""
@@ -62,7 +62,7 @@ class Evaluator:
         # With a shared subscription several evaluators split the stream
         # (the broker's own load balancing) instead of each seeing it all.
         self._subscription = (
-            f"$share/{shared_group}/{topics.SUBSCRIPTION}" if shared_group else topics.SUBSCRIPTION
+            f"$share/{shared_group}/{wire.SUBSCRIPTION}" if shared_group else wire.SUBSCRIPTION
         )
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
@@ -116,15 +116,15 @@ class Evaluator:
     async def _dispatch(self, message: aiomqtt.Message) -> None:
         self.received += 1
         try:
-            tenant_id, device_id, kind = topics.parse(message.topic.value)
-        except topics.BadTopic as error:
+            tenant_id, device_id, kind = wire.parse(message.topic.value)
+        except wire.BadTopic as error:
             self.rejected["bad_topic"] += 1
             log.warning("rejected message on %r: %s", message.topic.value[:200], error)
             return
-        if kind in topics.OUTBOUND:
+        if kind in wire.OUTBOUND:
             return
         payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
-        device_message = topics.DeviceMessage(
+        device_message = wire.DeviceMessage(
             tenant_id=tenant_id,
             device_id=device_id,
             kind=kind,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import AsyncIterator
 
 from evaluator import handlers
@@ -37,8 +36,8 @@ async def running_evaluator(
     evaluator = Evaluator(
         mqtt_url,
         handlers.build(db, settings),
-        client_id=os.environ.get("PULSE_EVALUATOR_ID", "pulse-evaluator"),
-        shared_group=os.environ.get("PULSE_MQTT_SHARED_GROUP") or None,
+        client_id=settings.evaluator_id,
+        shared_group=settings.mqtt_shared_group,
     )
     task = asyncio.create_task(evaluator.run(), name="evaluator")
     try:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
 import time
@@ -30,14 +29,10 @@ from typing import Any
 
 import aiomqtt
 
-from evaluator import topics
 from evaluator.runtime import broker_address
+from server import wire
 
 log = logging.getLogger("pulse.simulator")
-
-ONLINE = b"online"
-OFFLINE = b"offline"
-LOST = b"lost"
 
 _BACKOFF_MAX_S = 5.0
 
@@ -85,7 +80,7 @@ class SimulatedDevice:
         self.connected = asyncio.Event()
 
     def topic(self, kind: str) -> str:
-        return topics.topic(self.tenant_id, self.device_id, kind)
+        return wire.topic(self.tenant_id, self.device_id, kind)
 
     async def start(self, *, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """Connect (in the background, reconnecting as needed) and return once
@@ -109,7 +104,7 @@ class SimulatedDevice:
         client = self._client
         if client is not None and self.connected.is_set():
             with contextlib.suppress(aiomqtt.MqttError):
-                await client.publish(self.topic("status"), OFFLINE, qos=1, retain=True)
+                await client.publish(self.topic("status"), wire.OFFLINE, qos=1, retain=True)
         await self._cancel()
 
     async def drop_connection(self) -> None:
@@ -148,7 +143,7 @@ class SimulatedDevice:
                 await task
 
     def _reported(self) -> bytes:
-        return json.dumps({"state": self.state, "desired_version": self.applied_version}).encode()
+        return wire.reported(self.state, self.applied_version)
 
     async def _run(self) -> None:
         backoff = 0.2
@@ -160,11 +155,11 @@ class SimulatedDevice:
                     identifier=self.client_id,
                     clean_session=True,
                     keepalive=self._keepalive_s,
-                    will=aiomqtt.Will(self.topic("status"), LOST, qos=1, retain=True),
+                    will=aiomqtt.Will(self.topic("status"), wire.LOST, qos=1, retain=True),
                 ) as client:
                     self._client = client
                     await client.subscribe(self.topic("twin/desired"), qos=1)
-                    await client.publish(self.topic("status"), ONLINE, qos=1, retain=True)
+                    await client.publish(self.topic("status"), wire.ONLINE, qos=1, retain=True)
                     self.connected.set()
                     backoff = 0.2
                     async with asyncio.TaskGroup() as tasks:
@@ -195,11 +190,8 @@ class SimulatedDevice:
             if not isinstance(payload, bytes | bytearray) or not payload:
                 continue  # an empty retained message clears the topic
             try:
-                desired = json.loads(payload)
-                version, state = desired["version"], desired["state"]
-                if type(version) is not int or type(state) is not dict:
-                    raise TypeError("bad field types")
-            except (ValueError, KeyError, TypeError) as error:
+                state, version = wire.parse_desired(bytes(payload))
+            except wire.BadPayload as error:
                 log.warning("%s: ignoring a malformed desired message (%s)", self.device_id, error)
                 continue
             pending = self._target[0] if self._target else self.applied_version
@@ -225,9 +217,7 @@ class SimulatedDevice:
         started = time.monotonic()
         while True:
             uptime = round(time.monotonic() - started, 1)
-            await client.publish(
-                self.topic("heartbeat"), json.dumps({"uptime_s": uptime}).encode(), qos=1
-            )
+            await client.publish(self.topic("heartbeat"), wire.heartbeat(uptime), qos=1)
             self.heartbeats += 1
             await asyncio.sleep(self.heartbeat_s)
 

@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
+import contextlib
 import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, NoReturn
 
 import asyncpg
 
-from evaluator import topics
 from evaluator.runtime import Publisher
+from server import transient, wire
 from server.db import Database
 from server.twin import documents, store
 from server.twin.notify import ChangeNotifier
@@ -40,22 +39,9 @@ log = logging.getLogger("pulse.evaluator.twin")
 # without spending time on it.
 RAW_MAX = 2 * documents.MAX_BYTES + 1024
 
-MALFORMED_JSON = "malformed_json"
-NOT_OBJECT = "not_object"
-BAD_STATE = "bad_state"
-BAD_VERSION = "bad_version"
 DATABASE_ERROR = "database_error"
 
-_RETRY_MAX_S = 5.0
-# Errors that say the database is (for now) unreachable, not that the
-# reports are wrong.
-_TRANSIENT = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.OperatorInterventionError,
-    asyncpg.InsufficientResourcesError,
-)
+_FLUSH_AT_STOP_S = 2.0
 # A device stuck in a loop can send thousands of bad messages a second; the
 # log gets the first few of each window and a count of the rest.
 _LOG_WINDOW_S = 10.0
@@ -77,33 +63,14 @@ class _BadMessage(Exception):
         self.detail = detail
 
 
-def _no_constants(name: str) -> NoReturn:
-    # json.loads accepts NaN and Infinity by default; JSON does not.
-    raise ValueError(f"{name} is not JSON")
-
-
-# Built once: json.loads with any option builds a new decoder per call.
-_DECODER = json.JSONDecoder(parse_constant=_no_constants)
-
-
 def parse_report(device_id: str, payload: bytes) -> store.Report:
     """The report in a message, or _BadMessage saying why not."""
     if len(payload) > RAW_MAX:
         raise _BadMessage(documents.TOO_LARGE, f"payload is {len(payload)} bytes")
     try:
-        message: Any = _DECODER.decode(payload.decode())
-    except (ValueError, RecursionError) as error:
-        # UnicodeDecodeError (not UTF-8) is a ValueError; RecursionError
-        # comes from thousands of nested brackets.
-        raise _BadMessage(MALFORMED_JSON, str(error)[:200]) from None
-    if type(message) is not dict:
-        raise _BadMessage(NOT_OBJECT, f"payload is a JSON {type(message).__name__}")
-    state = message.get("state")
-    if type(state) is not dict:
-        raise _BadMessage(BAD_STATE, '"state" must be a JSON object')
-    version = message.get("desired_version")
-    if type(version) is not int or version < 0 or version >= 2**63:
-        raise _BadMessage(BAD_VERSION, '"desired_version" must be a non-negative integer')
+        state, version = wire.parse_reported(payload)
+    except wire.BadPayload as bad:
+        raise _BadMessage(bad.reason, bad.detail) from None
     text, problem = documents.inspect(state)
     if problem is not None:
         raise _BadMessage(*problem)
@@ -157,7 +124,7 @@ class TwinIngest:
     def rejected(self) -> int:
         return sum(n for reason, n in self.counts.items() if reason not in store.ACCEPTED)
 
-    async def handle(self, message: topics.DeviceMessage) -> None:
+    async def handle(self, message: wire.DeviceMessage) -> None:
         try:
             report = parse_report(message.device_id, message.payload)
         except _BadMessage as bad:
@@ -170,14 +137,21 @@ class TwinIngest:
         self._queued.set()
 
     async def run(self, publisher: Publisher) -> None:
-        while True:
-            await self._queued.wait()
-            self._queued.clear()
-            while self._queue:
-                batch = self._queue[: self._batch_max]
-                del self._queue[: self._batch_max]
-                self._room.set()
-                await self._write(batch)
+        try:
+            while True:
+                await self._queued.wait()
+                self._queued.clear()
+                while self._queue:
+                    batch = self._queue[: self._batch_max]
+                    del self._queue[: self._batch_max]
+                    self._room.set()
+                    await self._write(batch)
+        finally:
+            # Watchers hear of the last batches now rather than at their next
+            # resync; bounded, so a dead database cannot hold the stop up.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_FLUSH_AT_STOP_S):
+                    await self._notifier.flush()
 
     async def _write(self, batch: list[tuple[uuid.UUID, store.Report]]) -> None:
         by_tenant: dict[uuid.UUID, list[store.Report]] = {}
@@ -226,17 +200,12 @@ class TwinIngest:
     async def _store(self, tenant_id: uuid.UUID, reports: list[store.Report]) -> store.IngestResult:
         """One statement; waits out a database that is down rather than
         dropping reports that the broker already considers delivered."""
-        delay = 0.2
-        while True:
-            try:
-                async with self._db.tenant(tenant_id) as con:
-                    return await store.ingest_reported(con, tenant_id, reports)
-            except _TRANSIENT as error:
-                log.warning(
-                    "twin ingest: database unavailable (%s); retrying in %.1fs", error, delay
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _RETRY_MAX_S)
+
+        async def attempt() -> store.IngestResult:
+            async with self._db.tenant(tenant_id) as con:
+                return await store.ingest_reported(con, tenant_id, reports)
+
+        return await transient.retry_forever(attempt, log=log, what="twin ingest")
 
     async def _store_one(self, tenant_id: uuid.UUID, report: store.Report) -> str:
         try:

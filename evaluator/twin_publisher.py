@@ -25,25 +25,16 @@ import logging
 import uuid
 
 import aiomqtt
-import asyncpg
 
-from evaluator import topics
 from evaluator.runtime import Publisher
+from server import transient, wire
 from server.db import Database
 from server.twin import store
 
 log = logging.getLogger("pulse.evaluator.twin")
 
-_TRANSIENT = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.OperatorInterventionError,
-    asyncpg.InsufficientResourcesError,
-    aiomqtt.MqttError,
-    TimeoutError,
-)
-_RETRY_MAX_S = 5.0
+# The broker's failures, which the drain waits out like the database's.
+_BROKER_ERRORS = (aiomqtt.MqttError, TimeoutError)
 
 
 class TwinPublisher:
@@ -74,20 +65,17 @@ class TwinPublisher:
         #: Desired messages published (one per device per batch).
         self.published = 0
 
-    async def handle(self, message: topics.DeviceMessage) -> None:
+    async def handle(self, message: wire.DeviceMessage) -> None:
         return None
 
     async def run(self, publisher: Publisher) -> None:
-        delay = self._poll_s
         while True:
-            try:
-                drained = await self.drain_once(publisher)
-            except _TRANSIENT as error:
-                log.warning("desired-state publishing paused (%s); retrying in %.1fs", error, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _RETRY_MAX_S)
-                continue
-            delay = self._poll_s
+            drained = await transient.retry_forever(
+                lambda: self.drain_once(publisher),
+                log=log,
+                what="desired-state publishing",
+                also=_BROKER_ERRORS,
+            )
             if drained < self._batch:
                 await asyncio.sleep(self._poll_s)
 
@@ -107,7 +95,7 @@ class TwinPublisher:
                     for desired in await store.current_desired(
                         tenant_con, tenant_id, sorted(device_ids)
                     ):
-                        topic = topics.topic(tenant_id, desired.device_id, "twin/desired")
+                        topic = wire.topic(tenant_id, desired.device_id, "twin/desired")
                         messages.append((topic, desired.payload()))
             async with asyncio.timeout(self._publish_timeout_s):
                 await _publish_all(publisher, messages)

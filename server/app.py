@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 from pulse.device.v1 import (
     connectivity_pb2,
     connectivity_pb2_grpc,
@@ -23,6 +25,8 @@ from pulse.device.v1 import (
     twin_pb2_grpc,
 )
 
+from server import reflection
+from server.admission import AdmissionInterceptor, Limits
 from server.auth import TokenVerifier
 from server.config import Settings
 from server.connectivity.service import ConnectivityService
@@ -33,6 +37,8 @@ from server.interceptors import chain
 from server.listener import Listener
 from server.pagination import PageTokens
 from server.registry.service import DeviceRegistryService
+from server.tenants import TenantDirectory
+from server.twin.notify import ChangeNotifier
 from server.twin.service import TwinService
 
 log = logging.getLogger(__name__)
@@ -43,7 +49,6 @@ SERVICE_NAMES = [
     twin_pb2.DESCRIPTOR.services_by_name["TwinService"].full_name,
     connectivity_pb2.DESCRIPTOR.services_by_name["ConnectivityService"].full_name,
 ]
-SHUTDOWN_GRACE_S = 5.0
 
 
 @dataclass
@@ -53,18 +58,35 @@ class RunningServer:
     db: Database
     health: HealthServicer
     listener: Listener
-    watches: WatchHub | None = None
+    admission: AdmissionInterceptor
+    watches: WatchHub
+    notifier: ChangeNotifier
+    grace_s: float
+    stopped: bool = False
 
-    async def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
-        """Report NOT_SERVING, refuse new calls, let running ones finish, close the pool."""
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking calls at once, end open streams with UNAVAILABLE, give
+        running calls `grace` seconds (the shutdown_grace_s setting) to finish,
+        then announce the last twin changes and close the pool. Idempotent."""
+        if self.stopped:
+            return
+        self.stopped = True
         await self.health.enter_graceful_shutdown()
-        if self.watches is not None:
-            # Watch streams never finish by themselves: end them now with a
-            # status that tells clients to resume elsewhere.
-            await self.watches.close()
-        await self.server.stop(grace)
+        # Connectivity watches end first: they tell each client its cursor.
+        await self.watches.close()
+        await self.admission.close()
+        await self.server.stop(self.grace_s if grace is None else grace)
+        await self.notifier.flush()
         await self.listener.stop()
         await self.db.close()
+
+    @contextlib.asynccontextmanager
+    async def stopping(self) -> AsyncIterator[None]:
+        """Stops the server when the context ends, however it ends."""
+        try:
+            yield
+        finally:
+            await self.stop()
 
 
 def verifier_for(settings: Settings) -> TokenVerifier:
@@ -97,43 +119,89 @@ class _GenericHandlersOnly:
         pass
 
 
+def _server_options(settings: Settings) -> list[tuple[str, Any]]:
+    idle_ms = int(settings.grpc_max_connection_idle_s * 1000)
+    return [
+        # Without this, a second server silently shares a busy port on Linux.
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_connection_idle_ms", idle_ms),
+        # Watchers sit idle for long stretches: clients may keep their
+        # connections alive with pings, but no more often than every 10 s;
+        # a client pinging faster is sent GOAWAY after two strikes.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+        # The server pings quiet connections to find dead peers.
+        ("grpc.keepalive_time_ms", 120_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        # Streams per connection; calls past it wait in the client.
+        ("grpc.max_concurrent_streams", 1000),
+    ]
+
+
 async def start(settings: Settings, dsn: str) -> RunningServer:
+    """Serve on settings.grpc_host:grpc_port (0: a free port). A port that
+    cannot be bound raises RuntimeError and leaves nothing running."""
     db = Database(await create_pool(dsn, size=settings.db_pool_size))
     listener = Listener(dsn)
-    await listener.start()
-    server = grpc.aio.server(
-        interceptors=chain(verifier_for(settings)),
-        # Without this, a second server silently shares a busy port on Linux.
-        options=[("grpc.so_reuseport", 0)],
-    )
-    tokens = PageTokens(settings.secret)
-    watches = WatchHub(db, listener, tokens)
-    health = HealthServicer()
-    target: Any = _GenericHandlersOnly(server)
-    devices_pb2_grpc.add_DeviceRegistryServiceServicer_to_server(
-        DeviceRegistryService(db, tokens), target
-    )
-    groups_pb2_grpc.add_DeviceGroupServiceServicer_to_server(DeviceGroupService(db, tokens), target)
-    twin_pb2_grpc.add_TwinServiceServicer_to_server(TwinService(db, listener), target)
-    connectivity_pb2_grpc.add_ConnectivityServiceServicer_to_server(
-        ConnectivityService(db, tokens, watches), target
-    )
-    health_pb2_grpc.add_HealthServicer_to_server(health, target)
-    reflection.enable_server_reflection(
-        [
-            *SERVICE_NAMES,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
-        server,
-    )
-    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
-    await server.start()
+    try:
+        await listener.start()
+        tokens = PageTokens(settings.secret)
+        watches = WatchHub(db, listener, tokens)
+        notifier = ChangeNotifier(db)
+        admission = AdmissionInterceptor(
+            verifier_for(settings),
+            TenantDirectory(db),
+            Limits(
+                max_concurrent_calls=settings.grpc_max_concurrent_calls,
+                max_streams_per_caller=settings.grpc_max_streams_per_caller,
+                max_streams_per_tenant=settings.grpc_max_streams_per_tenant,
+            ),
+        )
+        server = grpc.aio.server(options=_server_options(settings), interceptors=chain(admission))
+        health = HealthServicer()
+        target: Any = _GenericHandlersOnly(server)
+        devices_pb2_grpc.add_DeviceRegistryServiceServicer_to_server(
+            DeviceRegistryService(db, tokens), target
+        )
+        groups_pb2_grpc.add_DeviceGroupServiceServicer_to_server(
+            DeviceGroupService(db, tokens), target
+        )
+        twin_pb2_grpc.add_TwinServiceServicer_to_server(
+            TwinService(
+                db,
+                listener,
+                notifier,
+                stale_after=timedelta(seconds=settings.twin_stale_after_s),
+            ),
+            target,
+        )
+        connectivity_pb2_grpc.add_ConnectivityServiceServicer_to_server(
+            ConnectivityService(db, tokens, watches), target
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(health, target)
+        reflection.enable(
+            [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], target
+        )
+        port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+        await server.start()
+    except BaseException:
+        await listener.stop()
+        await db.close()
+        raise
     for name in ["", *SERVICE_NAMES]:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("gRPC server listening on %s:%d", settings.grpc_host, port)
     return RunningServer(
-        server=server, port=port, db=db, health=health, listener=listener, watches=watches
+        server=server,
+        port=port,
+        db=db,
+        health=health,
+        listener=listener,
+        admission=admission,
+        watches=watches,
+        notifier=notifier,
+        grace_s=settings.shutdown_grace_s,
     )
 
 

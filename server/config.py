@@ -39,14 +39,40 @@ class Settings:
     cors_origins: tuple[str, ...]
     #: Largest request body the gateway accepts (413 beyond).
     http_max_body: int
-    #: Liveness: an ONLINE device silent for longer than this becomes STALE.
-    stale_after_s: float = 30.0
+    #: Liveness: an ONLINE device silent for longer than this becomes STALE
+    #: (its connectivity status; not to be confused with twin_stale_after_s).
+    liveness_stale_after_s: float = 30.0
     #: Liveness: how often the evaluator sweeps for stale devices.
     sweep_interval_s: float = 1.0
     #: Liveness: how long device messages are gathered into one batch write.
     liveness_flush_s: float = 0.1
     #: Connection events older than this are removed by `pulse retention`.
     event_retention_days: int = 90
+    #: Twins whose device has not applied a desired write for this long are
+    #: STALE (their sync status).
+    twin_stale_after_s: float = 300.0
+    #: The evaluator's MQTT client id, and the shared-subscription group that
+    #: several evaluators split the device topics in (none: one evaluator).
+    evaluator_id: str = "pulse-evaluator"
+    mqtt_shared_group: str | None = None
+    #: Run the event loop on uvloop (when installed).
+    uvloop: bool = True
+    #: On SIGINT/SIGTERM: how long running calls may take to finish before
+    #: they are cancelled; open streams end at once.
+    shutdown_grace_s: float = 5.0
+    #: gRPC: unary calls served at once by one process; beyond it a call is
+    #: refused with RESOURCE_EXHAUSTED and a retry delay.
+    grpc_max_concurrent_calls: int = 1000
+    #: gRPC: open watch streams per caller (token subject) and per tenant.
+    grpc_max_streams_per_caller: int = 100
+    grpc_max_streams_per_tenant: int = 1000
+    #: gRPC: connections with no call for this long are closed (keepalive
+    #: pings from clients are allowed at most every 10 s).
+    grpc_max_connection_idle_s: float = 300.0
+    #: HTTP: a connection that has not sent a whole request head within this
+    #: is closed; beyond max_connections new ones are answered 503.
+    http_header_timeout_s: float = 10.0
+    http_max_connections: int = 1000
 
 
 def _load_or_create_secret(data_dir: Path) -> bytes:
@@ -59,6 +85,17 @@ def _load_or_create_secret(data_dir: Path) -> bytes:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(value.hex())
+    return value
+
+
+def _positive(env: dict[str, str], name: str, default: str) -> float:
+    raw = env.get(name) or default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number (got {raw!r})") from None
+    if not value > 0:
+        raise ValueError(f"{name} must be positive (got {raw!r})")
     return value
 
 
@@ -86,10 +123,28 @@ def load(env: dict[str, str] | None = None) -> Settings:
         http_port=int(env.get("PULSE_HTTP_PORT", "8000")),
         cors_origins=tuple(o.strip() for o in env.get("PULSE_CORS_ORIGINS", "").split(",") if o),
         http_max_body=int(env.get("PULSE_HTTP_MAX_BODY", str(1 << 20))),
-        stale_after_s=float(env.get("PULSE_STALE_AFTER_S", "30")),
-        sweep_interval_s=float(env.get("PULSE_SWEEP_INTERVAL_S", "1")),
-        liveness_flush_s=float(env.get("PULSE_LIVENESS_FLUSH_S", "0.1")),
+        liveness_stale_after_s=_positive(
+            env,
+            "PULSE_LIVENESS_STALE_AFTER_S",
+            # The name before twins had a STALE of their own.
+            env.get("PULSE_STALE_AFTER_S", "30"),
+        ),
+        sweep_interval_s=_positive(env, "PULSE_SWEEP_INTERVAL_S", "1"),
+        liveness_flush_s=_positive(env, "PULSE_LIVENESS_FLUSH_S", "0.1"),
         event_retention_days=int(env.get("PULSE_EVENT_RETENTION_DAYS", "90")),
+        twin_stale_after_s=_positive(env, "PULSE_TWIN_STALE_AFTER_S", "300"),
+        evaluator_id=env.get("PULSE_EVALUATOR_ID") or "pulse-evaluator",
+        mqtt_shared_group=env.get("PULSE_MQTT_SHARED_GROUP") or None,
+        uvloop=env.get("PULSE_UVLOOP", "1") != "0",
+        shutdown_grace_s=_positive(env, "PULSE_SHUTDOWN_GRACE_S", "5"),
+        grpc_max_concurrent_calls=int(_positive(env, "PULSE_GRPC_MAX_CONCURRENT_CALLS", "1000")),
+        grpc_max_streams_per_caller=int(_positive(env, "PULSE_GRPC_MAX_STREAMS_PER_CALLER", "100")),
+        grpc_max_streams_per_tenant=int(
+            _positive(env, "PULSE_GRPC_MAX_STREAMS_PER_TENANT", "1000")
+        ),
+        grpc_max_connection_idle_s=_positive(env, "PULSE_GRPC_MAX_CONNECTION_IDLE_S", "300"),
+        http_header_timeout_s=_positive(env, "PULSE_HTTP_HEADER_TIMEOUT_S", "10"),
+        http_max_connections=int(_positive(env, "PULSE_HTTP_MAX_CONNECTIONS", "1000")),
     )
 
 

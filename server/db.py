@@ -9,6 +9,7 @@ then three round trips: begin+scope, the statement, commit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -17,18 +18,9 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 
-APP_ROLE = "pulse_app"
+from server.transient import CommitOutcomeUnknown, is_connection_lost
 
-#: What a lost or refused database connection raises: retryable, not a bug.
-CONNECTION_LOST = (
-    asyncpg.ConnectionDoesNotExistError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.PostgresConnectionError,
-    ConnectionError,
-    OSError,
-)
+APP_ROLE = "pulse_app"
 
 if TYPE_CHECKING:
     # asyncpg-stubs makes these generic; at run time they are plain classes.
@@ -86,50 +78,110 @@ class Database:
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
 
-    @asynccontextmanager
-    async def tenant(
+    def tenant(
         self, tenant_id: uuid.UUID, *, readonly: bool = False
-    ) -> AsyncIterator[Connection]:
+    ) -> contextlib.AbstractAsyncContextManager[Connection]:
         """A transaction in which only `tenant_id`'s rows exist."""
-        con = await self._begin(_begin_sql(tenant_id, readonly=readonly))
+        return self.transaction(_begin_sql(tenant_id, readonly=readonly), readonly=readonly)
+
+    @asynccontextmanager
+    async def transaction(self, begin: str, *, readonly: bool = False) -> AsyncIterator[Connection]:
+        """A transaction opened by `begin`, one simple-protocol script starting
+        with BEGIN, and committed when the block ends.
+
+        Raises CommitOutcomeUnknown when the connection is lost during the
+        COMMIT of a read-write transaction.
+        """
+        con = await self._begin(begin)
         try:
             try:
                 yield con
-            except BaseException:
-                if not con.is_closed():
-                    await con.execute("ROLLBACK")
+            except BaseException as error:
+                await _abandon(con, error)
                 raise
-            await con.execute("COMMIT")
+            await _commit(con, readonly=readonly)
         finally:
+            # A no-op for a connection already terminated.
             await self.pool.release(con)
 
     async def _begin(self, sql: str) -> Pooled:
         # A pooled connection may have been closed by the server (restart,
-        # failover) since its last use; nothing has happened yet at BEGIN, so
-        # one retry on a fresh connection is safe.
-        for attempt in (1, 2):
+        # failover, pg_terminate_backend) while idle. Nothing has happened yet
+        # at BEGIN, so it is discarded and BEGIN tried on another; the pool
+        # holds at most max_size such connections, then makes a fresh one.
+        # Errors acquiring (connecting) are not retried here: the server is
+        # down, and the caller's retry policy decides.
+        attempts = self.pool.get_max_size() + 1
+        for attempt in range(1, attempts + 1):
             con = await self.pool.acquire()
             try:
                 await con.execute(sql)
-            except CONNECTION_LOST:
-                await self.pool.release(con)
-                if attempt == 2:
+            except BaseException as error:
+                if not is_connection_lost(error):
+                    await self.pool.release(con)
+                    raise
+                # Never back to the pool: its protocol state is unknown, and
+                # the pool's reset would not notice (it sends nothing when no
+                # transaction is open).
+                _terminate(con)
+                if attempt == attempts:
                     raise
                 continue
-            except BaseException:
-                await self.pool.release(con)
-                raise
             return con
         raise AssertionError("unreachable")
 
     @asynccontextmanager
     async def admin(self) -> AsyncIterator[Connection]:
         """A connection as the login itself, for cross-tenant administration."""
-        async with self.pool.acquire() as con:
+        con = await self.pool.acquire()
+        try:
             yield con
+        except BaseException as error:
+            # As in a scope: a lost connection is not handed back for reuse.
+            if is_connection_lost(error):
+                _terminate(con)
+            raise
+        finally:
+            await self.pool.release(con)
 
     async def close(self) -> None:
         await self.pool.close()
+
+
+def _terminate(con: Pooled) -> None:
+    # The pool detaches the proxy itself when it sees the connection close,
+    # and a detached proxy refuses every call, terminate() included.
+    with contextlib.suppress(asyncpg.InterfaceError):
+        con.terminate()
+
+
+async def _abandon(con: Pooled, error: BaseException) -> None:
+    """End the transaction the block failed in, keeping `error` the one raised."""
+    if is_connection_lost(error):
+        _terminate(con)
+        return
+    try:
+        await con.execute("ROLLBACK")
+    except Exception:
+        # Ending the backend rolls the transaction back too.
+        _terminate(con)
+
+
+async def _commit(con: Pooled, *, readonly: bool) -> None:
+    try:
+        await con.execute("COMMIT")
+    except BaseException as error:
+        if not is_connection_lost(error):
+            # A serialization failure at COMMIT rolled back: retryable as is.
+            raise
+        _terminate(con)
+        if readonly:
+            # Nothing to commit: the reads stand, and a retry repeats nothing.
+            raise
+        raise CommitOutcomeUnknown(
+            "the database connection was lost during COMMIT; the transaction "
+            "may or may not have committed"
+        ) from error
 
 
 def record_dict(record: asyncpg.Record) -> dict[str, Any]:

@@ -1,9 +1,6 @@
-"""The interceptor chain: request logging, error mapping, authentication.
-
-Order matters and is fixed in `chain()`: logging sees every outcome, the error
-mapper turns domain errors raised by auth or handlers into rich statuses, and
-auth runs closest to the handler.
-"""
+"""The interceptor chain: request logging, error mapping, then admission
+(`server.admission`: decoding, authentication, limits), in the order fixed in
+`chain()`."""
 
 from __future__ import annotations
 
@@ -16,16 +13,8 @@ from typing import Any
 import grpc
 from grpc_status import rpc_status
 
-from server.auth import Role, TokenVerifier, reset_principal, set_principal
-from server.db import CONNECTION_LOST
-from server.errors import (
-    DomainError,
-    PermissionDenied,
-    Unauthenticated,
-    internal_status,
-    unavailable_status,
-)
-from server.permissions import REQUIRED_ROLE, is_open
+from server import decoding, transient
+from server.errors import DomainError, internal_status
 
 log = logging.getLogger("pulse.rpc")
 
@@ -36,7 +25,7 @@ Unary = Callable[[Any, Context], Awaitable[Any]]
 Streaming = Callable[[Any, Context], AsyncIterator[Any]]
 
 
-class _AroundInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class AroundInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Wraps unary-request handlers (unary and server-streaming responses).
 
     The wrapped handler is built once per method and reused: grpc.aio asks
@@ -78,7 +67,7 @@ class _AroundInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=decoding.safe(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         inner: Unary = handler.unary_unary
@@ -88,7 +77,7 @@ class _AroundInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
         return grpc.unary_unary_rpc_method_handler(
             unary,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=decoding.safe(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -102,18 +91,18 @@ class _AroundInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             yield item
 
 
-def _metadata(context: Context, key: str) -> str | None:
+def metadata_value(context: Context, key: str) -> str | None:
     for k, value in context.invocation_metadata() or ():
         if k == key:
             return str(value)
     return None
 
 
-class LoggingInterceptor(_AroundInterceptor):
+class LoggingInterceptor(AroundInterceptor):
     """One line per call: method, outcome, duration and a request id."""
 
     def _request_id(self, context: Context) -> str:
-        return _metadata(context, "x-request-id") or uuid.uuid4().hex[:16]
+        return metadata_value(context, "x-request-id") or uuid.uuid4().hex[:16]
 
     def _done(self, method: str, rid: str, start: float, context: Context) -> None:
         code = context.code() or grpc.StatusCode.OK
@@ -138,22 +127,32 @@ class LoggingInterceptor(_AroundInterceptor):
             self._done(method, rid, start, context)
 
 
-class ErrorInterceptor(_AroundInterceptor):
-    """Domain errors become rich statuses; anything else is INTERNAL and logged."""
+class ErrorInterceptor(AroundInterceptor):
+    """Domain errors become rich statuses; transient database errors are
+    retried (unary calls only) and then answer UNAVAILABLE or ABORTED;
+    anything else is INTERNAL and logged.
+
+    A unary call is retried whole, which is safe because a handler's writes
+    are one transaction: a transient error before COMMIT means nothing was
+    written. A connection lost during COMMIT (CommitOutcomeUnknown) is not
+    retried. Streams are not retried: they may have sent messages already.
+    """
 
     async def _abort(self, error: BaseException, context: Any, method: str) -> None:
         if isinstance(error, DomainError):
             await context.abort_with_status(rpc_status.to_status(error.to_status()))
-        if isinstance(error, CONNECTION_LOST):
-            log.warning("database unavailable in %s: %s", method, error)
-            await context.abort_with_status(rpc_status.to_status(unavailable_status()))
+        if transient.is_transient(error):
+            log.warning("transient database error in %s: %r", method, error)
+            await context.abort_with_status(rpc_status.to_status(transient.status(error)))
         # The traceback goes to the log; the request body never does.
         log.error("unhandled error in %s", method, exc_info=error)
         await context.abort_with_status(rpc_status.to_status(internal_status()))
 
     async def around_unary(self, inner: Unary, request: Any, context: Context, method: str) -> Any:
         try:
-            return await inner(request, context)
+            return await transient.retry(
+                lambda: inner(request, context), budget_s=context.time_remaining()
+            )
         except grpc.aio.AbortError:
             raise
         except Exception as error:
@@ -171,52 +170,7 @@ class ErrorInterceptor(_AroundInterceptor):
             await self._abort(error, context, method)
 
 
-class AuthInterceptor(_AroundInterceptor):
-    """Verifies the bearer token and checks the role table before the handler."""
-
-    def __init__(self, verifier: TokenVerifier) -> None:
-        super().__init__()
-        self._verifier = verifier
-
-    async def _authorize(self, method: str, context: Context) -> Any:
-        header = _metadata(context, "authorization")
-        if not header:
-            raise Unauthenticated("missing bearer token in the authorization metadata")
-        scheme, _, token = str(header).partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthenticated("authorization metadata must be 'Bearer <token>'")
-        principal = await self._verifier.verify(token.strip())
-        required = REQUIRED_ROLE.get(method)
-        if required is None:
-            raise PermissionDenied(f"{method} is not open to any role")
-        if principal.role < required:
-            raise PermissionDenied(
-                f"{method} needs the {required.name.lower()} role; "
-                f"the token has {principal.role.name.lower()}"
-            )
-        return set_principal(principal)
-
-    async def around_unary(self, inner: Unary, request: Any, context: Context, method: str) -> Any:
-        if is_open(method):
-            return await inner(request, context)
-        token = await self._authorize(method, context)
-        try:
-            return await inner(request, context)
-        finally:
-            reset_principal(token)
-
-    async def around_stream(
-        self, inner: Streaming, request: Any, context: Context, method: str
-    ) -> AsyncIterator[Any]:
-        if not is_open(method):
-            set_principal_token = await self._authorize(method, context)
-            del set_principal_token  # the generator's context ends with the stream
-        async for item in inner(request, context):
-            yield item
-
-
-def chain(verifier: TokenVerifier) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
-    return [LoggingInterceptor(), ErrorInterceptor(), AuthInterceptor(verifier)]
-
-
-__all__ = ["Role", "chain"]
+def chain(admission: AroundInterceptor) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
+    """Logging sees every outcome, the error mapper turns what admission and
+    handlers raise into rich statuses, and admission runs next to the handler."""
+    return [LoggingInterceptor(), ErrorInterceptor(), admission]

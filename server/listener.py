@@ -19,12 +19,15 @@ from typing import Any, Final
 
 import asyncpg
 
+from server.transient import CONNECTION_LOST, retry_forever
+
 log = logging.getLogger(__name__)
 
 GAP: Final = "<gap>"
 """Delivered instead of payloads when some may have been missed."""
 
-_RECONNECT_MAX_S = 5.0
+# A LISTEN that fails for any of these means reconnecting.
+_LISTEN_FAILED: tuple[type[BaseException], ...] = (asyncpg.PostgresError, *CONNECTION_LOST)
 
 
 class Subscription:
@@ -112,7 +115,7 @@ class Listener:
         try:
             async with self._lock:
                 await con.add_listener(channel, self._on_notify)
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+        except _LISTEN_FAILED:
             self._lost.set()
 
     def _on_notify(self, con: Any, pid: int, channel: str, payload: object) -> None:
@@ -125,9 +128,14 @@ class Listener:
     async def _connect(self) -> None:
         con: asyncpg.Connection[Any] = await asyncpg.connect(self._dsn)
         con.add_termination_listener(self._on_termination)
-        async with self._lock:
-            for channel in list(self._subscribers):
-                await con.add_listener(channel, self._on_notify)
+        try:
+            async with self._lock:
+                for channel in list(self._subscribers):
+                    await con.add_listener(channel, self._on_notify)
+        except BaseException:
+            # Retried with a new connection: this one must not linger.
+            con.terminate()
+            raise
         self._con = con
         self._lost.clear()
         self.ready.set()
@@ -137,15 +145,12 @@ class Listener:
             await self._lost.wait()
             self.ready.clear()
             log.warning("lost the LISTEN connection; reconnecting")
-            delay = 0.1
-            while True:
-                try:
-                    await self._connect()
-                    break
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-                    log.warning("LISTEN reconnect failed (%s); retrying in %.1fs", error, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, _RECONNECT_MAX_S)
+            # Any refusal, not only a transient one (a password being
+            # rotated, a database being restored): watchers need this
+            # connection back whatever kept it away.
+            await retry_forever(
+                self._connect, log=log, what="LISTEN reconnect", also=(asyncpg.PostgresError,)
+            )
             # Notifications sent while we were away are gone: every
             # subscriber re-reads from its cursor.
             for subs in self._subscribers.values():

@@ -17,12 +17,16 @@ import hmac
 import json
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from server.errors import InvalidArgument
+
+T = TypeVar("T")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -51,6 +55,11 @@ class PageTokens:
     def __init__(self, secret: bytes) -> None:
         key = hmac.new(secret, b"pulse/page-token/aes-gcm", hashlib.sha256).digest()
         self._aead = AESGCM(key)
+
+    def listing(self, kind: str, tenant_id: uuid.UUID, *request: object) -> Listing:
+        """The page tokens of one listing, bound to the caller and to the
+        request fields that must stay the same from page to page."""
+        return Listing(self, kind, tenant_id, fingerprint(kind, *request))
 
     def seal(self, *, kind: str, tenant_id: uuid.UUID, request: str, key: Sequence[object]) -> str:
         payload = json.dumps(
@@ -89,3 +98,38 @@ class PageTokens:
         if not isinstance(key, list):
             raise InvalidArgument.single(field, "is malformed")
         return key
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """Where a page starts and the token of the next one, for one listing.
+
+    Every listing fetches one row more than the page holds (`size + 1`): that
+    row only says that another page exists.
+    """
+
+    tokens: PageTokens
+    kind: str
+    tenant_id: uuid.UUID
+    request: str
+
+    def start(self, page_token: str) -> list[object] | None:
+        """The key the previous page ended at, or None for the first page."""
+        if not page_token:
+            return None
+        return self.tokens.open(
+            page_token, kind=self.kind, tenant_id=self.tenant_id, request=self.request
+        )
+
+    def page(
+        self, rows: Sequence[T], size: int, key: Callable[[T], Sequence[object]]
+    ) -> tuple[list[T], str]:
+        """`rows` (fetched with limit `size + 1`) cut to `size`, and the token
+        of the next page, or "" when this is the last one."""
+        if len(rows) <= size:
+            return list(rows), ""
+        kept = list(rows[:size])
+        token = self.tokens.seal(
+            kind=self.kind, tenant_id=self.tenant_id, request=self.request, key=key(kept[-1])
+        )
+        return kept, token

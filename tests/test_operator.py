@@ -6,11 +6,13 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +79,29 @@ def test_pulse_run_prints_a_working_buf_curl_and_stops_on_ctrl_c(dsn: str, tmp_p
             check=False,
         )
         assert "pulse.device.v1.DeviceRegistryService/ListDevices" in listed.stdout, listed.stderr
+        # Both reflection protocols: grpcurl and buf curl try v1 first.
+        for protocol in ("grpc-v1", "grpc-v1alpha"):
+            listed = subprocess.run(
+                [
+                    str(BIN / "buf"),
+                    "curl",
+                    "--protocol",
+                    "grpc",
+                    "--http2-prior-knowledge",
+                    "--reflect-protocol",
+                    protocol,
+                    "--list-methods",
+                    f"http://{address.group(1)}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            assert "pulse.device.v1.TwinService/WatchTwin" in listed.stdout, (
+                protocol,
+                listed.stderr,
+            )
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=30)
@@ -95,3 +120,57 @@ def test_pulse_token_mints_a_verifiable_token(tmp_path: Path) -> None:
     token = out.stdout.strip()
     assert token.count(".") == 2
     assert (tmp_path / "secret").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.timeout(90)
+def test_ctrl_c_with_a_browser_open_stops_quickly_and_quietly(dsn: str, tmp_path: Path) -> None:
+    """A taken gRPC port is an ordinary fallback, not an error; an open event
+    stream (a console tab) does not hold the shutdown up, and the API stops
+    answering as soon as the signal arrives."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {
+            **os.environ,
+            "DATABASE_URL": dsn,
+            "PULSE_DATA_DIR": str(tmp_path),
+            "PULSE_GRPC_PORT": str(taken.getsockname()[1]),
+            "PULSE_HTTP_PORT": "0",
+            "PULSE_LOG_LEVEL": "WARNING",
+        }
+        proc = subprocess.Popen(
+            [str(BIN / "pulse"), "run"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            lines = _wait_for_banner(proc, time.monotonic() + 60)
+        except BaseException:
+            proc.kill()
+            raise
+    banner = "".join(lines)
+    token = re.search(r"admin token\s+(\S+)", banner)
+    http = re.search(r"console\s+(http://[\d.:]+)/", banner)
+    grpc_address = re.search(r"gRPC\s+([\d.:]+)", banner)
+    assert token and http and grpc_address, banner
+    assert not grpc_address.group(1).endswith(f":{env['PULSE_GRPC_PORT']}"), banner
+    headers = {"Authorization": f"Bearer {token.group(1)}"}
+    with httpx.Client(base_url=http.group(1), headers=headers, timeout=30) as browser:
+        with browser.stream("GET", "/customer/twins:watch?device_ids=DEVICE-01") as events:
+            assert events.status_code == 200
+            stream = events.iter_lines()
+            assert next(line for line in stream if line.startswith("data:"))
+            started = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            rest = list(stream)  # the stream ends, with a last event saying why
+        assert any("shutting down" in line for line in rest), rest
+        code = proc.wait(timeout=30)
+        took = time.monotonic() - started
+    assert code == 0
+    assert took < 10, f"stopping took {took:.1f}s"
+    output = banner + (proc.stdout.read() if proc.stdout else "")
+    for noise in ("Task was destroyed", "add_port", "Traceback"):
+        assert noise not in output, output

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pulse.device.v1 import connectivity_pb2, status_pb2
 
 from server.connectivity.model import EventRecord
-from server.registry.convert import struct, timestamp
+from server.protoconv import struct, timestamp
 
 EVENT_TYPE_NAMES: dict[int, str] = {
     int(v): k

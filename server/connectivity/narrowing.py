@@ -12,9 +12,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+from server import filters
 from server.connectivity.model import EventRecord
 from server.db import Connection
-from server.groups import filters
 from server.groups import store as groups_store
 
 

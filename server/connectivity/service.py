@@ -17,17 +17,12 @@ from server.connectivity.narrowing import Narrowing, load_group
 from server.connectivity.watch import WatchHub
 from server.db import Database
 from server.errors import FieldViolation, InvalidArgument, NotFound
-from server.pagination import PageTokens, fingerprint, page_size
+from server.pagination import PageTokens, page_size
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 MAX_WATCH_DEVICES = 1000
 _LIST_KIND = "connection-events"
-
-
-def _raise_if(violations: list[FieldViolation]) -> None:
-    if violations:
-        raise InvalidArgument(violations)
 
 
 def _event_types(field: str, values: Sequence[int], out: list[FieldViolation]) -> list[str]:
@@ -45,8 +40,14 @@ def _event_types(field: str, values: Sequence[int], out: list[FieldViolation]) -
     return sorted(set(names))
 
 
-def _time(ts: timestamp_pb2.Timestamp) -> datetime:
-    return ts.ToDatetime(tzinfo=UTC)
+def _time(field: str, request: Any, out: list[FieldViolation]) -> datetime | None:
+    """The timestamp in `request.<field>`, if set and in range."""
+    if not request.HasField(field):
+        return None
+    ts: timestamp_pb2.Timestamp = getattr(request, field)
+    before = len(out)
+    v.check_timestamp(field, ts, out)
+    return ts.ToDatetime(tzinfo=UTC) if len(out) == before else None
 
 
 def _list_size(request: connectivity_pb2.ListConnectionEventsRequest) -> int:
@@ -74,21 +75,17 @@ class ConnectivityService(connectivity_pb2_grpc.ConnectivityServiceServicer):
         if device_id is not None:
             v.check_id("device_id", device_id, out)
         types = _event_types("event_types", request.event_types, out)
-        start = _time(request.start_time) if request.HasField("start_time") else None
-        end = _time(request.end_time) if request.HasField("end_time") else None
+        start = _time("start_time", request, out)
+        end = _time("end_time", request, out)
         if start is not None and end is not None and start >= end:
             out.append(FieldViolation("end_time", "must be after start_time"))
-        _raise_if(out)
+        v.raise_if(out)
         size = _list_size(request)
-        request_fp = fingerprint(_LIST_KIND, device_id, start, end, types)
-        before = None
-        if request.page_token:
-            key = self._tokens.open(
-                request.page_token, kind=_LIST_KIND, tenant_id=tenant, request=request_fp
-            )
-            before = _list_key(key)
+        listing = self._tokens.listing(_LIST_KIND, tenant, device_id, start, end, types)
+        key = listing.start(request.page_token)
+        before = _list_key(key) if key is not None else None
         async with self._db.tenant(tenant, readonly=True) as con:
-            records = await store.list_events(
+            rows = await store.list_events(
                 con,
                 tenant,
                 device_id=device_id,
@@ -99,19 +96,12 @@ class ConnectivityService(connectivity_pb2_grpc.ConnectivityServiceServicer):
                 limit=size + 1,
             )
             # An empty first page may mean the device does not exist.
-            missing = not records and device_id is not None and before is None
+            missing = not rows and device_id is not None and before is None
             if missing and not await store.device_exists(con, tenant, device_id or ""):
                 raise NotFound("device", device_id or "")
-        token = ""
-        if len(records) > size:
-            records = records[:size]
-            last = records[-1]
-            token = self._tokens.seal(
-                kind=_LIST_KIND,
-                tenant_id=tenant,
-                request=request_fp,
-                key=[last.occurred_at.isoformat(), last.event_id],
-            )
+        records, token = listing.page(
+            rows, size, key=lambda e: [e.occurred_at.isoformat(), e.event_id]
+        )
         return connectivity_pb2.ListConnectionEventsResponse(
             events=[convert.event(r) for r in records], next_page_token=token
         )
@@ -133,7 +123,7 @@ class ConnectivityService(connectivity_pb2_grpc.ConnectivityServiceServicer):
         types = _event_types("event_types", request.event_types, out)
         if request.group_id:
             v.check_id("group_id", request.group_id, out)
-        _raise_if(out)
+        v.raise_if(out)
         resume = None
         if request.resume_cursor:
             resume = cursor.open_cursor(self._tokens, tenant, request.resume_cursor)

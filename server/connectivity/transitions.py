@@ -12,62 +12,34 @@ writer's lock, so the second writer finds nothing left to change and inserts
 no event. Rows are locked in (tenant_id, device_id) order, the same in every
 statement that locks more than one, so two flushes cannot deadlock each
 other; the sweep locks in last_seen order, and a deadlock between it and a
-flush is retried by the caller (`TRANSIENT_ERRORS`).
+flush is retried by the caller (server/transient.py).
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-
-import asyncpg
 
 from server.connectivity.model import CHANNEL, EVENT_WRITER_LOCK, Signal
 from server.db import Connection, Database
 
 EVALUATOR_ROLE = "pulse_evaluator"
 
-# Worth retrying the whole statement: a lost connection, a restarting server,
-# a deadlock victim or a serialization failure. Anything else is a bug.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.DeadlockDetectedError,
-    asyncpg.SerializationError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    # A pooled connection that PostgreSQL closed while it sat idle: asyncpg
-    # has read the FATAL message but not yet the end of the stream, and
-    # refuses the next query with this. A fresh connection works.
-    asyncpg.InternalClientError,
-)
 
-
-@asynccontextmanager
-async def fleet(db: Database) -> AsyncIterator[Connection]:
+def fleet(db: Database) -> AbstractAsyncContextManager[Connection]:
     """A transaction as pulse_evaluator: every tenant's device_state, no tenant scope.
 
     It announces itself as an event writer (EVENT_WRITER_LOCK) in its first
     round trip, before any write gives it a transaction id; every insert of
     events must happen in such a transaction, or watchers could miss it.
     """
-    async with db.pool.acquire() as con:
-        try:
-            await con.execute(
-                f"BEGIN; SET LOCAL ROLE {EVALUATOR_ROLE}; "
-                f"SELECT pg_advisory_xact_lock_shared({EVENT_WRITER_LOCK})"
-            )
-            yield con
-        except BaseException:
-            # Also when cancelled mid-BEGIN: never hand back an open transaction.
-            if not con.is_closed() and con.is_in_transaction():
-                await con.execute("ROLLBACK")
-            raise
-        await con.execute("COMMIT")
+    return db.transaction(
+        f"BEGIN; SET LOCAL ROLE {EVALUATOR_ROLE}; "
+        f"SELECT pg_advisory_xact_lock_shared({EVENT_WRITER_LOCK})"
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,15 +41,16 @@ from typing import NamedTuple
 
 import grpc
 from pulse.device.v1 import connectivity_pb2
+from pulse.device.v1.error_reason_pb2 import ErrorReason
 
 from server.connectivity import convert, cursor, store
 from server.connectivity.model import CHANNEL, EventRecord, Position
 from server.connectivity.narrowing import GroupView, Narrowing, load_group
-from server.connectivity.transitions import TRANSIENT_ERRORS
 from server.db import Database
-from server.errors import DomainError, NotFound
+from server.errors import DomainError, NotFound, ServerShuttingDown
 from server.listener import GAP, Listener, Subscription
 from server.pagination import PageTokens
+from server.transient import TRANSIENT
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +72,6 @@ _SUBSCRIPTION_SIZE = 10_000
 RESPONSE_CACHE = 4096
 
 
-class ServerShuttingDown(DomainError):
-    """The stream ended because the server is stopping; resume elsewhere."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-
-    def __init__(self, resume_cursor: str = "") -> None:
-        metadata = {"cursor": resume_cursor} if resume_cursor else {}
-        super().__init__(
-            "the server is shutting down; reconnect with your last cursor",
-            reason="SERVER_SHUTTING_DOWN",
-            metadata=metadata,
-        )
-
-
 class FeedFailed(DomainError):
     """The tenant's feed stopped on a bug; the server log has the traceback."""
 
@@ -93,7 +80,7 @@ class FeedFailed(DomainError):
     def __init__(self) -> None:
         super().__init__(
             "internal error in the watch feed; the server log has the details",
-            reason="WATCH_FEED_FAILED",
+            reason=ErrorReason.WATCH_FEED_FAILED,
         )
 
 
@@ -225,7 +212,7 @@ class _Feed:
             self.wake.clear()
             try:
                 batch, views, missing = await self._read()
-            except TRANSIENT_ERRORS as error:
+            except TRANSIENT as error:
                 log.warning("watch feed of %s: read failed (%s); retrying", self.tenant_id, error)
                 await self.hub.backoff(self)
                 self.wake.set()
@@ -248,7 +235,7 @@ class _Feed:
                 async with self.hub.db.tenant(self.tenant_id, readonly=True) as con:
                     self.head = Position(await store.horizon(con), 0)
                 break
-            except TRANSIENT_ERRORS as error:
+            except TRANSIENT as error:
                 log.warning("watch feed of %s: start failed (%s); retrying", self.tenant_id, error)
                 await self.hub.backoff(self)
         self.hub.recovered(self)
@@ -533,6 +520,6 @@ class WatchHub:
                     )
                 self.recovered(watcher)
                 return batch, view
-            except TRANSIENT_ERRORS as error:
+            except TRANSIENT as error:
                 log.warning("watch catch-up read failed (%s); retrying", error)
                 await self.backoff(watcher)

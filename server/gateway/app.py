@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +26,20 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from server.gateway import openapi, routes, status, transcode
+from server.gateway import openapi, routes, sse, status, transcode
 
 log = logging.getLogger("pulse.gateway")
 
 CONSOLE_DIR = Path(__file__).resolve().parent / "console"
-HEARTBEAT_S = 15.0
 # Errors a stream raises before its first message (bad token, unknown
 # device, invalid request) arrive within this; they become plain HTTP errors.
 _STREAM_STARTUP_S = 0.5
-_FORWARDED_HEADERS = ("authorization", "x-request-id")
+# Headers passed on as gRPC metadata, and the error for a value that gRPC
+# cannot carry (metadata values are printable ASCII).
+_FORWARDED_HEADERS = {
+    "authorization": grpc.StatusCode.UNAUTHENTICATED,
+    "x-request-id": grpc.StatusCode.INVALID_ARGUMENT,
+}
 _ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
@@ -45,6 +49,33 @@ def _error(http: int, code: grpc.StatusCode, message: str) -> JSONResponse:
     return JSONResponse(body, status_code=http)
 
 
+def _failed(error: grpc.aio.AioRpcError) -> JSONResponse:
+    http, body, headers = status.from_rpc_error(error)
+    return JSONResponse(body, status_code=http, headers=headers)
+
+
+def _printable_ascii(value: str) -> bool:
+    return all(" " <= c <= "~" for c in value)
+
+
+class _BadHeader(ValueError):
+    def __init__(self, name: str, code: grpc.StatusCode) -> None:
+        super().__init__(f"the {name} header must be printable ASCII")
+        self.code = code
+
+
+def _metadata(request: Request) -> tuple[tuple[str, str], ...]:
+    forwarded = []
+    for name, code in _FORWARDED_HEADERS.items():
+        value = request.headers.get(name)
+        if value is None:
+            continue
+        if not _printable_ascii(value):
+            raise _BadHeader(name, code)
+        forwarded.append((name, value))
+    return tuple(forwarded)
+
+
 class Gateway:
     def __init__(
         self,
@@ -52,9 +83,11 @@ class Gateway:
         services: Sequence[descriptor.ServiceDescriptor],
         *,
         max_body_bytes: int,
+        stopping: asyncio.Event,
     ) -> None:
         self.routes = routes.routes_for(list(services))
         self._max_body = max_body_bytes
+        self._stopping = stopping
         self._calls: dict[str, Any] = {}
         for route in self.routes:
             make = channel.unary_stream if route.streaming else channel.unary_unary
@@ -97,6 +130,10 @@ class Gateway:
     async def _serve(
         self, route: routes.Route, params: dict[str, str], request: Request
     ) -> Response:
+        try:
+            metadata = _metadata(request)
+        except _BadHeader as e:
+            return _error(status.HTTP_STATUS[e.code], e.code, str(e))
         body = await self._read_body(request) if route.body else b""
         if body is None:
             return _error(
@@ -116,16 +153,12 @@ class Gateway:
             )
         except transcode.BadRequest as e:
             return _error(400, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        metadata = tuple(
-            (name, request.headers[name]) for name in _FORWARDED_HEADERS if name in request.headers
-        )
         if route.streaming:
             return await self._stream(route, message, metadata)
         try:
             reply: Message = await self._calls[route.grpc_method](message, metadata=metadata)
         except grpc.aio.AioRpcError as e:
-            http, error_body = status.from_rpc_error(e)
-            return JSONResponse(error_body, status_code=http)
+            return _failed(e)
         body = json.dumps(transcode.to_json(reply), separators=(",", ":")).encode()
         etag = transcode.etag_of(reply, body)
         headers = {"ETag": etag} if etag else {}
@@ -147,13 +180,12 @@ class Gateway:
         if first in done and first.exception() is not None:
             error = first.exception()
             if isinstance(error, grpc.aio.AioRpcError):
-                http, error_body = status.from_rpc_error(error)
-                return JSONResponse(error_body, status_code=http)
+                return _failed(error)
             if isinstance(error, StopAsyncIteration):
                 return StreamingResponse(iter(()), media_type="text/event-stream")
             raise error
         return StreamingResponse(
-            _events(call, responses, first),
+            sse.events(call, responses, first, self._stopping),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -165,46 +197,19 @@ def _etags(header: str | None) -> set[str]:
     return {tag.strip().removeprefix("W/") for tag in header.split(",")}
 
 
-def _event(message: Message) -> str:
-    data = json.dumps(transcode.to_json(message), separators=(",", ":"))
-    cursor = transcode.cursor_of(message)
-    return (f"id: {cursor}\n" if cursor else "") + f"data: {data}\n\n"
-
-
-async def _events(
-    call: Any, responses: AsyncIterator[Message], pending: asyncio.Future[Message]
-) -> AsyncIterator[str]:
-    """Messages as server-sent events, with a comment line as heartbeat so
-    proxies keep an idle stream open."""
-    try:
-        while True:
-            done, _ = await asyncio.wait({pending}, timeout=HEARTBEAT_S)
-            if not done:
-                yield ": keep-alive\n\n"
-                continue
-            try:
-                message = pending.result()
-            except StopAsyncIteration:
-                return
-            except grpc.aio.AioRpcError as e:
-                _, body = status.from_rpc_error(e)
-                yield f"event: error\ndata: {json.dumps(body)}\n\n"
-                return
-            yield _event(message)
-            pending = asyncio.ensure_future(responses.__anext__())
-    finally:
-        pending.cancel()
-        call.cancel()
-
-
 def create_app(
     channel: grpc.aio.Channel,
     services: Sequence[descriptor.ServiceDescriptor],
     *,
     max_body_bytes: int = 1 << 20,
     cors_origins: Sequence[str] = (),
+    stopping: asyncio.Event | None = None,
 ) -> Starlette:
-    gateway = Gateway(channel, services, max_body_bytes=max_body_bytes)
+    """The gateway app. Setting `stopping` ends every open event stream with
+    a "shutting down" error event, so the server can stop promptly."""
+    gateway = Gateway(
+        channel, services, max_body_bytes=max_body_bytes, stopping=stopping or asyncio.Event()
+    )
     document = openapi.document(gateway.routes)
 
     async def openapi_json(request: Request) -> Response:
@@ -230,7 +235,7 @@ def create_app(
                     "if-none-match",
                     "last-event-id",
                 ],
-                expose_headers=["etag"],
+                expose_headers=["etag", "retry-after"],
             )
         )
     return Starlette(routes=mounts, middleware=middleware)

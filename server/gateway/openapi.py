@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from google.protobuf import descriptor
+from pulse.device.v1 import http_options_pb2
 
 from server.gateway.routes import Route
-from server.gateway.transcode import FD
+from server.gateway.transcode import FD, MAX_JSON_DEPTH, marked_field
 
 _WELL_KNOWN: dict[str, dict[str, Any]] = {
     "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
@@ -54,6 +55,80 @@ _ERROR = {
         }
     },
 }
+
+
+_ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying, when the server said.",
+        "schema": {"type": "integer", "minimum": 0},
+    }
+}
+# Every operation may be refused for load or while the server is unavailable.
+_BACK_OFF_RESPONSES = {
+    "429": {
+        "description": "Too many requests (RESOURCE_EXHAUSTED).",
+        "headers": _RETRY_AFTER,
+        "content": _ERROR_CONTENT,
+    },
+    "503": {
+        "description": "Unavailable: the API server cannot be reached, the gateway is at its "
+        "connection limit, or it is shutting down.",
+        "headers": _RETRY_AFTER,
+        "content": _ERROR_CONTENT,
+    },
+}
+
+
+def _header(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "header", "description": description, "schema": {"type": "string"}}
+
+
+def _version_headers(route: Route, operation: dict[str, Any]) -> None:
+    """The headers and answers the http_options field options drive: ETag
+    and If-None-Match (304) on versioned responses, If-Match (409, 428) on
+    writes that take a version, Last-Event-ID on resumable streams."""
+    request, response = route.method.input_type, route.method.output_type
+    parameters, responses = operation["parameters"], operation["responses"]
+    if_match = marked_field(request, http_options_pb2.if_match)
+    if if_match is not None:
+        parameters.append(
+            _header(
+                "If-Match",
+                f"The ETag (or version) last read; fills `{if_match.name}` unless the "
+                "request sets it.",
+            )
+        )
+        responses["409"] = {
+            "description": "The resource changed since that version (reason VERSION_MISMATCH).",
+            "content": _ERROR_CONTENT,
+        }
+        responses["428"] = {
+            "description": "A version is required and neither If-Match nor "
+            f"`{if_match.name}` gave one (reason PRECONDITION_REQUIRED).",
+            "content": _ERROR_CONTENT,
+        }
+    versioned = marked_field(response, http_options_pb2.etag) is not None
+    if versioned and not route.streaming:
+        responses["200"]["headers"] = {
+            "ETag": {
+                "description": "A strong validator: the version, then a digest of the body.",
+                "schema": {"type": "string"},
+            }
+        }
+        if route.http_method == "GET":
+            parameters.append(
+                _header("If-None-Match", "ETags already held; 304 when the current one matches.")
+            )
+            responses["304"] = {"description": "Not modified: the If-None-Match ETag is current."}
+    resume = marked_field(request, http_options_pb2.resume_cursor)
+    if resume is not None and route.streaming:
+        parameters.append(
+            _header(
+                "Last-Event-ID",
+                f"The `id` of the last event received; resumes after it (fills `{resume.name}`).",
+            )
+        )
 
 
 class _Schemas:
@@ -150,15 +225,12 @@ def document(routes: list[Route]) -> dict[str, Any]:
             "parameters": parameters,
             "responses": {
                 "200": {"description": "OK", "content": content},
-                "default": {
-                    "description": "Error",
-                    "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
-                    },
-                },
+                **_BACK_OFF_RESPONSES,
+                "default": {"description": "Error", "content": _ERROR_CONTENT},
             },
             "security": [{"bearer": []}],
         }
+        _version_headers(route, operation)
         if route.body:
             body_schema = (
                 schemas.ref(route.method.input_type)
@@ -167,6 +239,7 @@ def document(routes: list[Route]) -> dict[str, Any]:
             )
             operation["requestBody"] = {
                 "required": True,
+                "description": f"JSON nested at most {MAX_JSON_DEPTH} levels deep.",
                 "content": {"application/json": {"schema": body_schema}},
             }
         paths.setdefault(_path_key(route), {})[route.http_method.lower()] = operation

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 from collections.abc import AsyncIterator, Iterator, Sequence
 
@@ -14,6 +15,7 @@ import uvicorn
 from google.protobuf import descriptor, descriptor_pool
 
 from server.gateway.app import create_app
+from server.gateway.connections import ConnectionLimits, protocol_class
 
 log = logging.getLogger("pulse.gateway")
 
@@ -56,16 +58,40 @@ async def running_gateway(
     port: int,
     cors_origins: Sequence[str] = (),
     max_body_bytes: int = 1 << 20,
+    header_timeout_s: float = 10.0,
+    max_connections: int = 1000,
+    shutdown_grace_s: float = 5.0,
 ) -> AsyncIterator[int]:
-    """Serve HTTP until the context ends; yields the bound port."""
+    """Serve HTTP until the context ends; yields the bound port.
+
+    A connection must send its request head within `header_timeout_s` (408
+    otherwise); beyond `max_connections` open ones, new connections are
+    answered 503. On exit, open event streams end with a "shutting down"
+    error event, and requests still running after `shutdown_grace_s` are
+    cancelled.
+    """
     channel = grpc.aio.insecure_channel(grpc_target)
+    stopping = asyncio.Event()
     app = create_app(
-        channel, services(service_names), max_body_bytes=max_body_bytes, cors_origins=cors_origins
+        channel,
+        services(service_names),
+        max_body_bytes=max_body_bytes,
+        cors_origins=cors_origins,
+        stopping=stopping,
     )
     sock = _bind(host, port)
     bound = int(sock.getsockname()[1])
+    limits = ConnectionLimits(header_timeout_s=header_timeout_s, max_connections=max_connections)
     server = _InProcessServer(
-        uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+        uvicorn.Config(
+            app,
+            http=protocol_class(limits),
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            # uvicorn counts whole seconds.
+            timeout_graceful_shutdown=math.ceil(shutdown_grace_s),
+        )
     )
     task = asyncio.create_task(server.serve(sockets=[sock]), name="gateway")
     try:
@@ -76,6 +102,7 @@ async def running_gateway(
         log.info("HTTP gateway listening on %s:%d", host, bound)
         yield bound
     finally:
+        stopping.set()
         server.should_exit = True
         await task
         sock.close()

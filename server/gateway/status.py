@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf import json_format
@@ -46,10 +47,19 @@ def error_body(code: grpc.StatusCode, message: str, details: list[Any]) -> dict[
     }
 
 
-def from_rpc_error(error: grpc.aio.AioRpcError) -> tuple[int, dict[str, Any]]:
-    """HTTP status and JSON body for a failed call, details included."""
+class HttpError(NamedTuple):
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError) -> HttpError:
+    """HTTP status, JSON body (details included) and headers for a failed
+    call. A RetryInfo detail becomes `Retry-After`, so HTTP clients back off
+    from a 429 or 503 as long as the server asked gRPC clients to."""
     code = error.code()
     details: list[Any] = []
+    headers: dict[str, str] = {}
     http = HTTP_STATUS.get(code, 500)
     trailing: Any = error.trailing_metadata() or ()
     for key, value in trailing:
@@ -62,6 +72,11 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> tuple[int, dict[str, Any]]:
                 info = error_details_pb2.ErrorInfo()
                 any_detail.Unpack(info)
                 http = REASON_STATUS.get(info.reason, http)
+            elif any_detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                any_detail.Unpack(retry)
+                delay = retry.retry_delay.ToTimedelta().total_seconds()
+                headers["Retry-After"] = str(max(0, math.ceil(delay)))
     body = error_body(code, error.details() or code.name, details)
     body["error"]["code"] = http
-    return http, body
+    return HttpError(http, body, headers)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import descriptor, json_format
 from google.protobuf.message import Message
@@ -26,6 +26,12 @@ _INTS = _INT64 | {FD.TYPE_INT32, FD.TYPE_UINT32, FD.TYPE_SINT32, FD.TYPE_FIXED32
 _FLOATS = {FD.TYPE_DOUBLE, FD.TYPE_FLOAT}
 _SAFE_INT = 2**53
 _FIELD_MASK = "google.protobuf.FieldMask"
+_JSON_VALUES = {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"}
+# Deepest JSON body accepted, counting objects and arrays ({"a": 1} is 1).
+# Twin documents and metadata may hold 10 levels inside their field, so this
+# leaves ample room; it stays well under protobuf's recursion limit of 100
+# messages, which a JSON level costs two of (Struct, then Value).
+MAX_JSON_DEPTH = 32
 
 
 def _camel(path: str) -> str:
@@ -101,6 +107,39 @@ def _type_name(field: FD) -> str:
     return "value"
 
 
+def _json_depth(value: object) -> int:
+    """Nesting depth of decoded JSON, without recursion (the value is
+    untrusted)."""
+    deepest = 0
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            depth += 1
+            deepest = max(deepest, depth)
+            if depth > MAX_JSON_DEPTH:
+                break
+            stack.extend((child, depth) for child in _children(item))
+    return deepest
+
+
+def _children(container: dict[str, Any] | list[Any]) -> Iterable[object]:
+    return container.values() if isinstance(container, dict) else container
+
+
+def _decode_body(body: bytes) -> object:
+    too_deep = BadRequest(f"the body is nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        parsed = json.loads(body) if body.strip() else {}
+    except RecursionError:
+        raise too_deep from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"the body is not valid JSON: {e}") from None
+    if _json_depth(parsed) > MAX_JSON_DEPTH:
+        raise too_deep
+    return parsed
+
+
 def _put(data: dict[str, Any], parts: list[str], value: object, repeated: bool) -> None:
     node = data
     for name in parts[:-1]:
@@ -113,6 +152,8 @@ def _put(data: dict[str, Any], parts: list[str], value: object, repeated: bool) 
         if not isinstance(existing, list):
             raise BadRequest(f"{'.'.join(parts)} conflicts with another value")
         existing.append(value)
+    elif parts[-1] in node:
+        raise BadRequest(f"{'.'.join(parts)} is given more than once")
     else:
         node[parts[-1]] = value
 
@@ -130,10 +171,7 @@ def build_request(
     message_desc = request_class.DESCRIPTOR
     data: dict[str, Any] = {}
     if body_field:
-        try:
-            parsed = json.loads(body) if body.strip() else {}
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadRequest(f"the body is not valid JSON: {e}") from None
+        parsed = _decode_body(body)
         if body_field == "*":
             if not isinstance(parsed, dict):
                 raise BadRequest("the body must be a JSON object")
@@ -149,6 +187,8 @@ def build_request(
         parts, field = _field_at(message_desc, key)
         if parts[0] == body_field:
             raise BadRequest(f"{key} belongs in the body")
+        if key in path_params:
+            raise BadRequest(f"{key} is already given in the path")
         _put(data, parts, _scalar(field, raw, key), repeated=field.is_repeated)
     if infer_update_mask:
         _implied_update_mask(message_desc, data, body_field, set(path_params))
@@ -161,6 +201,11 @@ def build_request(
         json_format.ParseDict(data, message)
     except json_format.ParseError as e:
         raise BadRequest(str(e)) from None
+    except Exception as e:
+        # Everything ParseDict reads came from the client, so whatever else
+        # it raises (RecursionError, TypeError on odd shapes, ...) is still
+        # a bad request, never a server error.
+        raise BadRequest(f"the request does not fit {message_desc.name}: {e}") from None
     return message
 
 
@@ -199,27 +244,48 @@ def to_json(message: Message) -> dict[str, Any]:
         preserving_proto_field_name=True,
         always_print_fields_with_no_presence=True,
     )
-    _numbers_for_int64(message.DESCRIPTOR, out)
-    return out
+    return cast(dict[str, Any], _numbers(message.DESCRIPTOR, out))
 
 
-def _numbers_for_int64(message: Desc, data: dict[str, Any]) -> None:
-    if message.full_name.startswith("google.protobuf."):
-        return
+def _numbers(message: Desc, data: Any) -> Any:
+    """`data` (the JSON of one `message`) with the numbers clients expect:
+    64-bit integers as numbers, not proto3 JSON's strings, and whole numbers
+    in Struct/Value/ListValue as integers, not the doubles they are stored
+    as (a document holding 21 reads back 21, not 21.0)."""
+    if message.full_name in _JSON_VALUES:
+        return _integral(data)
+    if message.full_name.startswith("google.protobuf.") or not isinstance(data, dict):
+        return data
     for field in message.fields:
         value = data.get(field.name)
         if value is None:
             continue
-        if field.type in _INT64:
-            if isinstance(value, list):
-                data[field.name] = [_safe_int(v) for v in value]
-            else:
-                data[field.name] = _safe_int(value)
-        elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
-            items = value if isinstance(value, list) else [value]
-            for item in items:
-                if isinstance(item, dict):
-                    _numbers_for_int64(field.message_type, item)
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            entry = field.message_type.fields_by_name["value"]
+            data[field.name] = {k: _single(entry, v) for k, v in value.items()}
+        elif field.is_repeated:
+            data[field.name] = [_single(field, v) for v in value]
+        else:
+            data[field.name] = _single(field, value)
+    return data
+
+
+def _single(field: FD, value: Any) -> Any:
+    if field.type in _INT64:
+        return _safe_int(value)
+    if field.message_type is not None:
+        return _numbers(field.message_type, value)
+    return value
+
+
+def _integral(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) <= _SAFE_INT:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
 
 
 def _safe_int(value: object) -> object:

@@ -2,38 +2,15 @@
 
 from __future__ import annotations
 
-from google.protobuf import json_format
-from pulse.device.v1 import filter_pb2, groups_pb2, status_pb2
+from pulse.device.v1 import groups_pb2, status_pb2
 
-from server.errors import FieldViolation
-from server.groups import filters
+from server import protoconv
 from server.groups.store import GroupRecord, MemberRecord
-from server.registry.convert import timestamp
+from server.protoconv import timestamp
 
 # member_count and total are int32 so that JSON carries numbers, as upstream's
 # did; a group larger than this is reported as this.
 INT32_MAX = 2**31 - 1
-
-
-def parse_request_filter(
-    message: filter_pb2.DeviceFilter, *, field: str, out: list[FieldViolation]
-) -> filters.DeviceFilter | None:
-    """The parsed filter, or None after adding its violations to `out`.
-
-    The message goes through its protobuf-JSON form, the form parse_filter
-    defines, so gRPC and HTTP callers meet the same rules and field paths.
-    """
-    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    try:
-        return filters.parse_filter(data, field_prefix=field)
-    except filters.FilterError as e:
-        out.extend(FieldViolation(v.field, v.description) for v in e.violations)
-        return None
-
-
-def filter_message(canonical: dict[str, object]) -> filter_pb2.DeviceFilter:
-    """A stored (canonical JSON) filter as a DeviceFilter message."""
-    return json_format.ParseDict(canonical, filter_pb2.DeviceFilter())
 
 
 def count(value: int) -> int:
@@ -54,7 +31,7 @@ def group(record: GroupRecord) -> groups_pb2.Group:
     if record.query_filter is not None:
         # CopyFrom marks the field present even for the empty filter, so a
         # dynamic group that selects every active device still has one.
-        message.query_filter.CopyFrom(filter_message(record.query_filter))
+        message.query_filter.CopyFrom(protoconv.filter_message(record.query_filter))
         message.query_filter.SetInParent()
     return message
 

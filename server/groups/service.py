@@ -13,13 +13,15 @@ from typing import Any
 import grpc
 from google.protobuf import empty_pb2
 from pulse.device.v1 import filter_pb2, groups_pb2, groups_pb2_grpc
+from pulse.device.v1.error_reason_pb2 import ErrorReason
 
+from server import filters, protoconv
 from server import validation as v
 from server.auth import current_principal
 from server.db import Database
 from server.errors import FailedPrecondition, FieldViolation, InvalidArgument
-from server.groups import convert, filters, store
-from server.pagination import PageTokens, fingerprint, page_size
+from server.groups import convert, store
+from server.pagination import PageTokens, page_size
 
 Context = grpc.aio.ServicerContext[Any, Any]
 GroupType = groups_pb2.Group.GroupType
@@ -47,7 +49,7 @@ def _required_filter(
             )
         )
         return None
-    return convert.parse_request_filter(group.query_filter, field="group.query_filter", out=out)
+    return protoconv.parse_request_filter(group.query_filter, field="group.query_filter", out=out)
 
 
 def _new_group_fields(group: groups_pb2.Group) -> dict[str, Any]:
@@ -119,7 +121,7 @@ def _update_fields(request: groups_pb2.UpdateGroupRequest) -> dict[str, Any]:
         # caller never saw, so it has to be asked for explicitly.
         raise FailedPrecondition(
             "name the version you read in expected_version (HTTP: If-Match)",
-            reason="PRECONDITION_REQUIRED",
+            reason=ErrorReason.PRECONDITION_REQUIRED,
             metadata={"group": request.group.group_id},
             subject=f"device-groups/{request.group.group_id}",
         )
@@ -144,7 +146,7 @@ def _static_only(group: store.GroupRecord) -> None:
         raise FailedPrecondition(
             f"group {group.group_id!r} is dynamic: its members are the devices its "
             "filter selects; change the filter instead",
-            reason="GROUP_NOT_STATIC",
+            reason=ErrorReason.GROUP_NOT_STATIC,
             metadata={"group": group.group_id},
             subject=f"device-groups/{group.group_id}",
         )
@@ -180,23 +182,13 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
     ) -> groups_pb2.ListGroupsResponse:
         tenant = current_principal().tenant_id
         size = page_size(request.page_size)
-        request_fp = fingerprint("groups")
-        after: tuple[str, str] | None = None
-        if request.page_token:
-            name, group_id = self._tokens.open(
-                request.page_token, kind="groups", tenant_id=tenant, request=request_fp
-            )
-            after = (str(name), str(group_id))
+        listing = self._tokens.listing("groups", tenant)
+        start = listing.start(request.page_token)
+        after = (str(start[0]), str(start[1])) if start is not None else None
         async with self._db.tenant(tenant, readonly=True) as con:
-            records = await store.list_groups(con, tenant, after=after, limit=size + 1)
-            more = len(records) > size
-            records = [await store.with_member_count(con, tenant, r) for r in records[:size]]
-        token = ""
-        if more:
-            last = records[-1]
-            token = self._tokens.seal(
-                kind="groups", tenant_id=tenant, request=request_fp, key=[last.name, last.group_id]
-            )
+            rows = await store.list_groups(con, tenant, after=after, limit=size + 1)
+            rows, token = listing.page(rows, size, key=lambda g: [g.name, g.group_id])
+            records = [await store.with_member_count(con, tenant, r) for r in rows]
         return groups_pb2.ListGroupsResponse(
             groups=[convert.group(r) for r in records], next_page_token=token
         )
@@ -213,7 +205,7 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
                 raise FailedPrecondition(
                     f"group {group_id!r} is static and has no filter; "
                     "change its members with AddGroupMembers and RemoveGroupMembers",
-                    reason="GROUP_NOT_DYNAMIC",
+                    reason=ErrorReason.GROUP_NOT_DYNAMIC,
                     metadata={"group": group_id},
                     subject=f"device-groups/{group_id}",
                 )
@@ -249,17 +241,18 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
         tenant = current_principal().tenant_id
         group_id = v.require_id("group_id", request.group_id)
         size = page_size(request.page_size)
-        request_fp = fingerprint("group-members", group_id)
-        after = self._cursor(request.page_token, "group-members", tenant, request_fp)
+        listing = self._tokens.listing("group-members", tenant, group_id)
+        after = _after_device(listing.start(request.page_token))
         async with self._db.tenant(tenant, readonly=True) as con:
             group = await store.get_group(con, tenant, group_id)
-            page = await store.list_members(con, tenant, group, after=after, limit=size)
+            rows = await store.list_members(con, tenant, group, after=after, limit=size + 1)
             total = await store.count_members(con, tenant, group) if request.include_total else None
+        members, token = listing.page(rows, size, key=lambda m: [m.device_id])
         response = groups_pb2.ListGroupMembersResponse(
             group_id=group.group_id,
             group_type=GroupType.Value(group.group_type),
-            members=[convert.member(m) for m in page.members],
-            next_page_token=self._next_token(page, "group-members", tenant, request_fp),
+            members=[convert.member(m) for m in members],
+            next_page_token=token,
         )
         if total is not None:
             response.total = convert.count(total)
@@ -298,7 +291,7 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
         out: list[FieldViolation] = []
         # Unset previews the empty filter: every active device.
         message = request.query_filter if request.HasField("query_filter") else None
-        parsed = convert.parse_request_filter(
+        parsed = protoconv.parse_request_filter(
             message or filter_pb2.DeviceFilter(), field="query_filter", out=out
         )
         size = 0
@@ -308,33 +301,26 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
             out.extend(e.violations)
         v.raise_if(out)
         assert parsed is not None
-        request_fp = fingerprint("filter-preview", filters.canonical_text(parsed))
-        after = self._cursor(request.page_token, "filter-preview", tenant, request_fp)
+        listing = self._tokens.listing("filter-preview", tenant, filters.canonical_text(parsed))
+        after = _after_device(listing.start(request.page_token))
         async with self._db.tenant(tenant, readonly=True) as con:
-            page = await store.list_filter_members(con, tenant, parsed, after=after, limit=size)
+            rows = await store.list_filter_members(con, tenant, parsed, after=after, limit=size + 1)
             total = (
                 await store.count_filter_members(con, tenant, parsed)
                 if request.include_total
                 else None
             )
+        members, token = listing.page(rows, size, key=lambda m: [m.device_id])
         response = groups_pb2.PreviewFilterResponse(
-            members=[convert.member(m) for m in page.members],
-            next_page_token=self._next_token(page, "filter-preview", tenant, request_fp),
-            query_filter=convert.filter_message(filters.canonical_json(parsed)),
+            members=[convert.member(m) for m in members],
+            next_page_token=token,
+            query_filter=protoconv.filter_message(filters.canonical_json(parsed)),
         )
         if total is not None:
             response.total = convert.count(total)
         return response
 
-    def _cursor(self, token: str, kind: str, tenant: uuid.UUID, request_fp: str) -> str:
-        """The last device_id of the previous page, or "" for the first page."""
-        if not token:
-            return ""
-        (after,) = self._tokens.open(token, kind=kind, tenant_id=tenant, request=request_fp)
-        return str(after)
 
-    def _next_token(self, page: store.Page, kind: str, tenant: uuid.UUID, request_fp: str) -> str:
-        if not page.more:
-            return ""
-        last = page.members[-1].device_id
-        return self._tokens.seal(kind=kind, tenant_id=tenant, request=request_fp, key=[last])
+def _after_device(start: list[object] | None) -> str:
+    """The last device_id of the previous page, or "" for the first page."""
+    return "" if start is None else str(start[0])

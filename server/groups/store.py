@@ -15,7 +15,9 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+from pulse.device.v1.error_reason_pb2 import ErrorReason
 
+from server import filters
 from server.db import Connection
 from server.errors import (
     AlreadyExists,
@@ -24,7 +26,6 @@ from server.errors import (
     InvalidArgument,
     NotFound,
 )
-from server.groups import filters
 
 STATIC = "STATIC"
 DYNAMIC = "DYNAMIC"
@@ -54,13 +55,6 @@ class MemberRecord:
     # None only if a device lacked its device_state row (see _FROM_DEVICES).
     status: str | None
     site_id: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Page:
-    members: list[MemberRecord]
-    # True when there are members after the last one returned.
-    more: bool
 
 
 _GROUP_COLUMNS = """
@@ -196,7 +190,7 @@ def version_mismatch(current: GroupRecord, expected: int) -> FailedPrecondition:
     return FailedPrecondition(
         f"group {current.group_id!r} is at version {current.version}, not {expected}; "
         "read it again and retry",
-        reason="VERSION_MISMATCH",
+        reason=ErrorReason.VERSION_MISMATCH,
         metadata={
             "group": current.group_id,
             "current_version": str(current.version),
@@ -377,7 +371,7 @@ def count_sql(compiled: filters.CompiledFilter, *, limit: int | None = None) -> 
 
 async def list_members(
     con: Connection, tenant_id: uuid.UUID, group: GroupRecord, *, after: str, limit: int
-) -> Page:
+) -> list[MemberRecord]:
     """Up to `limit` members with device_id > `after`, in device_id order."""
     if group.group_type == DYNAMIC:
         return await list_filter_members(
@@ -396,24 +390,19 @@ async def list_members(
         tenant_id,
         group.group_id,
         after,
-        limit + 1,
+        limit,
     )
-    return _page(rows, limit)
+    return [_member(r) for r in rows]
 
 
 async def list_filter_members(
     con: Connection, tenant_id: uuid.UUID, f: filters.DeviceFilter, *, after: str, limit: int
-) -> Page:
-    """A page of the devices `f` selects, after `after` in device_id order."""
+) -> list[MemberRecord]:
+    """Up to `limit` of the devices `f` selects, after `after` in device_id order."""
     compiled = compile_members_filter(f, first_param=4)
     await con.execute(_CUSTOM_PLANS)
-    rows = await con.fetch(members_sql(compiled), tenant_id, after, limit + 1, *compiled.params)
-    return _page(rows, limit)
-
-
-def _page(rows: list[asyncpg.Record], limit: int) -> Page:
-    # One row beyond the page is fetched to know whether another page exists.
-    return Page([_member(r) for r in rows[:limit]], more=len(rows) > limit)
+    rows = await con.fetch(members_sql(compiled), tenant_id, after, limit, *compiled.params)
+    return [_member(r) for r in rows]
 
 
 async def count_members(con: Connection, tenant_id: uuid.UUID, group: GroupRecord) -> int:

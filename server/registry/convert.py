@@ -1,32 +1,11 @@
-"""Records to protos and back; no rules, no I/O."""
+"""Device and site records to protos; no rules, no I/O."""
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
-
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from pulse.device.v1 import devices_pb2, status_pb2
 
+from server.protoconv import struct, timestamp
 from server.registry.store import DeviceRecord, SiteRecord
-
-
-def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
-def struct(doc: dict[str, Any]) -> struct_pb2.Struct:
-    out = struct_pb2.Struct()
-    out.update(doc)
-    return out
-
-
-def to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(value)
 
 
 def device(record: DeviceRecord) -> devices_pb2.Device:

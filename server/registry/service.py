@@ -7,13 +7,12 @@ from typing import Any
 import grpc
 from pulse.device.v1 import devices_pb2, devices_pb2_grpc, filter_pb2
 
+from server import filters, protoconv
 from server import validation as v
 from server.auth import current_principal
 from server.db import Database
 from server.errors import FieldViolation, InvalidArgument
-from server.groups import filters
-from server.groups.convert import parse_request_filter
-from server.pagination import PageTokens, fingerprint, page_size
+from server.pagination import PageTokens, page_size
 from server.registry import convert, store
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -37,22 +36,23 @@ def _checked_device_fields(device: devices_pb2.Device, paths: set[str]) -> dict[
         v.check_tags("device.tags", device.tags, out)
         values["tags"] = dict(device.tags)
     if "metadata" in paths:
-        metadata = convert.to_dict(device.metadata)
-        v.check_document("device.metadata", metadata, v.METADATA_MAX_BYTES, out)
-        values["metadata"] = metadata
+        try:
+            metadata = protoconv.struct_to_dict("device.metadata", device.metadata)
+        except InvalidArgument as e:
+            out.extend(e.violations)
+        else:
+            v.check_document("device.metadata", metadata, v.METADATA_MAX_BYTES, out)
+            values["metadata"] = metadata
     v.raise_if(out)
     return values
 
 
-def compile_request_filter(
-    message: filter_pb2.DeviceFilter, *, first_param: int, field: str = "filter"
-) -> tuple[filters.CompiledFilter, str]:
-    """The compiled filter and its canonical text (for page-token fingerprints)."""
+def parse_device_filter(message: filter_pb2.DeviceFilter) -> filters.DeviceFilter:
     out: list[FieldViolation] = []
-    parsed = parse_request_filter(message, field=field, out=out)
+    parsed = protoconv.parse_request_filter(message, field="filter", out=out)
     if parsed is None:
         raise InvalidArgument(out)
-    return filters.compile_filter(parsed, first_param=first_param), filters.canonical_text(parsed)
+    return parsed
 
 
 class DeviceRegistryService(devices_pb2_grpc.DeviceRegistryServiceServicer):
@@ -84,28 +84,18 @@ class DeviceRegistryService(devices_pb2_grpc.DeviceRegistryServiceServicer):
     ) -> devices_pb2.ListDevicesResponse:
         tenant = current_principal().tenant_id
         size = page_size(request.page_size)
-        compiled, canonical = compile_request_filter(request.filter, first_param=4)
-        request_fp = fingerprint("devices", canonical)
-        after = None
-        if request.page_token:
-            (after,) = self._tokens.open(
-                request.page_token, kind="devices", tenant_id=tenant, request=request_fp
-            )
+        device_filter = parse_device_filter(request.filter)
+        listing = self._tokens.listing("devices", tenant, filters.canonical_text(device_filter))
+        start = listing.start(request.page_token)
         async with self._db.tenant(tenant, readonly=True) as con:
-            records = await store.list_devices(
+            rows = await store.list_devices(
                 con,
                 tenant,
-                after=str(after) if after is not None else None,
+                after=str(start[0]) if start is not None else None,
                 limit=size + 1,
-                filter_sql=compiled.sql,
-                filter_params=compiled.params,
+                device_filter=device_filter,
             )
-        token = ""
-        if len(records) > size:
-            records = records[:size]
-            token = self._tokens.seal(
-                kind="devices", tenant_id=tenant, request=request_fp, key=[records[-1].device_id]
-            )
+        records, token = listing.page(rows, size, key=lambda d: [d.device_id])
         return devices_pb2.ListDevicesResponse(
             devices=[convert.device(r) for r in records], next_page_token=token
         )
@@ -164,22 +154,13 @@ class DeviceRegistryService(devices_pb2_grpc.DeviceRegistryServiceServicer):
     ) -> devices_pb2.ListSitesResponse:
         tenant = current_principal().tenant_id
         size = page_size(request.page_size)
-        request_fp = fingerprint("sites")
-        after = None
-        if request.page_token:
-            (after,) = self._tokens.open(
-                request.page_token, kind="sites", tenant_id=tenant, request=request_fp
-            )
+        listing = self._tokens.listing("sites", tenant)
+        start = listing.start(request.page_token)
         async with self._db.tenant(tenant, readonly=True) as con:
-            records = await store.list_sites(
-                con, tenant, after=str(after) if after is not None else None, limit=size + 1
+            rows = await store.list_sites(
+                con, tenant, after=str(start[0]) if start is not None else None, limit=size + 1
             )
-        token = ""
-        if len(records) > size:
-            records = records[:size]
-            token = self._tokens.seal(
-                kind="sites", tenant_id=tenant, request=request_fp, key=[records[-1].site_id]
-            )
+        records, token = listing.page(rows, size, key=lambda s: [s.site_id])
         return devices_pb2.ListSitesResponse(
             sites=[convert.site(r) for r in records], next_page_token=token
         )

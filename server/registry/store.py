@@ -5,13 +5,14 @@ primary-key index is used and RLS is a second, independent fence."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
+from pulse.device.v1.error_reason_pb2 import ErrorReason
 
+from server import filters
 from server.db import Connection
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
@@ -120,26 +121,23 @@ async def list_devices(
     *,
     after: str | None,
     limit: int,
-    filter_sql: str = "TRUE",
-    filter_params: Sequence[object] = (),
+    device_filter: filters.DeviceFilter | None = None,
 ) -> list[DeviceRecord]:
-    """Up to `limit` devices after `after` in device_id order.
-
-    `filter_sql` is a compiled filter: a boolean expression over `d` and `s`
-    whose placeholders start at $4.
-    """
+    """Up to `limit` devices after `after` in device_id order, of those
+    `device_filter` selects."""
+    compiled = filters.compile_filter(device_filter or filters.DeviceFilter(), first_param=4)
     rows = await con.fetch(
         f"""
         SELECT {_DEVICE_COLUMNS}
         FROM devices d JOIN device_state s USING (tenant_id, device_id)
-        WHERE d.tenant_id = $1 AND d.device_id > $2 AND ({filter_sql})
+        WHERE d.tenant_id = $1 AND d.device_id > $2 AND ({compiled.sql})
         ORDER BY d.device_id
         LIMIT $3
         """,
         tenant_id,
         after or "",
         limit,
-        *filter_params,
+        *compiled.params,
     )
     return [_device(r) for r in rows]
 
@@ -171,7 +169,7 @@ async def update_device(
         current = await get_device(con, tenant_id, device_id)  # NotFound if absent
         raise FailedPrecondition(
             f"device {device_id!r} is {current.lifecycle.lower()} and cannot be changed",
-            reason="DEVICE_DECOMMISSIONED",
+            reason=ErrorReason.DEVICE_DECOMMISSIONED,
             metadata={"device": device_id},
             subject=f"devices/{device_id}",
         )

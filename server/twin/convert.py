@@ -4,35 +4,13 @@ the way out, from the two documents (they are never stored)."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
 
-from google.protobuf import struct_pb2
 from pulse.device.v1 import status_pb2, twin_pb2
 
-from server.registry.convert import struct, timestamp
+from server.protoconv import struct, timestamp, value
 from server.twin.delta import Delta, compute_delta, flat_delta
 from server.twin.store import TwinRecord
 from server.twin.sync import sync_status
-
-
-def value(item: Any) -> struct_pb2.Value:
-    """A JSON value as a protobuf Value."""
-    out = struct_pb2.Value()
-    if item is None:
-        out.null_value = struct_pb2.NULL_VALUE
-    elif isinstance(item, bool):
-        out.bool_value = item
-    elif isinstance(item, int | float):
-        out.number_value = item
-    elif isinstance(item, str):
-        out.string_value = item
-    elif isinstance(item, dict):
-        out.struct_value.update(item)
-    elif isinstance(item, list):
-        out.list_value.extend(item)
-    else:
-        raise TypeError(f"not a JSON value: {type(item).__name__}")
-    return out
 
 
 def delta(result: Delta, *, desired_version: int, reported_version: int) -> twin_pb2.TwinDelta:

@@ -9,7 +9,9 @@ from typing import Any
 import grpc
 from google.protobuf import struct_pb2
 from pulse.device.v1 import twin_pb2, twin_pb2_grpc
+from pulse.device.v1.error_reason_pb2 import ErrorReason
 
+from server import protoconv
 from server import validation as v
 from server.auth import current_principal
 from server.db import Database
@@ -18,7 +20,6 @@ from server.listener import Listener
 from server.twin import convert, documents, store
 from server.twin.merge_patch import apply_merge_patch
 from server.twin.notify import ChangeNotifier
-from server.twin.sync import stale_after_from_env
 from server.twin.watch import watch
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -38,7 +39,7 @@ def _expected_version(device_id: str, has_expected: bool, expected: int, force: 
     raise FailedPrecondition(
         "name the desired_version you read in expected_version (or set force to "
         "overwrite whatever is stored)",
-        reason="PRECONDITION_REQUIRED",
+        reason=ErrorReason.PRECONDITION_REQUIRED,
         metadata={"device": device_id},
         subject=f"devices/{device_id}/twin",
     )
@@ -46,12 +47,12 @@ def _expected_version(device_id: str, has_expected: bool, expected: int, force: 
 
 class TwinService(twin_pb2_grpc.TwinServiceServicer):
     def __init__(
-        self, db: Database, listener: Listener, *, stale_after: timedelta | None = None
+        self, db: Database, listener: Listener, notifier: ChangeNotifier, *, stale_after: timedelta
     ) -> None:
         self._db = db
         self._listener = listener
-        self._notifier = ChangeNotifier(db)
-        self._stale_after = stale_after if stale_after is not None else stale_after_from_env()
+        self._notifier = notifier
+        self._stale_after = stale_after
 
     def _render(self, record: store.TwinRecord) -> twin_pb2.Twin:
         return convert.twin(record, now=datetime.now(UTC), stale_after=self._stale_after)
@@ -126,7 +127,7 @@ class TwinService(twin_pb2_grpc.TwinServiceServicer):
 def _patch(message: struct_pb2.Struct) -> dict[str, Any]:
     # Only converted here: the limits apply to the merged document, since a
     # patch may delete more than it adds.
-    return documents.convert_struct("patch", message)
+    return protoconv.struct_to_dict("patch", message)
 
 
 def _watch_request(request: twin_pb2.WatchTwinRequest) -> tuple[list[str], dict[str, int]]:

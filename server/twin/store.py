@@ -9,13 +9,15 @@ outbox queue spans tenants (see migrations/0003_twin.sql).
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pulse.device.v1.error_reason_pb2 import ErrorReason
+
+from server import wire
 from server.db import Connection
 from server.errors import FailedPrecondition, NotFound
 
@@ -116,7 +118,7 @@ def version_mismatch(device_id: str, expected: int, current: int) -> FailedPreco
     return FailedPrecondition(
         f"desired state of device {device_id!r} is at version {current}, not {expected}; "
         "read it again and retry",
-        reason="VERSION_MISMATCH",
+        reason=ErrorReason.VERSION_MISMATCH,
         metadata={
             "device": device_id,
             "expected_version": str(expected),
@@ -129,7 +131,7 @@ def version_mismatch(device_id: str, expected: int, current: int) -> FailedPreco
 def _decommissioned(device_id: str) -> FailedPrecondition:
     return FailedPrecondition(
         f"device {device_id!r} is decommissioned and its twin cannot be changed",
-        reason="DEVICE_DECOMMISSIONED",
+        reason=ErrorReason.DEVICE_DECOMMISSIONED,
         metadata={"device": device_id},
         subject=f"devices/{device_id}",
     )
@@ -372,9 +374,7 @@ class Desired:
 
     def payload(self) -> bytes:
         """The MQTT message devices receive on their twin/desired topic."""
-        return json.dumps(
-            {"state": self.document, "version": self.version}, separators=(",", ":")
-        ).encode()
+        return wire.desired(self.document, self.version)
 
 
 async def current_desired(

@@ -3,28 +3,13 @@
 from __future__ import annotations
 
 import enum
-import os
-from collections.abc import Mapping
 from datetime import datetime, timedelta
-
-DEFAULT_STALE_AFTER = timedelta(seconds=300)
 
 
 class SyncStatus(enum.Enum):
     SYNCED = "SYNCED"
     PENDING = "PENDING"
     STALE = "STALE"
-
-
-def stale_after_from_env(env: Mapping[str, str] | None = None) -> timedelta:
-    """PULSE_TWIN_STALE_AFTER_S, or five minutes."""
-    raw = (os.environ if env is None else env).get("PULSE_TWIN_STALE_AFTER_S")
-    if not raw:
-        return DEFAULT_STALE_AFTER
-    seconds = float(raw)
-    if not seconds > 0:
-        raise ValueError("PULSE_TWIN_STALE_AFTER_S must be a positive number of seconds")
-    return timedelta(seconds=seconds)
 
 
 def sync_status(

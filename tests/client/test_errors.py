@@ -49,6 +49,7 @@ STATUSES: dict[str, status_pb2.Status] = {
         code=code_pb2.INVALID_ARGUMENT,
         message="bad request",
         details=[
+            # A reason newer than this client: readable, but not an ErrorReason.
             _pack(_info("INVALID_FIELDS")),
             _pack(
                 error_details_pb2.BadRequest(
@@ -260,7 +261,9 @@ async def test_not_found_carries_error_info(served: Served, flavour: str) -> Non
     assert type(error) is pc.NotFound
     assert error.code is grpc.StatusCode.NOT_FOUND
     assert error.message == "device NOPE-1 not found"
-    assert error.reason == "DEVICE_NOT_FOUND"
+    assert error.reason is pc.ErrorReason.DEVICE_NOT_FOUND
+    assert error.reason == "DEVICE_NOT_FOUND"  # the wire name, for string comparisons
+    assert error.reason_name == "DEVICE_NOT_FOUND"
     assert error.domain == DOMAIN
     assert error.metadata == {"device": "NOPE-1"}
     assert error.field_violations == []
@@ -276,7 +279,9 @@ async def test_not_found_carries_error_info(served: Served, flavour: str) -> Non
 async def test_invalid_argument_lists_field_violations(served: Served, flavour: str) -> None:
     error = await _failure(flavour, served.target, "invalid")
     assert type(error) is pc.InvalidArgument
-    assert error.reason == "INVALID_FIELDS"
+    assert error.reason is pc.ErrorReason.ERROR_REASON_UNSPECIFIED
+    assert error.reason_name == "INVALID_FIELDS"
+    assert "[INVALID_FIELDS]" in str(error)
     assert error.field_violations == [
         pc.FieldViolation("device.device_id", "is required"),
         pc.FieldViolation("device.name", "at most 256 characters"),
@@ -289,6 +294,7 @@ async def test_version_mismatch_is_a_version_conflict(served: Served, flavour: s
     error = await _failure(flavour, served.target, "version")
     assert type(error) is pc.VersionConflict
     assert isinstance(error, pc.FailedPrecondition)
+    assert error.reason is pc.ErrorReason.VERSION_MISMATCH
     assert error.current_version == 7
     assert error.metadata == {"current_version": "7", "expected_version": "3"}
     assert error.precondition_violations == [
@@ -300,14 +306,16 @@ async def test_version_mismatch_is_a_version_conflict(served: Served, flavour: s
 async def test_reason_class_never_contradicts_the_code(served: Served) -> None:
     error = await _failure("async", served.target, "version_aborted")
     assert type(error) is pc.Aborted
-    assert error.reason == "VERSION_MISMATCH"
+    assert error.reason is pc.ErrorReason.VERSION_MISMATCH
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 async def test_status_without_details(served: Served, flavour: str) -> None:
     error = await _failure(flavour, served.target, "plain")
     assert type(error) is pc.Unavailable
-    assert (error.message, error.reason, error.domain) == ("down for maintenance", "", "")
+    assert (error.message, error.reason_name, error.domain) == ("down for maintenance", "", "")
+    assert error.reason is pc.ErrorReason.ERROR_REASON_UNSPECIFIED
+    assert not error.reason and str(error.reason) == ""
     assert error.metadata == {} and error.details == []
 
 
@@ -330,6 +338,7 @@ async def test_errors_survive_pickling(served: Served) -> None:
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is pc.InvalidArgument
     assert (copy.code, copy.message, copy.reason) == (error.code, error.message, error.reason)
+    assert copy.reason_name == error.reason_name == "INVALID_FIELDS"
     assert copy.field_violations == error.field_violations
     assert copy.details == error.details
     assert str(copy) == str(error)
@@ -406,7 +415,7 @@ async def test_stream_items_then_converted_error(served: Served) -> None:
             async for item in stream:
                 received.append(item.value)
     assert received == ["x-0", "x-1"]
-    assert info.value.reason == "DEVICE_NOT_FOUND"
+    assert info.value.reason is pc.ErrorReason.DEVICE_NOT_FOUND
     assert isinstance(info.value.__cause__, grpc.RpcError)
     assert served.fake.authorizations == ["Bearer t"]
 
@@ -444,7 +453,7 @@ def _sync_stream_run(target: str) -> tuple[list[str], pc.PulseError, list[str]]:
 async def test_sync_stream(served: Served) -> None:
     received, error, cancelled = await asyncio.to_thread(_sync_stream_run, served.target)
     assert received == ["y-0", "y-1"]
-    assert error.reason == "DEVICE_NOT_FOUND"
+    assert error.reason is pc.ErrorReason.DEVICE_NOT_FOUND
     assert isinstance(error.__cause__, grpc.RpcError)
     assert cancelled == ["first"]
 

@@ -23,6 +23,7 @@ PUBLIC = [
     "DataLoss",
     "DeadlineExceeded",
     "Devices",
+    "ErrorReason",
     "FailedPrecondition",
     "FieldViolation",
     "FilterLike",
@@ -79,7 +80,8 @@ def test_every_status_code_has_its_class(code: grpc.StatusCode) -> None:
         grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "why", None)
     )
     assert type(error) is cls
-    assert (error.code, error.message, error.reason) == (code, "why", "")
+    assert (error.code, error.message, error.reason_name) == (code, "why", "")
+    assert error.reason is pc.ErrorReason.ERROR_REASON_UNSPECIFIED
     assert cls("direct").code is code
 
 

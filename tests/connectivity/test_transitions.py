@@ -14,8 +14,8 @@ import pytest
 from pulse.device.v1 import connectivity_pb2 as cp
 from pulse.device.v1 import status_pb2 as st
 
-from evaluator import topics
 from evaluator.liveness import Liveness, classify, plan_rounds
+from server import wire
 from server.connectivity.model import Signal
 from server.connectivity.transitions import DeviceSignal, Transition, apply_signals, fleet, sweep
 from server.db import Database, create_pool
@@ -32,8 +32,8 @@ async def second_pool(dsn: str) -> AsyncIterator[Database]:
     await database.close()
 
 
-def _message(kind: str, payload: bytes = b"", *, retain: bool = False) -> topics.DeviceMessage:
-    return topics.DeviceMessage(uuid.uuid4(), "D", kind, payload, datetime.now(UTC), retain=retain)
+def _message(kind: str, payload: bytes = b"", *, retain: bool = False) -> wire.DeviceMessage:
+    return wire.DeviceMessage(uuid.uuid4(), "D", kind, payload, datetime.now(UTC), retain=retain)
 
 
 def test_messages_become_signals() -> None:

@@ -9,11 +9,11 @@ import pulse_client as pc
 import pytest
 from pulse.device.v1 import connectivity_pb2, status_pb2
 
+from server import filters
 from server.app import RunningServer
 from server.connectivity.model import Signal
 from server.connectivity.transitions import DeviceSignal, Transition, apply_signals, fleet
 from server.db import Database
-from server.groups import filters
 from server.groups import store as groups_store
 from tests.conftest import ClientFactory, Tenant, TenantFactory
 

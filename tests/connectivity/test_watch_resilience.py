@@ -18,8 +18,9 @@ import pytest
 
 from server import config
 from server.app import start
-from server.connectivity.transitions import TRANSIENT_ERRORS, Transition
+from server.connectivity.transitions import Transition
 from server.db import Database
+from server.transient import TRANSIENT
 from tests.conftest import Tenant
 
 from .conftest import Collector, create_devices, flap
@@ -34,7 +35,7 @@ async def _flap_retrying(
     for _ in range(50):
         try:
             return await flap(db, tenant.tenant_id, devices, rounds)
-        except TRANSIENT_ERRORS:
+        except TRANSIENT:
             await asyncio.sleep(0.1)
     raise AssertionError("the database did not come back")
 

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 
 from server.db import Database
-from server.groups.filters import DeviceRow
+from server.filters import DeviceRow
 
 
 async def insert_sites(db: Database, tenant_id: uuid.UUID, site_ids: Iterable[str]) -> None:

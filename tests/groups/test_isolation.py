@@ -11,8 +11,8 @@ import pytest
 from google.protobuf import json_format
 from pulse.device.v1 import filter_pb2, groups_pb2
 
+from server import filters
 from server.db import Database
-from server.groups import filters
 from tests.conftest import ClientFactory, Tenant, TenantFactory
 from tests.groups.helpers import insert_rows, insert_sites, row
 from tests.registry.test_tenancy import other_tenant

@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pulse.device.v1 import filter_pb2, groups_pb2
 
-from server import config
+from server import config, filters
 from server.auth import Role, mint_token
 from server.db import Database
-from server.groups import filters, store
+from server.groups import store
 from server.tenants import ensure_tenant
 from tests.conftest import ClientFactory, Tenant
 from tests.groups.helpers import insert_rows, insert_sites, row, set_status

@@ -15,8 +15,8 @@ import pytest
 from pulse.device.v1 import twin_pb2
 from pulse_client import AsyncPulseClient, struct_to_dict
 
-from evaluator import topics
 from evaluator.twin_ingest import TwinIngest
+from server import wire
 from server.db import Database
 from server.twin import store
 from tests.conftest import Tenant, TenantFactory
@@ -29,7 +29,7 @@ def reported(state: Any, version: Any) -> bytes:
 
 
 async def send(mqtt: aiomqtt.Client, tenant_id: uuid.UUID, device_id: str, payload: bytes) -> None:
-    await mqtt.publish(topics.topic(tenant_id, device_id, "twin/reported"), payload, qos=1)
+    await mqtt.publish(wire.topic(tenant_id, device_id, "twin/reported"), payload, qos=1)
 
 
 def snapshot(twin: twin_pb2.Twin) -> tuple[object, ...]:
@@ -183,7 +183,7 @@ async def test_a_batch_is_one_statement_per_tenant(
         version = n // 50 + 1  # four rounds over the 50 devices
         for tenant_id in (tenant.tenant_id, other.tenant_id):
             await ingest.handle(
-                topics.DeviceMessage(
+                wire.DeviceMessage(
                     tenant_id=tenant_id,
                     device_id=f"D{n % 50}",
                     kind="twin/reported",
@@ -251,7 +251,7 @@ async def test_a_document_postgresql_refuses_costs_only_its_own_message(
     ingest = TwinIngest(db)
     for device_id, state in (("A", {"ok": 1}), ("B", {"poison": 1}), ("C", {"ok": 3})):
         await ingest.handle(
-            topics.DeviceMessage(
+            wire.DeviceMessage(
                 tenant_id=tenant.tenant_id,
                 device_id=device_id,
                 kind="twin/reported",

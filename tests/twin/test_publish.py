@@ -13,8 +13,8 @@ import aiomqtt
 import pytest
 from pulse_client import AsyncPulseClient
 
-from evaluator import topics
 from evaluator.twin_publisher import TwinPublisher
+from server import wire
 from server.db import Database
 from server.twin import store
 from tests.conftest import Tenant
@@ -77,7 +77,7 @@ async def test_desired_is_published_after_commit_and_never_before(
 ) -> None:
     running = await start_evaluator()
     await create_devices(client, "D1")
-    topic = topics.topic(tenant.tenant_id, "D1", "twin/desired")
+    topic = wire.topic(tenant.tenant_id, "D1", "twin/desired")
     async with subscribed(mqtt_url, topic) as inbox:
         async with db.tenant(tenant.tenant_id) as con:
             await store.write_desired(
@@ -141,7 +141,7 @@ async def test_a_publication_lost_after_commit_happens_on_restart(
     assert await queued(db, tenant) == 2
 
     await start_evaluator()
-    topic = topics.topic(tenant.tenant_id, "D1", "twin/desired")
+    topic = wire.topic(tenant.tenant_id, "D1", "twin/desired")
 
     async def drained() -> bool:
         return await queued(db, tenant) == 0

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from server import validation
+from server import config, validation
 from server.errors import FieldViolation
 from server.listener import GAP
 from server.twin import documents, notify
-from server.twin.sync import SyncStatus, stale_after_from_env, sync_status
+from server.twin.sync import SyncStatus, sync_status
 from server.twin.watch import _changed
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
@@ -71,11 +71,17 @@ def test_a_twin_never_written_ages_from_its_last_report() -> None:
     assert status(400) is SyncStatus.STALE
 
 
-def test_the_stale_threshold_is_configurable() -> None:
-    assert stale_after_from_env({}) == timedelta(seconds=300)
-    assert stale_after_from_env({"PULSE_TWIN_STALE_AFTER_S": "2.5"}) == timedelta(seconds=2.5)
-    with pytest.raises(ValueError):
-        stale_after_from_env({"PULSE_TWIN_STALE_AFTER_S": "0"})
+def test_the_stale_thresholds_are_configurable_and_distinct() -> None:
+    base = {"PULSE_SECRET": "x" * 32}
+    defaults = config.load(base)
+    assert (defaults.twin_stale_after_s, defaults.liveness_stale_after_s) == (300, 30)
+    assert config.load({**base, "PULSE_TWIN_STALE_AFTER_S": "2.5"}).twin_stale_after_s == 2.5
+    # The liveness setting's earlier name still works; the new one wins.
+    assert config.load({**base, "PULSE_STALE_AFTER_S": "7"}).liveness_stale_after_s == 7
+    both = {**base, "PULSE_STALE_AFTER_S": "7", "PULSE_LIVENESS_STALE_AFTER_S": "9"}
+    assert config.load(both).liveness_stale_after_s == 9
+    with pytest.raises(ValueError, match="PULSE_TWIN_STALE_AFTER_S must be positive"):
+        config.load({**base, "PULSE_TWIN_STALE_AFTER_S": "0"})
 
 
 def _nested(depth: int, leaf: Any = 1) -> Any:

@@ -27,7 +27,7 @@ from typing import TypeVar
 
 from hypothesis import strategies as st
 
-from server.groups.filters import (
+from server.filters import (
     ConnectivityStatus,
     DeviceFilter,
     DeviceRow,

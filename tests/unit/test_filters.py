@@ -16,7 +16,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from server.groups.filters import (
+from server.filters import (
     FIELDS,
     MAX_ID_LENGTH,
     MAX_LIST_ITEMS,

@@ -1,8 +1,8 @@
 """Exceptions raised by the Pulse client.
 
 Every failed RPC raises a subclass of :class:`PulseError`, picked first by the
-status code and then, when the server's ``google.rpc.ErrorInfo`` reason has a
-dedicated class, by that reason::
+status code and then, when the server's ``google.rpc.ErrorInfo`` reason (an
+:class:`ErrorReason`) has a dedicated class, by that reason::
 
     PulseError
      ├── Cancelled
@@ -14,7 +14,7 @@ dedicated class, by that reason::
      ├── PermissionDenied
      ├── ResourceExhausted
      ├── FailedPrecondition
-     │    └── VersionConflict        (reason VERSION_MISMATCH)
+     │    └── VersionConflict        (ErrorReason.VERSION_MISMATCH)
      ├── Aborted
      ├── OutOfRange
      ├── Unimplemented
@@ -41,12 +41,15 @@ from google.rpc import (  # type: ignore[import-untyped, unused-ignore]
     status_pb2,
 )
 
+from ._reasons import ErrorReason
+
 __all__ = [
     "Aborted",
     "AlreadyExists",
     "Cancelled",
     "DataLoss",
     "DeadlineExceeded",
+    "ErrorReason",
     "FailedPrecondition",
     "FieldViolation",
     "Internal",
@@ -96,7 +99,11 @@ class PulseError(Exception):
     Attributes:
         code: The gRPC status code.
         message: The status message from the server.
-        reason: ``ErrorInfo.reason`` (UPPER_SNAKE, e.g. ``DEVICE_NOT_FOUND``), or "".
+        reason: ``ErrorInfo.reason`` as an :class:`ErrorReason` (e.g.
+            ``ErrorReason.DEVICE_NOT_FOUND``, which also equals the string
+            ``"DEVICE_NOT_FOUND"``); ``ERROR_REASON_UNSPECIFIED`` (equal to "")
+            when there is no ErrorInfo or its reason is newer than this client.
+        reason_name: ``ErrorInfo.reason`` exactly as sent, known or not, or "".
         domain: ``ErrorInfo.domain`` (e.g. ``pulse.device.v1``), or "".
         metadata: ``ErrorInfo.metadata``: structured facts about the failure.
         field_violations: The ``BadRequest`` field violations, if any.
@@ -123,7 +130,7 @@ class PulseError(Exception):
         message: str = "",
         *,
         code: grpc.StatusCode | None = None,
-        reason: str = "",
+        reason: ErrorReason | str = "",
         domain: str = "",
         metadata: Mapping[str, str] | None = None,
         field_violations: Iterable[FieldViolation] = (),
@@ -133,7 +140,10 @@ class PulseError(Exception):
         super().__init__(message)
         self.code: grpc.StatusCode = code if code is not None else self.grpc_status_code
         self.message: str = message
-        self.reason: str = reason
+        # A reason from a newer server maps to ERROR_REASON_UNSPECIFIED but
+        # keeps its text in reason_name.
+        self.reason_name: str = str(reason)
+        self.reason: ErrorReason = ErrorReason.parse(self.reason_name)
         self.domain: str = domain
         self.metadata: dict[str, str] = dict(metadata or {})
         self.field_violations: list[FieldViolation] = list(field_violations)
@@ -142,8 +152,8 @@ class PulseError(Exception):
 
     def __str__(self) -> str:
         text = f"{self.code.name}: {self.message}"
-        if self.reason:
-            text += f" [{self.reason}]"
+        if self.reason_name:
+            text += f" [{self.reason_name}]"
         if self.field_violations:
             text += " (" + "; ".join(f"{v.field}: {v.description}" for v in self.field_violations)
             text += ")"
@@ -273,12 +283,12 @@ class VersionConflict(FailedPrecondition):
 # ErrorInfo reasons with a dedicated class. A reason class is only used when it
 # subclasses the class of the status code, so ``except <code class>`` keeps
 # catching it whatever the reason.
-_BY_REASON: dict[str, type[PulseError]] = {
-    "VERSION_MISMATCH": VersionConflict,
+_BY_REASON: dict[ErrorReason, type[PulseError]] = {
+    ErrorReason.VERSION_MISMATCH: VersionConflict,
 }
 
 
-def _error_class(code: grpc.StatusCode, reason: str) -> type[PulseError]:
+def _error_class(code: grpc.StatusCode, reason: ErrorReason) -> type[PulseError]:
     by_code = _BY_CODE.get(code, Unknown)
     by_reason = _BY_REASON.get(reason)
     if by_reason is not None and issubclass(by_reason, by_code):
@@ -368,7 +378,7 @@ def from_rpc_error(error: grpc.RpcError) -> PulseError:
     if code is grpc.StatusCode.OK:
         # An RpcError that claims OK is a transport oddity, not a success.
         code = grpc.StatusCode.UNKNOWN
-    cls = _error_class(code, reason)
+    cls = _error_class(code, ErrorReason.parse(reason))
     return cls(
         message if isinstance(message, str) else "",
         code=code,

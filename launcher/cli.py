@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import shlex
+import socket
 import uuid
 from collections.abc import Coroutine
 from typing import Any
@@ -24,8 +24,8 @@ from server.gateway.serve import running_gateway
 log = logging.getLogger("pulse")
 
 
-def _run_async(main: Coroutine[Any, Any, None]) -> None:
-    if os.environ.get("PULSE_UVLOOP", "1") != "0":
+def _run_async(settings: config.Settings, main: Coroutine[Any, Any, None]) -> None:
+    if settings.uvloop:
         try:
             import uvloop
         except ImportError:
@@ -43,14 +43,37 @@ async def _database_url(settings: config.Settings) -> tuple[str, EmbeddedPostgre
     return await embedded.start(), embedded
 
 
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 async def _start_server(settings: config.Settings, dsn: str) -> RunningServer:
-    try:
-        return await start(settings, dsn)
-    except RuntimeError:
-        if settings.grpc_port == 0:
-            raise
-        log.warning("port %d is taken; using a free one instead", settings.grpc_port)
-        return await start(config.replace_port(settings, 0), dsn)
+    # Checked here first: gRPC's own failed bind logs a C-core error that
+    # reads like a crash, for what is an ordinary fallback.
+    if settings.grpc_port and not _port_is_free(settings.grpc_host, settings.grpc_port):
+        log.warning("gRPC port %d is taken; using a free one instead", settings.grpc_port)
+        settings = config.replace_port(settings, 0)
+    return await start(settings, dsn)
+
+
+def _gateway(settings: config.Settings, grpc_target: str) -> Any:
+    return running_gateway(
+        grpc_target,
+        SERVICE_NAMES,
+        host=settings.http_host,
+        port=settings.http_port,
+        cors_origins=settings.cors_origins,
+        max_body_bytes=settings.http_max_body,
+        header_timeout_s=settings.http_header_timeout_s,
+        max_connections=settings.http_max_connections,
+        shutdown_grace_s=max(1, round(settings.shutdown_grace_s)),
+    )
 
 
 def _banner(settings: config.Settings, port: int, http_port: int, token: str, mqtt_url: str) -> str:
@@ -95,17 +118,11 @@ async def _run(settings: config.Settings) -> None:
         async with mqtt_broker(settings.mqtt_url) as mqtt_url:
             running = await _start_server(settings, dsn)
             async with (
+                running.stopping(),
                 running_evaluator(settings, dsn, mqtt_url),
                 # Live data for the demo: DEVICE-01..05 apply desired state.
                 running_fleet(mqtt_url, DEMO_TENANT, device_ids(5)),
-                running_gateway(
-                    f"127.0.0.1:{running.port}",
-                    SERVICE_NAMES,
-                    host=settings.http_host,
-                    port=settings.http_port,
-                    cors_origins=settings.cors_origins,
-                    max_body_bytes=settings.http_max_body,
-                ) as http_port,
+                _gateway(settings, f"127.0.0.1:{running.port}") as http_port,
             ):
                 token = mint_token(
                     settings.secret,
@@ -116,7 +133,9 @@ async def _run(settings: config.Settings) -> None:
                 print(_banner(settings, running.port, http_port, token, mqtt_url), flush=True)
                 await wait_for_signal()
                 log.info("shutting down")
-            await running.stop()
+                # First: no new calls, open streams (and so the browsers'
+                # event streams) end now, running calls get the grace period.
+                await running.stop()
     finally:
         if embedded is not None:
             await embedded.stop()
@@ -150,15 +169,8 @@ async def _evaluator(settings: config.Settings) -> None:
             await embedded.stop()
 
 
-async def _gateway(settings: config.Settings, grpc_target: str) -> None:
-    async with running_gateway(
-        grpc_target,
-        SERVICE_NAMES,
-        host=settings.http_host,
-        port=settings.http_port,
-        cors_origins=settings.cors_origins,
-        max_body_bytes=settings.http_max_body,
-    ) as port:
+async def _gateway_alone(settings: config.Settings, grpc_target: str) -> None:
+    async with _gateway(settings, grpc_target) as port:
         print(f"HTTP gateway on http://{settings.http_host}:{port}/ -> gRPC {grpc_target}")
         await wait_for_signal()
 
@@ -236,18 +248,14 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
     elif args.command == "migrate":
-        _run_async(_migrate(settings))
+        _run_async(settings, _migrate(settings))
     elif args.command == "retention":
-        _run_async(_retention(settings, args.days or settings.event_retention_days))
+        _run_async(settings, _retention(settings, args.days or settings.event_retention_days))
     elif args.command == "gateway":
-        _run_async(_gateway(settings, args.grpc_target))
+        _run_async(settings, _gateway_alone(settings, args.grpc_target))
     elif args.command == "evaluator":
-        _run_async(_evaluator(settings))
+        _run_async(settings, _evaluator(settings))
     elif args.command == "simulate":
-        _run_async(_simulate(settings, args))
+        _run_async(settings, _simulate(settings, args))
     else:
-        _run_async(_run(settings))
-
-
-if __name__ == "__main__":
-    main()
+        _run_async(settings, _run(settings))
