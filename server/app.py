@@ -134,7 +134,10 @@ def _server_options(settings: Settings) -> list[tuple[str, Any]]:
         # The server pings quiet connections to find dead peers.
         ("grpc.keepalive_time_ms", 120_000),
         ("grpc.keepalive_timeout_ms", 20_000),
-        # Streams per connection; calls past it wait in the client.
+        # Streams per connection; calls past it wait in the client. With a
+        # limit set, a burst grpc.aio cannot take in fast enough is refused
+        # (REFUSED_STREAM: UNAVAILABLE, retryable, not processed) instead of
+        # being cancelled (CANCELLED, which no client retries).
         ("grpc.max_concurrent_streams", 1000),
     ]
 

@@ -18,6 +18,7 @@ must outlive a database outage.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -91,11 +92,20 @@ def _policy(first_s: float, cap_s: float) -> wait_exponential_jitter:
 async def retry(attempt: Callable[[], Awaitable[T]], *, budget_s: float | None = None) -> T:
     """`attempt()`, tried again on an error `is_safe_to_retry` up to ATTEMPTS
     times in all, and never sleeping past `budget_s` (a call's deadline)."""
+    try:
+        # The common case pays for nothing beyond the call itself.
+        return await attempt()
+    except Exception as error:
+        if not is_safe_to_retry(error) or (budget_s is not None and budget_s <= _CALL_FIRST_S):
+            raise
+    loop = asyncio.get_running_loop()
+    started = loop.time()
 
     def stop(state: RetryCallState) -> bool:
-        if state.attempt_number >= ATTEMPTS:
+        # The attempt above was the first.
+        if state.attempt_number + 1 >= ATTEMPTS:
             return True
-        elapsed = state.seconds_since_start or 0.0
+        elapsed = loop.time() - started
         return budget_s is not None and elapsed + state.upcoming_sleep >= budget_s
 
     retrying = AsyncRetrying(
@@ -104,6 +114,8 @@ async def retry(attempt: Callable[[], Awaitable[T]], *, budget_s: float | None =
         wait=_policy(_CALL_FIRST_S, _CALL_CAP_S),
         reraise=True,
     )
+    # Tenacity does not wait before its first try; this one follows a failure.
+    await asyncio.sleep(_CALL_FIRST_S)
     async for trying in retrying:
         with trying:
             return await attempt()
