@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,7 +17,7 @@ import pulse_client as pc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from pulse.device.v1 import twin_pb2, twin_pb2_grpc
+from pulse.device.v1 import devices_pb2, devices_pb2_grpc, twin_pb2, twin_pb2_grpc
 from pulse.device.v1.error_reason_pb2 import ErrorReason
 
 from server import config
@@ -171,3 +172,33 @@ async def test_a_taken_port_leaves_nothing_running(
     await asyncio.sleep(0.1)
     leaked = {t.get_name() for t in asyncio.all_tasks()} - before
     assert not leaked, leaked
+
+
+async def test_a_burst_is_served_or_refused_retryably_never_cancelled(
+    running: RunningServer, tenant: Tenant
+) -> None:
+    """Thousands of calls at once: grpc.aio cannot take them all in, and
+    without a stream limit it cancelled the rest (CANCELLED, which no client
+    retries). Each call must be served, or refused with a retryable code."""
+    target = f"127.0.0.1:{running.port}"
+    async with await pc.AsyncPulseClient.connect(target, token=tenant.token()) as client:
+        await client.devices.create("DEV-1")
+    channels = [grpc.aio.insecure_channel(target) for _ in range(50)]
+    try:
+        stubs = [devices_pb2_grpc.DeviceRegistryServiceStub(c) for c in channels]
+        request = devices_pb2.GetDeviceRequest(device_id="DEV-1")
+
+        async def call(n: int) -> grpc.StatusCode:
+            try:
+                await stubs[n % len(stubs)].GetDevice(request, metadata=_md(tenant.token()))
+            except grpc.aio.AioRpcError as error:
+                return error.code()
+            return grpc.StatusCode.OK
+
+        outcomes = Counter(await asyncio.gather(*(call(n) for n in range(3000))))
+    finally:
+        for channel in channels:
+            await channel.close(None)
+    assert outcomes[grpc.StatusCode.OK] > 0, outcomes
+    retryable = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert set(outcomes) <= {grpc.StatusCode.OK, *retryable}, outcomes
