@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import grpc
 from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
+from pulse.device.v1.error_reason_pb2 import ErrorReason
 
 # The standard gRPC -> HTTP table (google/rpc/code.proto).
 HTTP_STATUS = {
@@ -33,7 +34,10 @@ HTTP_STATUS = {
 # Reasons whose HTTP meaning is more precise than their gRPC code's: a stale
 # version is a conflict (what the upstream web app handles), a write without
 # a version is "precondition required".
-REASON_STATUS = {"VERSION_MISMATCH": 409, "PRECONDITION_REQUIRED": 428}
+REASON_STATUS = {
+    ErrorReason.Name(ErrorReason.VERSION_MISMATCH): 409,
+    ErrorReason.Name(ErrorReason.PRECONDITION_REQUIRED): 428,
+}
 
 
 def error_body(code: grpc.StatusCode, message: str, details: list[Any]) -> dict[str, Any]:
