@@ -7,8 +7,7 @@ per interceptor and these checks always run together.
 
 Limits. Unary calls are counted per process; beyond the limit a call is
 refused at once with RESOURCE_EXHAUSTED and a retry delay, rather than
-queueing for the database pool until the caller's deadline turns it into a
-silent CANCELLED. Streams hold a call open for as long as the watcher likes,
+queueing for the database pool until the caller's deadline runs out. Streams hold a call open for as long as the watcher likes,
 so they are counted per caller (tenant and token subject) and per tenant:
 one client cannot take the memory every other watcher needs. At shutdown
 every open stream ends with UNAVAILABLE (SERVER_SHUTTING_DOWN), telling its
