@@ -7,11 +7,12 @@ per interceptor and these checks always run together.
 
 Limits. Unary calls are counted per process; beyond the limit a call is
 refused at once with RESOURCE_EXHAUSTED and a retry delay, rather than
-queueing for the database pool until the caller's deadline runs out. Streams hold a call open for as long as the watcher likes,
-so they are counted per caller (tenant and token subject) and per tenant:
-one client cannot take the memory every other watcher needs. At shutdown
-every open stream ends with UNAVAILABLE (SERVER_SHUTTING_DOWN), telling its
-client to reconnect elsewhere, instead of holding the process open.
+queueing for the database pool until the caller's deadline runs out.
+Streams hold a call open for as long as the watcher likes, so they are
+counted per caller (tenant and token subject) and per tenant: one client
+cannot take the memory every other watcher needs. At shutdown every open
+stream ends with UNAVAILABLE (SERVER_SHUTTING_DOWN), telling its client to
+reconnect elsewhere, instead of holding the process open.
 """
 
 from __future__ import annotations

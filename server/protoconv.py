@@ -12,7 +12,7 @@ from pulse.device.v1 import filter_pb2
 
 from server import filters
 from server.errors import FieldViolation, InvalidArgument
-from server.validation import DOCUMENT_MAX_DEPTH, check_number, check_string, check_timestamp
+from server.validation import DOCUMENT_MAX_DEPTH, check_timestamp
 
 # Integral doubles up to here convert to int exactly.
 _EXACT_INT = 2**53
@@ -59,13 +59,14 @@ class _Bad(Exception):
 def struct_to_dict(
     field: str, message: struct_pb2.Struct, *, max_depth: int = DOCUMENT_MAX_DEPTH
 ) -> dict[str, Any]:
-    """A Struct as plain JSON values, or InvalidArgument naming `field`.
+    """A Struct as plain JSON values.
 
     Struct keeps every number as a double; integral values within 2**53 come
     back as int, so a device is sent `21`, not `21.0`, for what an operator
-    typed as 21. Refuses what JSON or jsonb cannot hold (NaN, Infinity, NUL
-    characters, lone surrogates) and stops converting past `max_depth`
-    containers, so a hostile message cannot make it recurse deeply.
+    typed as 21. Conversion stops with InvalidArgument naming `field` past
+    `max_depth` containers, so a hostile message cannot make it recurse
+    deeply; what jsonb cannot hold (NaN, NUL, ...) is left to
+    `validation.check_document`, which every caller runs on the result.
     """
     try:
         return _from_struct(message, 1, max_depth)
@@ -76,29 +77,17 @@ def struct_to_dict(
 def _from_struct(message: struct_pb2.Struct, depth: int, max_depth: int) -> dict[str, Any]:
     if depth > max_depth:
         raise _Bad(f"is nested deeper than {max_depth} levels")
-    out = {}
-    for key, item in message.fields.items():
-        problem = check_string(key)
-        if problem is not None:
-            raise _Bad(problem)
-        out[key] = _from_value(item, depth, max_depth)
-    return out
+    return {key: _from_value(item, depth, max_depth) for key, item in message.fields.items()}
 
 
 def _from_value(item: struct_pb2.Value, depth: int, max_depth: int) -> Any:
     kind = item.WhichOneof("kind")
     if kind == "number_value":
         number = item.number_value
-        problem = check_number(number)
-        if problem is not None:
-            raise _Bad(problem)
         if number.is_integer() and abs(number) <= _EXACT_INT:
             return int(number)
         return number
     if kind == "string_value":
-        problem = check_string(item.string_value)
-        if problem is not None:
-            raise _Bad(problem)
         return item.string_value
     if kind == "bool_value":
         return item.bool_value

@@ -135,7 +135,7 @@ def check_document(
         out.append(FieldViolation(field, problem.description))
 
 
-def check_string(value: str) -> str | None:
+def _string_problem(value: str) -> str | None:
     """Why `value` cannot be stored as jsonb or text, or None."""
     if "\x00" in value:
         return "strings and keys must not contain NUL characters"
@@ -145,10 +145,6 @@ def check_string(value: str) -> str | None:
         except UnicodeEncodeError:
             return "strings and keys must be valid Unicode (no lone surrogates)"
     return None
-
-
-def check_number(value: float) -> str | None:
-    return None if math.isfinite(value) else _NOT_FINITE
 
 
 def _walk(value: Any, depth: int, max_depth: int) -> None:
@@ -173,7 +169,7 @@ def _walk(value: Any, depth: int, max_depth: int) -> None:
 
 
 def _walk_string(value: str) -> None:
-    problem = check_string(value)
+    problem = _string_problem(value)
     if problem is not None:
         raise _Bad(INVALID_VALUE, problem)
 

@@ -67,9 +67,7 @@ async def _watch(stub: twin_pb2_grpc.TwinServiceStub, token: str, device_id: str
     return call
 
 
-async def test_streams_per_caller_and_per_tenant(
-    small: RunningServer, tenant: Tenant, connect: object
-) -> None:
+async def test_streams_per_caller_and_per_tenant(small: RunningServer, tenant: Tenant) -> None:
     target = f"127.0.0.1:{small.port}"
     async with await pc.AsyncPulseClient.connect(target, token=tenant.token()) as admin:
         await admin.devices.create("DEV-1")
@@ -104,7 +102,7 @@ async def test_streams_per_caller_and_per_tenant(
 
 
 async def test_concurrent_calls_past_the_limit_are_refused_with_a_retry_hint(
-    small: RunningServer, tenant: Tenant, dsn: str
+    small: RunningServer, tenant: Tenant
 ) -> None:
     """Calls waiting on the database count against the limit; the ones past
     it are told to come back instead of queueing until their deadline."""

@@ -32,16 +32,16 @@ def _wait_for_banner(proc: subprocess.Popen[str], deadline: float) -> list[str]:
     raise AssertionError("no banner:\n" + "".join(lines))
 
 
-@pytest.mark.timeout(90)
-def test_pulse_run_prints_a_working_buf_curl_and_stops_on_ctrl_c(dsn: str, tmp_path: Path) -> None:
+def _pulse_run(dsn: str, data_dir: Path, grpc_port: int) -> subprocess.Popen[str]:
     env = {
         **os.environ,
         "DATABASE_URL": dsn,
-        "PULSE_DATA_DIR": str(tmp_path),
-        "PULSE_GRPC_PORT": "0",
+        "PULSE_DATA_DIR": str(data_dir),
+        "PULSE_GRPC_PORT": str(grpc_port),
+        "PULSE_HTTP_PORT": "0",
         "PULSE_LOG_LEVEL": "WARNING",
     }
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [str(BIN / "pulse"), "run"],
         cwd=ROOT,
         env=env,
@@ -49,6 +49,11 @@ def test_pulse_run_prints_a_working_buf_curl_and_stops_on_ctrl_c(dsn: str, tmp_p
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+@pytest.mark.timeout(90)
+def test_pulse_run_prints_a_working_buf_curl_and_stops_on_ctrl_c(dsn: str, tmp_path: Path) -> None:
+    proc = _pulse_run(dsn, tmp_path, 0)
     try:
         lines = _wait_for_banner(proc, time.monotonic() + 60)
         curl = next(line.strip() for line in lines if "buf curl" in line)
@@ -130,22 +135,8 @@ def test_ctrl_c_with_a_browser_open_stops_quickly_and_quietly(dsn: str, tmp_path
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        env = {
-            **os.environ,
-            "DATABASE_URL": dsn,
-            "PULSE_DATA_DIR": str(tmp_path),
-            "PULSE_GRPC_PORT": str(taken.getsockname()[1]),
-            "PULSE_HTTP_PORT": "0",
-            "PULSE_LOG_LEVEL": "WARNING",
-        }
-        proc = subprocess.Popen(
-            [str(BIN / "pulse"), "run"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        taken_port = taken.getsockname()[1]
+        proc = _pulse_run(dsn, tmp_path, taken_port)
         try:
             lines = _wait_for_banner(proc, time.monotonic() + 60)
         except BaseException:
@@ -156,7 +147,7 @@ def test_ctrl_c_with_a_browser_open_stops_quickly_and_quietly(dsn: str, tmp_path
     http = re.search(r"console\s+(http://[\d.:]+)/", banner)
     grpc_address = re.search(r"gRPC\s+([\d.:]+)", banner)
     assert token and http and grpc_address, banner
-    assert not grpc_address.group(1).endswith(f":{env['PULSE_GRPC_PORT']}"), banner
+    assert not grpc_address.group(1).endswith(f":{taken_port}"), banner
     headers = {"Authorization": f"Bearer {token.group(1)}"}
     with httpx.Client(base_url=http.group(1), headers=headers, timeout=30) as browser:
         with browser.stream("GET", "/customer/twins:watch?device_ids=DEVICE-01") as events:

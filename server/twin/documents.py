@@ -12,10 +12,8 @@ from server import protoconv, validation
 from server.errors import FieldViolation, InvalidArgument
 
 MAX_BYTES = 32 * 1024
-MAX_DEPTH = validation.DOCUMENT_MAX_DEPTH
 # Why a document was refused; the evaluator counts rejections by these.
 TOO_LARGE = validation.TOO_LARGE
-TOO_DEEP = validation.TOO_DEEP
 INVALID_VALUE = validation.INVALID_VALUE
 
 
