@@ -34,11 +34,12 @@ from collections.abc import AsyncIterator, Callable
 import aiomqtt
 
 from bench.harness import ROOT, run, scratch_database, seed_tenant
-from evaluator.runtime import Evaluator, broker_address
+from evaluator.runtime import Evaluator
 from evaluator.service import mqtt_broker
 from evaluator.twin_ingest import TwinIngest
 from server import wire
 from server.db import Database, create_pool
+from server.mqtt_url import parse as parse_broker
 
 DEVICES = 3000
 PER_ROUND = 30_000
@@ -62,11 +63,13 @@ def _publisher() -> None:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    host, port = broker_address(os.environ["BENCH_MQTT_URL"])
+    broker = parse_broker(os.environ["BENCH_MQTT_URL"])
     tenant = uuid.UUID(os.environ["BENCH_TENANT"])
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{uuid.uuid4().hex[:8]}")
     client.max_inflight_messages_set(200)
-    client.connect(host, port)
+    if broker.username is not None:
+        client.username_pw_set(broker.username, broker.password)
+    client.connect(broker.host, broker.port)
     client.loop_start()
     k = 0
     for line in sys.stdin:
@@ -122,8 +125,8 @@ async def timed_round(
 
 
 async def _forget_session(mqtt_url: str, client_id: str) -> None:
-    host, port = broker_address(mqtt_url)
-    async with aiomqtt.Client(host, port, identifier=client_id, clean_session=True):
+    options = parse_broker(mqtt_url).client_options()
+    async with aiomqtt.Client(**options, identifier=client_id, clean_session=True):
         pass
 
 
@@ -139,7 +142,7 @@ async def main() -> None:
             f"medians of {ROUNDS} rounds ({mqtt_url})"
         )
 
-        host, port = broker_address(mqtt_url)
+        broker = parse_broker(mqtt_url).client_options()
         bare_id = f"bench-bare-{uuid.uuid4().hex[:8]}"
         eval_id = f"bench-evaluator-{uuid.uuid4().hex[:8]}"
         received = 0
@@ -158,7 +161,7 @@ async def main() -> None:
             async with publisher(mqtt_url, tenant) as feed:
                 for _ in range(ROUNDS):
                     async with aiomqtt.Client(
-                        host, port, identifier=bare_id, clean_session=False, keepalive=30
+                        **broker, identifier=bare_id, clean_session=False, keepalive=30
                     ) as client:
                         await client.subscribe(wire.SUBSCRIPTION, qos=1)
                         counter = asyncio.create_task(count(client))

@@ -15,11 +15,10 @@ import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Protocol
-from urllib.parse import urlsplit
 
 import aiomqtt
 
-from server import wire
+from server import mqtt_url, wire
 
 log = logging.getLogger("pulse.evaluator")
 
@@ -40,23 +39,16 @@ class Publisher(Protocol):
     async def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None: ...
 
 
-def broker_address(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
-        raise ValueError(f"MQTT_URL must look like mqtt://host:port, not {url!r}")
-    return parts.hostname, parts.port or 1883
-
-
 class Evaluator:
     def __init__(
         self,
-        mqtt_url: str,
+        broker: str | mqtt_url.BrokerAddress,
         handlers: Sequence[Handler],
         *,
         client_id: str = "pulse-evaluator",
         shared_group: str | None = None,
     ) -> None:
-        self._host, self._port = broker_address(mqtt_url)
+        self._broker = mqtt_url.parse(broker) if isinstance(broker, str) else broker
         self._handlers = list(handlers)
         self._client_id = client_id
         # With a shared subscription several evaluators split the stream
@@ -90,8 +82,7 @@ class Evaluator:
         while True:
             try:
                 async with aiomqtt.Client(
-                    self._host,
-                    self._port,
+                    **self._broker.client_options(),
                     identifier=self._client_id,
                     # A persistent session: the broker keeps our QoS 1
                     # messages while we are away and replays them.
@@ -101,7 +92,7 @@ class Evaluator:
                     await client.subscribe(self._subscription, qos=1)
                     self._client = client
                     self._connected.set()
-                    log.info("evaluator connected to mqtt://%s:%d", self._host, self._port)
+                    log.info("evaluator connected to %s", self._broker.safe_url)
                     backoff = 0.5
                     async for message in client.messages:
                         await self._dispatch(message)

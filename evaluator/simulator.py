@@ -24,13 +24,12 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import aiomqtt
 
-from evaluator.runtime import broker_address
-from server import wire
+from server import mqtt_url, wire
 
 log = logging.getLogger("pulse.simulator")
 
@@ -40,18 +39,22 @@ _BACKOFF_MAX_S = 5.0
 class SimulatedDevice:
     def __init__(
         self,
-        mqtt_url: str,
+        broker: str | mqtt_url.BrokerAddress,
         tenant_id: uuid.UUID,
         device_id: str,
         *,
+        credential: tuple[str, str] | None = None,
         heartbeat_s: float = 5.0,
         apply_delay_s: float = 0.5,
         client_id: str | None = None,
         keepalive_s: int = 30,
     ) -> None:
         """Args:
-        mqtt_url: The broker, mqtt://host:port.
+        broker: The broker, mqtt://[user:password@]host:port.
         tenant_id, device_id: Who the device is; they make up its topics.
+        credential: The device's own (username, secret); it then connects
+            as the device, with the device's client id, instead of with the
+            URL's (service) user.
         heartbeat_s: Seconds between heartbeats.
         apply_delay_s: How long "applying" a desired document takes.
         client_id: The MQTT client id; unique per broker, since a second
@@ -59,12 +62,19 @@ class SimulatedDevice:
         keepalive_s: MQTT keepalive; the broker fires the will when it hears
             nothing for 1.5 times this long.
         """
-        self._host, self._port = broker_address(mqtt_url)
+        address = mqtt_url.parse(broker) if isinstance(broker, str) else broker
+        self._broker = address.as_user(*credential) if credential else address
         self.tenant_id = tenant_id
         self.device_id = device_id
         self.heartbeat_s = heartbeat_s
         self.apply_delay_s = apply_delay_s
-        self.client_id = client_id or f"sim-{tenant_id.hex[:12]}-{device_id}-{uuid.uuid4().hex[:6]}"
+        if client_id is None:
+            client_id = (
+                f"{tenant_id}/{device_id}"
+                if credential
+                else f"sim-{tenant_id.hex[:12]}-{device_id}-{uuid.uuid4().hex[:6]}"
+            )
+        self.client_id = client_id
         self._keepalive_s = keepalive_s
         #: The state the device runs with and the desired version it came from.
         self.state: dict[str, Any] = {}
@@ -150,8 +160,7 @@ class SimulatedDevice:
         while not (self._stopping or self._dropped):
             try:
                 async with aiomqtt.Client(
-                    self._host,
-                    self._port,
+                    **self._broker.client_options(),
                     identifier=self.client_id,
                     clean_session=True,
                     keepalive=self._keepalive_s,
@@ -182,8 +191,7 @@ class SimulatedDevice:
     async def _receive(self, client: aiomqtt.Client) -> None:
         desired_topic = self.topic("twin/desired")
         async for message in client.messages:
-            # amqtt (the embedded broker) was seen handing new subscribers
-            # retained messages of other topics; only ours counts.
+            # A device trusts no broker to filter for it.
             if message.topic.value != desired_topic:
                 continue
             payload = message.payload
@@ -229,18 +237,26 @@ def device_ids(count: int, prefix: str = "DEVICE-") -> list[str]:
 
 @contextlib.asynccontextmanager
 async def running_fleet(
-    mqtt_url: str,
+    broker: str,
     tenant_id: uuid.UUID,
     device_ids: Iterable[str],
     *,
+    credentials: Mapping[str, tuple[str, str]] | None = None,
     heartbeat_s: float = 5.0,
     apply_delay_s: float = 0.5,
 ) -> AsyncIterator[list[SimulatedDevice]]:
     """Simulated devices, online for as long as the context lasts and then
-    stopped cleanly (`offline`)."""
+    stopped cleanly (`offline`). `credentials` maps a device id to its own
+    (username, secret); devices without one connect as the URL's user."""
+    credentials = credentials or {}
     devices = [
         SimulatedDevice(
-            mqtt_url, tenant_id, d, heartbeat_s=heartbeat_s, apply_delay_s=apply_delay_s
+            broker,
+            tenant_id,
+            d,
+            credential=credentials.get(d),
+            heartbeat_s=heartbeat_s,
+            apply_delay_s=apply_delay_s,
         )
         for d in device_ids
     ]

@@ -9,6 +9,9 @@ so a burst costs a round trip per tenant rather than per message. While a
 batch is being written the next one accumulates; when the queue is full,
 `handle` waits, which slows the MQTT loop down instead of growing memory.
 
+A retained report is never applied (counted under `retained`): the broker
+replays it on every resubscription, after newer reports may have landed.
+
 A message that is refused (malformed, too large, unknown device, an older
 version, ...) is counted under its reason in `counts`, logged with its tenant
 and device, and never changes state.
@@ -40,6 +43,7 @@ log = logging.getLogger("pulse.evaluator.twin")
 RAW_MAX = 2 * documents.MAX_BYTES + 1024
 
 DATABASE_ERROR = "database_error"
+RETAINED = "retained"
 
 _FLUSH_AT_STOP_S = 2.0
 # A device stuck in a loop can send thousands of bad messages a second; the
@@ -125,6 +129,12 @@ class TwinIngest:
         return sum(n for reason, n in self.counts.items() if reason not in store.ACCEPTED)
 
     async def handle(self, message: wire.DeviceMessage) -> None:
+        if message.retain:
+            # The broker re-sends a retained report on every resubscription:
+            # it is old news, and applying it could roll back a newer report
+            # of the same desired version. Counted, not logged.
+            self.counts[RETAINED] += 1
+            return
         try:
             report = parse_report(message.device_id, message.payload)
         except _BadMessage as bad:

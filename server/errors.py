@@ -26,11 +26,12 @@ DOMAIN = "pulse.device.v1"
 #: What NotFound and AlreadyExists can name, and the reason each kind gets.
 #: mypy holds callers to the Literal; the import-time check below holds the
 #: tables to it, so a kind without a reason cannot reach a caller.
-NotFoundKind = Literal["device", "group"]
+NotFoundKind = Literal["device", "group", "credential"]
 AlreadyExistsKind = Literal["device", "site", "group"]
 NOT_FOUND_REASONS: Final[Mapping[NotFoundKind, ErrorReason.ValueType]] = {
     "device": ErrorReason.DEVICE_NOT_FOUND,
     "group": ErrorReason.GROUP_NOT_FOUND,
+    "credential": ErrorReason.CREDENTIAL_NOT_FOUND,
 }
 ALREADY_EXISTS_REASONS: Final[Mapping[AlreadyExistsKind, ErrorReason.ValueType]] = {
     "device": ErrorReason.DEVICE_ALREADY_EXISTS,
@@ -245,3 +246,18 @@ def unavailable_status() -> status_pb2.Status:
     return status_pb2.Status(
         code=code_pb2.UNAVAILABLE, message="the database is unavailable; retry shortly"
     )
+
+
+class BrokerUnavailable(DomainError):
+    """The broker's own access list could not be updated; nothing was stored."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            f"the MQTT broker's access control could not be updated ({detail}); retry shortly",
+            reason=ErrorReason.BROKER_UNAVAILABLE,
+        )
+
+    def details(self) -> list[any_pb2.Any]:
+        return [*super().details(), retry_info(2.0)]

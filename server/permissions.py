@@ -30,6 +30,11 @@ REQUIRED_ROLE: dict[str, Role] = {
     _REGISTRY + "UpdateDevice": Role.OPERATOR,
     _REGISTRY + "CreateSite": Role.ADMIN,
     _REGISTRY + "DecommissionDevice": Role.ADMIN,
+    # A credential lets its holder speak as the device: issuing and revoking
+    # them is an admin's; listing shows no secret.
+    _REGISTRY + "ListDeviceCredentials": Role.VIEWER,
+    _REGISTRY + "CreateDeviceCredential": Role.ADMIN,
+    _REGISTRY + "RevokeDeviceCredential": Role.ADMIN,
     _GROUPS + "GetGroup": Role.VIEWER,
     _GROUPS + "ListGroups": Role.VIEWER,
     _GROUPS + "ListGroupMembers": Role.VIEWER,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -190,3 +191,20 @@ def check_timestamp(field: str, ts: timestamp_pb2.Timestamp, out: list[FieldViol
         )
     if not 0 <= ts.nanos <= 999_999_999:
         out.append(FieldViolation(f"{field}.nanos", f"{ts.nanos} is outside 0 .. 999999999"))
+
+
+#: How far ahead a credential's expiry may be set.
+EXPIRY_MAX_S = 10 * 366 * 86_400
+
+
+def check_expiry(field: str, ts: timestamp_pb2.Timestamp, out: list[FieldViolation]) -> None:
+    """An expiry: a valid timestamp, in the future, at most 10 years ahead."""
+    before = len(out)
+    check_timestamp(field, ts, out)
+    if len(out) > before:
+        return
+    now = time.time()
+    if ts.seconds <= now:
+        out.append(FieldViolation(field, "must be in the future"))
+    elif ts.seconds > now + EXPIRY_MAX_S:
+        out.append(FieldViolation(field, "must be at most 10 years from now"))

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import aiomqtt
 import pytest
 
-from evaluator.runtime import broker_address
+from server.mqtt_url import parse as parse_broker
 
 
 def unique_id(prefix: str) -> str:
@@ -41,9 +41,10 @@ async def eventually(
 async def clear_retained(mqtt_url: str, prefix: str) -> None:
     """Delete the retained messages under `prefix`/# (an empty retained
     message removes one), so a shared broker does not collect them."""
-    host, port = broker_address(mqtt_url)
     found: set[str] = set()
-    async with aiomqtt.Client(host, port, identifier=unique_id("test-clear")) as client:
+    async with aiomqtt.Client(
+        **parse_broker(mqtt_url).client_options(), identifier=unique_id("test-clear")
+    ) as client:
         await client.subscribe(f"{prefix}/#", qos=1)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(0.3):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
+
 from pulse.device.v1 import devices_pb2, status_pb2
 
+from server.broker_access.rules import device_username
+from server.credentials.store import CredentialRecord
 from server.protoconv import struct, timestamp
 from server.registry.store import DeviceRecord, SiteRecord
 
@@ -27,4 +31,19 @@ def device(record: DeviceRecord) -> devices_pb2.Device:
 def site(record: SiteRecord) -> devices_pb2.Site:
     return devices_pb2.Site(
         site_id=record.site_id, name=record.name, create_time=timestamp(record.created_at)
+    )
+
+
+def credential(
+    tenant_id: uuid.UUID, record: CredentialRecord, *, secret: str = ""
+) -> devices_pb2.DeviceCredential:
+    return devices_pb2.DeviceCredential(
+        credential_id=record.credential_id,
+        device_id=record.device_id,
+        username=device_username(tenant_id, record.device_id, record.credential_id),
+        secret=secret,
+        create_time=timestamp(record.create_time),
+        expire_time=timestamp(record.expire_time),
+        last_used_time=timestamp(record.last_used_time),
+        revoke_time=timestamp(record.revoke_time),
     )

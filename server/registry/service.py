@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC
 from typing import Any
 
 import grpc
@@ -10,6 +11,10 @@ from pulse.device.v1 import devices_pb2, devices_pb2_grpc, filter_pb2
 from server import filters, protoconv
 from server import validation as v
 from server.auth import current_principal
+from server.broker_access.mirror import AccessMirror, NoMirror
+from server.broker_access.rules import DeviceIdentity
+from server.credentials import hashing
+from server.credentials import store as credentials
 from server.db import Database
 from server.errors import FieldViolation, InvalidArgument
 from server.pagination import PageTokens, page_size
@@ -56,9 +61,12 @@ def parse_device_filter(message: filter_pb2.DeviceFilter) -> filters.DeviceFilte
 
 
 class DeviceRegistryService(devices_pb2_grpc.DeviceRegistryServiceServicer):
-    def __init__(self, db: Database, tokens: PageTokens) -> None:
+    def __init__(
+        self, db: Database, tokens: PageTokens, mirror: AccessMirror | None = None
+    ) -> None:
         self._db = db
         self._tokens = tokens
+        self._mirror = mirror or NoMirror()
 
     async def CreateDevice(
         self, request: devices_pb2.CreateDeviceRequest, context: Context
@@ -133,7 +141,65 @@ class DeviceRegistryService(devices_pb2_grpc.DeviceRegistryServiceServicer):
         device_id = v.require_id("device_id", request.device_id)
         async with self._db.tenant(tenant) as con:
             record = await store.decommission_device(con, tenant, device_id)
+            revoked = await credentials.revoke_all(con, tenant, device_id)
+        await self._mirror.revoked([DeviceIdentity(tenant, device_id, c) for c in revoked])
         return convert.device(record)
+
+    async def CreateDeviceCredential(
+        self, request: devices_pb2.CreateDeviceCredentialRequest, context: Context
+    ) -> devices_pb2.DeviceCredential:
+        tenant = current_principal().tenant_id
+        device_id = v.require_id("device_id", request.device_id)
+        expire_time = None
+        if request.HasField("expire_time"):
+            out: list[FieldViolation] = []
+            v.check_expiry("expire_time", request.expire_time, out)
+            v.raise_if(out)
+            expire_time = request.expire_time.ToDatetime(tzinfo=UTC)
+        secret = hashing.new_secret()
+        secret_hash = await hashing.hashed(secret)
+        credential_id = hashing.new_credential_id()
+        async with self._db.tenant(tenant) as con:
+            record = await credentials.create(
+                con,
+                tenant,
+                device_id,
+                credential_id=credential_id,
+                secret_hash=secret_hash,
+                expire_time=expire_time,
+            )
+            # Before the commit: if the broker cannot take it, nothing is stored.
+            await self._mirror.created(DeviceIdentity(tenant, device_id, credential_id), secret)
+        return convert.credential(tenant, record, secret=secret)
+
+    async def ListDeviceCredentials(
+        self, request: devices_pb2.ListDeviceCredentialsRequest, context: Context
+    ) -> devices_pb2.ListDeviceCredentialsResponse:
+        tenant = current_principal().tenant_id
+        device_id = v.require_id("device_id", request.device_id)
+        async with self._db.tenant(tenant, readonly=True) as con:
+            records = await credentials.list_for_device(con, tenant, device_id)
+        return devices_pb2.ListDeviceCredentialsResponse(
+            credentials=[convert.credential(tenant, r) for r in records]
+        )
+
+    async def RevokeDeviceCredential(
+        self, request: devices_pb2.RevokeDeviceCredentialRequest, context: Context
+    ) -> devices_pb2.DeviceCredential:
+        tenant = current_principal().tenant_id
+        out: list[FieldViolation] = []
+        v.check_id("device_id", request.device_id, out)
+        if not hashing.CREDENTIAL_ID.fullmatch(request.credential_id):
+            out.append(
+                FieldViolation("credential_id", "must be the 12 hex digits a credential id has")
+            )
+        v.raise_if(out)
+        async with self._db.tenant(tenant) as con:
+            record = await credentials.revoke(con, tenant, request.device_id, request.credential_id)
+        await self._mirror.revoked(
+            [DeviceIdentity(tenant, request.device_id, request.credential_id)]
+        )
+        return convert.credential(tenant, record)
 
     async def CreateSite(
         self, request: devices_pb2.CreateSiteRequest, context: Context

@@ -21,10 +21,11 @@ import pytest
 from pulse.device.v1 import connectivity_pb2
 
 from evaluator.liveness import Liveness
-from evaluator.runtime import Evaluator, broker_address
+from evaluator.runtime import Evaluator
 from server.connectivity.model import Signal
 from server.connectivity.transitions import DeviceSignal, Transition, apply_signals, fleet
 from server.db import Database, create_pool
+from server.mqtt_url import parse as parse_broker
 from tests.helpers import eventually, unique_id
 
 Message = connectivity_pb2.WatchConnectionEventsResponse
@@ -165,12 +166,12 @@ async def start_evaluator(fleet_db: Database, mqtt_url: str) -> AsyncIterator[Ev
     try:
         yield start
     finally:
-        host, port = broker_address(mqtt_url)
+        broker = parse_broker(mqtt_url).client_options()
         for started in running:
             started.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await started.task
             # A clean session discards the persistent one, which would
             # otherwise queue every device message for a client that is gone.
-            async with aiomqtt.Client(host, port, identifier=started.client_id, clean_session=True):
+            async with aiomqtt.Client(**broker, identifier=started.client_id, clean_session=True):
                 pass

@@ -19,19 +19,20 @@ import aiomqtt
 import pytest
 from pulse_client import AsyncPulseClient
 
-from evaluator.runtime import Evaluator, broker_address
+from evaluator.runtime import Evaluator
 from evaluator.service import mqtt_broker
 from evaluator.twin_ingest import TwinIngest
 from evaluator.twin_publisher import TwinPublisher
 from server.db import Database, create_pool
+from server.mqtt_url import parse as parse_broker
 from tests.conftest import Tenant
 from tests.helpers import clear_retained, unique_id
 
 
 @contextlib.asynccontextmanager
 async def mqtt_client(mqtt_url: str, **kwargs: object) -> AsyncIterator[aiomqtt.Client]:
-    host, port = broker_address(mqtt_url)
-    async with aiomqtt.Client(host, port, identifier=unique_id("test"), **kwargs) as client:  # type: ignore[arg-type]
+    options = parse_broker(mqtt_url).client_options()
+    async with aiomqtt.Client(**options, identifier=unique_id("test"), **kwargs) as client:  # type: ignore[arg-type]
         yield client
 
 
@@ -118,8 +119,8 @@ async def start_evaluator(
         # would otherwise queue every device message for a client that never
         # comes back.
         for cid in client_ids:
-            host, port = broker_address(mqtt_url)
-            async with aiomqtt.Client(host, port, identifier=cid, clean_session=True):
+            options = parse_broker(mqtt_url).client_options()
+            async with aiomqtt.Client(**options, identifier=cid, clean_session=True):
                 pass
 
 

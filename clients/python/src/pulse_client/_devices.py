@@ -8,6 +8,7 @@ wrappers, which differ only in how they call the RPC helper.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import TypeAlias
 
 from google.protobuf import field_mask_pb2, struct_pb2
@@ -124,6 +125,17 @@ def _sites_of(response: devices_pb2.ListSitesResponse) -> Sequence[devices_pb2.S
     return response.sites
 
 
+def create_credential_request(
+    device_id: str, expire_time: datetime | None
+) -> devices_pb2.CreateDeviceCredentialRequest:
+    request = devices_pb2.CreateDeviceCredentialRequest(device_id=device_id)
+    if expire_time is not None:
+        if expire_time.tzinfo is None:
+            raise ValueError("expire_time must be timezone-aware")
+        request.expire_time.FromDatetime(expire_time)
+    return request
+
+
 class AsyncDevices:
     """Devices of the caller's tenant (``client.devices``)."""
 
@@ -197,6 +209,33 @@ class AsyncDevices:
         """Retires a device and returns it."""
         request = devices_pb2.DecommissionDeviceRequest(device_id=device_id)
         return await self._rpc.unary(self._stub.DecommissionDevice, request)
+
+    async def create_credential(
+        self, device_id: str, *, expire_time: datetime | None = None
+    ) -> devices_pb2.DeviceCredential:
+        """Issues an MQTT credential; its ``secret`` is in this answer only.
+
+        The device connects with ``username``, ``secret`` as the password, and
+        the client id ``{tenant_id}/{device_id}``. FailedPrecondition when it
+        already has two active credentials or is decommissioned.
+        """
+        request = create_credential_request(device_id, expire_time)
+        return await self._rpc.unary(self._stub.CreateDeviceCredential, request)
+
+    async def list_credentials(self, device_id: str) -> list[devices_pb2.DeviceCredential]:
+        """The device's credentials, active and revoked, newest first; no secrets."""
+        request = devices_pb2.ListDeviceCredentialsRequest(device_id=device_id)
+        response = await self._rpc.unary(self._stub.ListDeviceCredentials, request)
+        return list(response.credentials)
+
+    async def revoke_credential(
+        self, device_id: str, credential_id: str
+    ) -> devices_pb2.DeviceCredential:
+        """Revokes a credential: refused at once, live connections closed within 5 s."""
+        request = devices_pb2.RevokeDeviceCredentialRequest(
+            device_id=device_id, credential_id=credential_id
+        )
+        return await self._rpc.unary(self._stub.RevokeDeviceCredential, request)
 
 
 class AsyncSites:
@@ -288,6 +327,25 @@ class Devices:
         """Retires a device and returns it."""
         request = devices_pb2.DecommissionDeviceRequest(device_id=device_id)
         return self._rpc.unary(self._stub.DecommissionDevice, request)
+
+    def create_credential(
+        self, device_id: str, *, expire_time: datetime | None = None
+    ) -> devices_pb2.DeviceCredential:
+        """Issues an MQTT credential; its ``secret`` is in this answer only."""
+        request = create_credential_request(device_id, expire_time)
+        return self._rpc.unary(self._stub.CreateDeviceCredential, request)
+
+    def list_credentials(self, device_id: str) -> list[devices_pb2.DeviceCredential]:
+        """The device's credentials, active and revoked, newest first; no secrets."""
+        request = devices_pb2.ListDeviceCredentialsRequest(device_id=device_id)
+        return list(self._rpc.unary(self._stub.ListDeviceCredentials, request).credentials)
+
+    def revoke_credential(self, device_id: str, credential_id: str) -> devices_pb2.DeviceCredential:
+        """Revokes a credential: refused at once, live connections closed within 5 s."""
+        request = devices_pb2.RevokeDeviceCredentialRequest(
+            device_id=device_id, credential_id=credential_id
+        )
+        return self._rpc.unary(self._stub.RevokeDeviceCredential, request)
 
 
 class Sites:

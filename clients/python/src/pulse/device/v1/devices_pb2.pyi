@@ -391,3 +391,172 @@ class ListSitesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListSitesResponse: _TypeAlias = ListSitesResponse  # noqa: Y015
+
+@_typing.final
+class DeviceCredential(_message.Message):
+    """DeviceCredential is what a device authenticates with over MQTT: it
+    connects with `username` and `secret` as the password, and with the client
+    id `{tenant_id}/{device_id}` (docs/device-identity.md).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDENTIAL_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    USERNAME_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    LAST_USED_TIME_FIELD_NUMBER: _builtins.int
+    REVOKE_TIME_FIELD_NUMBER: _builtins.int
+    credential_id: _builtins.str
+    """The credential's id, unique within the device. Output only."""
+    device_id: _builtins.str
+    """The device it belongs to. Output only."""
+    username: _builtins.str
+    """The MQTT username: `{tenant_id}/{device_id}/{credential_id}`. Output only."""
+    secret: _builtins.str
+    """The MQTT password. Set only in CreateDeviceCredential's answer; it cannot
+    be read again. Output only.
+    """
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was issued. Output only."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When it stops working; unset for never."""
+
+    @_builtins.property
+    def last_used_time(self) -> _timestamp_pb2.Timestamp:
+        """When a broker last accepted it, to within a minute; unset if never.
+        Output only.
+        """
+
+    @_builtins.property
+    def revoke_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was revoked (explicitly or by decommissioning); unset while
+        active. Output only.
+        """
+
+    def __init__(
+        self,
+        *,
+        credential_id: _builtins.str = ...,
+        device_id: _builtins.str = ...,
+        username: _builtins.str = ...,
+        secret: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        last_used_time: _timestamp_pb2.Timestamp | None = ...,
+        revoke_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "last_used_time", b"last_used_time", "revoke_time", b"revoke_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "credential_id", b"credential_id", "device_id", b"device_id", "expire_time", b"expire_time", "last_used_time", b"last_used_time", "revoke_time", b"revoke_time", "secret", b"secret", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceCredential: _TypeAlias = DeviceCredential  # noqa: Y015
+
+@_typing.final
+class CreateDeviceCredentialRequest(_message.Message):
+    """CreateDeviceCredentialRequest issues a credential."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    """The device's id."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the credential stops working: in the future, at most 10 years from
+        now. Unset: never.
+        """
+
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "expire_time", b"expire_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateDeviceCredentialRequest: _TypeAlias = CreateDeviceCredentialRequest  # noqa: Y015
+
+@_typing.final
+class ListDeviceCredentialsRequest(_message.Message):
+    """ListDeviceCredentialsRequest names the device."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    """The device's id."""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeviceCredentialsRequest: _TypeAlias = ListDeviceCredentialsRequest  # noqa: Y015
+
+@_typing.final
+class ListDeviceCredentialsResponse(_message.Message):
+    """ListDeviceCredentialsResponse holds all of a device's credentials."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDENTIALS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def credentials(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceCredential]:
+        """Newest first, secrets never set."""
+
+    def __init__(
+        self,
+        *,
+        credentials: _abc.Iterable[Global___DeviceCredential] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeviceCredentialsResponse: _TypeAlias = ListDeviceCredentialsResponse  # noqa: Y015
+
+@_typing.final
+class RevokeDeviceCredentialRequest(_message.Message):
+    """RevokeDeviceCredentialRequest names the credential to revoke."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_ID_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    """The device's id."""
+    credential_id: _builtins.str
+    """The credential's id."""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        credential_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential_id", b"credential_id", "device_id", b"device_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeDeviceCredentialRequest: _TypeAlias = RevokeDeviceCredentialRequest  # noqa: Y015

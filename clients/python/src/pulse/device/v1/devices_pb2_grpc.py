@@ -71,6 +71,21 @@ class DeviceRegistryServiceStub:
                 request_serializer=pulse_dot_device_dot_v1_dot_devices__pb2.ListSitesRequest.SerializeToString,
                 response_deserializer=pulse_dot_device_dot_v1_dot_devices__pb2.ListSitesResponse.FromString,
                 _registered_method=True)
+        self.CreateDeviceCredential = channel.unary_unary(
+                '/pulse.device.v1.DeviceRegistryService/CreateDeviceCredential',
+                request_serializer=pulse_dot_device_dot_v1_dot_devices__pb2.CreateDeviceCredentialRequest.SerializeToString,
+                response_deserializer=pulse_dot_device_dot_v1_dot_devices__pb2.DeviceCredential.FromString,
+                _registered_method=True)
+        self.ListDeviceCredentials = channel.unary_unary(
+                '/pulse.device.v1.DeviceRegistryService/ListDeviceCredentials',
+                request_serializer=pulse_dot_device_dot_v1_dot_devices__pb2.ListDeviceCredentialsRequest.SerializeToString,
+                response_deserializer=pulse_dot_device_dot_v1_dot_devices__pb2.ListDeviceCredentialsResponse.FromString,
+                _registered_method=True)
+        self.RevokeDeviceCredential = channel.unary_unary(
+                '/pulse.device.v1.DeviceRegistryService/RevokeDeviceCredential',
+                request_serializer=pulse_dot_device_dot_v1_dot_devices__pb2.RevokeDeviceCredentialRequest.SerializeToString,
+                response_deserializer=pulse_dot_device_dot_v1_dot_devices__pb2.DeviceCredential.FromString,
+                _registered_method=True)
 
 
 class DeviceRegistryServiceServicer:
@@ -131,6 +146,35 @@ class DeviceRegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateDeviceCredential(self, request, context):
+        """CreateDeviceCredential issues an MQTT credential for a device. The
+        answer is the only place the secret ever appears; the server keeps a
+        scrypt hash of it. A device has at most two active credentials, so it
+        can rotate: create the second, switch over, revoke the first. More is
+        FAILED_PRECONDITION (CREDENTIAL_LIMIT_REACHED); a decommissioned device
+        gets none (DEVICE_DECOMMISSIONED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeviceCredentials(self, request, context):
+        """ListDeviceCredentials lists a device's credentials, active and revoked,
+        newest first; never their secrets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeDeviceCredential(self, request, context):
+        """RevokeDeviceCredential stops a credential from working: new connections
+        with it are refused at once and a live connection using it is closed
+        within 5 seconds. Revoking a revoked credential is a no-op.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceRegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -168,6 +212,21 @@ def add_DeviceRegistryServiceServicer_to_server(servicer, server):
                     servicer.ListSites,
                     request_deserializer=pulse_dot_device_dot_v1_dot_devices__pb2.ListSitesRequest.FromString,
                     response_serializer=pulse_dot_device_dot_v1_dot_devices__pb2.ListSitesResponse.SerializeToString,
+            ),
+            'CreateDeviceCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateDeviceCredential,
+                    request_deserializer=pulse_dot_device_dot_v1_dot_devices__pb2.CreateDeviceCredentialRequest.FromString,
+                    response_serializer=pulse_dot_device_dot_v1_dot_devices__pb2.DeviceCredential.SerializeToString,
+            ),
+            'ListDeviceCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeviceCredentials,
+                    request_deserializer=pulse_dot_device_dot_v1_dot_devices__pb2.ListDeviceCredentialsRequest.FromString,
+                    response_serializer=pulse_dot_device_dot_v1_dot_devices__pb2.ListDeviceCredentialsResponse.SerializeToString,
+            ),
+            'RevokeDeviceCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeDeviceCredential,
+                    request_deserializer=pulse_dot_device_dot_v1_dot_devices__pb2.RevokeDeviceCredentialRequest.FromString,
+                    response_serializer=pulse_dot_device_dot_v1_dot_devices__pb2.DeviceCredential.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -361,6 +420,87 @@ class DeviceRegistryService:
             '/pulse.device.v1.DeviceRegistryService/ListSites',
             pulse_dot_device_dot_v1_dot_devices__pb2.ListSitesRequest.SerializeToString,
             pulse_dot_device_dot_v1_dot_devices__pb2.ListSitesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateDeviceCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pulse.device.v1.DeviceRegistryService/CreateDeviceCredential',
+            pulse_dot_device_dot_v1_dot_devices__pb2.CreateDeviceCredentialRequest.SerializeToString,
+            pulse_dot_device_dot_v1_dot_devices__pb2.DeviceCredential.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeviceCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pulse.device.v1.DeviceRegistryService/ListDeviceCredentials',
+            pulse_dot_device_dot_v1_dot_devices__pb2.ListDeviceCredentialsRequest.SerializeToString,
+            pulse_dot_device_dot_v1_dot_devices__pb2.ListDeviceCredentialsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeDeviceCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pulse.device.v1.DeviceRegistryService/RevokeDeviceCredential',
+            pulse_dot_device_dot_v1_dot_devices__pb2.RevokeDeviceCredentialRequest.SerializeToString,
+            pulse_dot_device_dot_v1_dot_devices__pb2.DeviceCredential.FromString,
             options,
             channel_credentials,
             insecure,

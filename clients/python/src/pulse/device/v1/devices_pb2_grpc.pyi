@@ -57,6 +57,23 @@ class DeviceRegistryServiceStub:
     """CreateSite registers a site that devices can be placed at."""
     ListSites: _grpc.UnaryUnaryMultiCallable[_devices_pb2.ListSitesRequest, _devices_pb2.ListSitesResponse]
     """ListSites pages through the tenant's sites in site_id order."""
+    CreateDeviceCredential: _grpc.UnaryUnaryMultiCallable[_devices_pb2.CreateDeviceCredentialRequest, _devices_pb2.DeviceCredential]
+    """CreateDeviceCredential issues an MQTT credential for a device. The
+    answer is the only place the secret ever appears; the server keeps a
+    scrypt hash of it. A device has at most two active credentials, so it
+    can rotate: create the second, switch over, revoke the first. More is
+    FAILED_PRECONDITION (CREDENTIAL_LIMIT_REACHED); a decommissioned device
+    gets none (DEVICE_DECOMMISSIONED).
+    """
+    ListDeviceCredentials: _grpc.UnaryUnaryMultiCallable[_devices_pb2.ListDeviceCredentialsRequest, _devices_pb2.ListDeviceCredentialsResponse]
+    """ListDeviceCredentials lists a device's credentials, active and revoked,
+    newest first; never their secrets.
+    """
+    RevokeDeviceCredential: _grpc.UnaryUnaryMultiCallable[_devices_pb2.RevokeDeviceCredentialRequest, _devices_pb2.DeviceCredential]
+    """RevokeDeviceCredential stops a credential from working: new connections
+    with it are refused at once and a live connection using it is closed
+    within 5 seconds. Revoking a revoked credential is a no-op.
+    """
 
 @_typing.type_check_only
 class DeviceRegistryServiceAsyncStub(DeviceRegistryServiceStub):
@@ -87,6 +104,23 @@ class DeviceRegistryServiceAsyncStub(DeviceRegistryServiceStub):
     """CreateSite registers a site that devices can be placed at."""
     ListSites: _aio.UnaryUnaryMultiCallable[_devices_pb2.ListSitesRequest, _devices_pb2.ListSitesResponse]  # type: ignore[assignment]
     """ListSites pages through the tenant's sites in site_id order."""
+    CreateDeviceCredential: _aio.UnaryUnaryMultiCallable[_devices_pb2.CreateDeviceCredentialRequest, _devices_pb2.DeviceCredential]  # type: ignore[assignment]
+    """CreateDeviceCredential issues an MQTT credential for a device. The
+    answer is the only place the secret ever appears; the server keeps a
+    scrypt hash of it. A device has at most two active credentials, so it
+    can rotate: create the second, switch over, revoke the first. More is
+    FAILED_PRECONDITION (CREDENTIAL_LIMIT_REACHED); a decommissioned device
+    gets none (DEVICE_DECOMMISSIONED).
+    """
+    ListDeviceCredentials: _aio.UnaryUnaryMultiCallable[_devices_pb2.ListDeviceCredentialsRequest, _devices_pb2.ListDeviceCredentialsResponse]  # type: ignore[assignment]
+    """ListDeviceCredentials lists a device's credentials, active and revoked,
+    newest first; never their secrets.
+    """
+    RevokeDeviceCredential: _aio.UnaryUnaryMultiCallable[_devices_pb2.RevokeDeviceCredentialRequest, _devices_pb2.DeviceCredential]  # type: ignore[assignment]
+    """RevokeDeviceCredential stops a credential from working: new connections
+    with it are refused at once and a live connection using it is closed
+    within 5 seconds. Revoking a revoked credential is a no-op.
+    """
 
 class DeviceRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     """DeviceRegistryService manages a tenant's devices and sites. Every call is
@@ -156,5 +190,40 @@ class DeviceRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_devices_pb2.ListSitesResponse, _abc.Awaitable[_devices_pb2.ListSitesResponse]]:
         """ListSites pages through the tenant's sites in site_id order."""
+
+    @_abc_1.abstractmethod
+    def CreateDeviceCredential(
+        self,
+        request: _devices_pb2.CreateDeviceCredentialRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_devices_pb2.DeviceCredential, _abc.Awaitable[_devices_pb2.DeviceCredential]]:
+        """CreateDeviceCredential issues an MQTT credential for a device. The
+        answer is the only place the secret ever appears; the server keeps a
+        scrypt hash of it. A device has at most two active credentials, so it
+        can rotate: create the second, switch over, revoke the first. More is
+        FAILED_PRECONDITION (CREDENTIAL_LIMIT_REACHED); a decommissioned device
+        gets none (DEVICE_DECOMMISSIONED).
+        """
+
+    @_abc_1.abstractmethod
+    def ListDeviceCredentials(
+        self,
+        request: _devices_pb2.ListDeviceCredentialsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_devices_pb2.ListDeviceCredentialsResponse, _abc.Awaitable[_devices_pb2.ListDeviceCredentialsResponse]]:
+        """ListDeviceCredentials lists a device's credentials, active and revoked,
+        newest first; never their secrets.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeDeviceCredential(
+        self,
+        request: _devices_pb2.RevokeDeviceCredentialRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_devices_pb2.DeviceCredential, _abc.Awaitable[_devices_pb2.DeviceCredential]]:
+        """RevokeDeviceCredential stops a credential from working: new connections
+        with it are refused at once and a live connection using it is closed
+        within 5 seconds. Revoking a revoked credential is a no-op.
+        """
 
 def add_DeviceRegistryServiceServicer_to_server(servicer: DeviceRegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

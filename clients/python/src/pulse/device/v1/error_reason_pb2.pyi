@@ -115,6 +115,17 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """INTERNAL. A watch stream's feed stopped on a server bug; the server log
     has the details. Reconnecting with the last cursor may succeed.
     """
+    CREDENTIAL_NOT_FOUND: _ErrorReason.ValueType  # 23
+    """NOT_FOUND. The device has no credential with this id."""
+    CREDENTIAL_LIMIT_REACHED: _ErrorReason.ValueType  # 24
+    """FAILED_PRECONDITION. The device already has two active credentials;
+    revoke one first.
+    """
+    BROKER_UNAVAILABLE: _ErrorReason.ValueType  # 25
+    """UNAVAILABLE. The MQTT broker's access control could not be updated
+    (Mosquitto dynamic security did not answer); nothing was stored, and the
+    call is safe to retry.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is why a call failed, as AIP-193 asks: every error the service
@@ -221,5 +232,16 @@ nothing was committed, so the call is safe to retry.
 WATCH_FEED_FAILED: ErrorReason.ValueType  # 22
 """INTERNAL. A watch stream's feed stopped on a server bug; the server log
 has the details. Reconnecting with the last cursor may succeed.
+"""
+CREDENTIAL_NOT_FOUND: ErrorReason.ValueType  # 23
+"""NOT_FOUND. The device has no credential with this id."""
+CREDENTIAL_LIMIT_REACHED: ErrorReason.ValueType  # 24
+"""FAILED_PRECONDITION. The device already has two active credentials;
+revoke one first.
+"""
+BROKER_UNAVAILABLE: ErrorReason.ValueType  # 25
+"""UNAVAILABLE. The MQTT broker's access control could not be updated
+(Mosquitto dynamic security did not answer); nothing was stored, and the
+call is safe to retry.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

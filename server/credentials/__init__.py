@@ -1,0 +1,1 @@
+"""MQTT credentials of devices and service processes: issued, hashed, checked."""
