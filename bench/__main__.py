@@ -13,6 +13,7 @@ SUITES = [
     "bench.watch",
     "bench.twin",
     "bench.ingest",
+    "bench.device_access",
     "bench.gateway",
 ]
 

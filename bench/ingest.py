@@ -15,8 +15,9 @@ end, every device's stored report must be its last message.
 
     MQTT_URL=mqtt://127.0.0.1:1883 .venv/bin/python -m bench.ingest
 
-Without MQTT_URL it uses the embedded amqtt broker, which is far slower
-than Mosquitto, so the ratio then mostly measures amqtt.
+Without MQTT_URL it uses the embedded amqtt broker (access control on, the
+publisher and evaluator a service identity), which is far slower than
+Mosquitto, so the ratio then mostly measures amqtt.
 """
 
 from __future__ import annotations
@@ -131,7 +132,13 @@ async def _forget_session(mqtt_url: str, client_id: str) -> None:
 
 
 async def main() -> None:
-    async with scratch_database() as dsn, mqtt_broker(os.environ.get("MQTT_URL")) as mqtt_url:
+    async with contextlib.AsyncExitStack() as stack:
+        dsn = await stack.enter_async_context(scratch_database())
+        access = Database(await create_pool(dsn, size=2))
+        stack.push_async_callback(access.close)
+        mqtt_url = await stack.enter_async_context(
+            mqtt_broker(os.environ.get("MQTT_URL"), access, service="bench")
+        )
         # Every version the publisher will send is one that was asked for.
         tenant = await seed_tenant(
             dsn, [_device(k) for k in range(DEVICES)], desired_version=1_000_000
@@ -139,7 +146,7 @@ async def main() -> None:
         prefix = f"pulse/{tenant}/"
         print(
             f"twin/reported ingest, QoS 1, {DEVICES} devices, {PER_ROUND:,} messages a round, "
-            f"medians of {ROUNDS} rounds ({mqtt_url})"
+            f"medians of {ROUNDS} rounds ({parse_broker(mqtt_url).safe_url})"
         )
 
         broker = parse_broker(mqtt_url).client_options()

@@ -4,24 +4,38 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import shlex
 import socket
 import uuid
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
+from urllib.parse import quote
+
+from pulse_client import AsyncPulseClient
 
 from evaluator.service import mqtt_broker, running_evaluator
 from evaluator.simulator import device_ids, running_fleet
-from server import config, migrate
+from launcher import demo_credentials
+from server import config, migrate, mqtt_url
 from server.app import SERVICE_NAMES, RunningServer, start, wait_for_signal
 from server.auth import Role, mint_token
+from server.broker_access.authenticator import Authenticator
+from server.broker_access.dynsec import MosquittoDynsec, config_text
+from server.broker_access.rules import DeviceIdentity, parse_username, service_username
 from server.connectivity import retention
+from server.credentials import services
+from server.db import Database, create_pool
 from server.demo import DEMO_TENANT, seed_demo
 from server.embedded import EmbeddedPostgres
+from server.gateway.broker_hooks import BrokerHooks
 from server.gateway.serve import running_gateway
 
 log = logging.getLogger("pulse")
+
+#: Simulated by `pulse run`; one more device is seeded for you to play.
+DEMO_DEVICES = 5
 
 
 def _run_async(settings: config.Settings, main: Coroutine[Any, Any, None]) -> None:
@@ -53,16 +67,41 @@ def _port_is_free(host: str, port: int) -> bool:
     return True
 
 
-async def _start_server(settings: config.Settings, dsn: str) -> RunningServer:
+async def _start_server(
+    settings: config.Settings, dsn: str, mirror: MosquittoDynsec | None
+) -> RunningServer:
     # Checked here first: gRPC's own failed bind logs a C-core error that
     # reads like a crash, for what is an ordinary fallback.
     if settings.grpc_port and not _port_is_free(settings.grpc_host, settings.grpc_port):
         log.warning("gRPC port %d is taken; using a free one instead", settings.grpc_port)
         settings = config.replace_port(settings, 0)
-    return await start(settings, dsn)
+    return await start(settings, dsn, mirror=mirror)
 
 
-def _gateway(settings: config.Settings, grpc_target: str) -> Any:
+@contextlib.asynccontextmanager
+async def _dynsec_mirror(
+    settings: config.Settings, db: Database
+) -> AsyncIterator[MosquittoDynsec | None]:
+    """Mosquitto's dynamic security kept in step, when PULSE_MQTT_DYNSEC_URL is set."""
+    if not settings.mqtt_dynsec_url:
+        yield None
+        return
+    mirror = MosquittoDynsec(
+        mqtt_url.parse(settings.mqtt_dynsec_url, ca_file=settings.mqtt_ca_file), db=db
+    )
+    await mirror.start()
+    try:
+        yield mirror
+    finally:
+        await mirror.stop()
+
+
+def _gateway(settings: config.Settings, grpc_target: str, db: Database | None) -> Any:
+    hooks = None
+    if settings.broker_hook_secret:
+        if db is None:
+            raise SystemExit("PULSE_BROKER_HOOK_SECRET is set: the gateway needs DATABASE_URL")
+        hooks = BrokerHooks(db, settings.broker_hook_secret)
     return running_gateway(
         grpc_target,
         SERVICE_NAMES,
@@ -73,11 +112,34 @@ def _gateway(settings: config.Settings, grpc_target: str) -> Any:
         header_timeout_s=settings.http_header_timeout_s,
         max_connections=settings.http_max_connections,
         shutdown_grace_s=max(1, round(settings.shutdown_grace_s)),
+        broker_hooks=hooks,
     )
 
 
-def _banner(settings: config.Settings, port: int, http_port: int, token: str, mqtt_url: str) -> str:
+def _mosquitto_pub(broker: mqtt_url.BrokerAddress, username: str, secret: str) -> str:
+    """A command that publishes telemetry as the device `username` names."""
+    identity = parse_username(username)
+    assert isinstance(identity, DeviceIdentity)
+    return " ".join(
+        [
+            f"mosquitto_pub -h {broker.host} -p {broker.port} -q 1",
+            f"-i {shlex.quote(identity.client_id)} -u {shlex.quote(username)}",
+            f"-P {shlex.quote(secret)}",
+            f"-t {shlex.quote(identity.topic('telemetry'))} -m '{{\"temp\": 21}}'",
+        ]
+    )
+
+
+def _banner(
+    settings: config.Settings,
+    port: int,
+    http_port: int,
+    token: str,
+    broker_url: str,
+    spare: tuple[str, str] | None,
+) -> str:
     address = f"{settings.grpc_host}:{port}"
+    broker = mqtt_url.parse(broker_url)
     payload = '{"device_id": "DEVICE-01"}'
     curl = " ".join(
         [
@@ -95,7 +157,8 @@ def _banner(settings: config.Settings, port: int, http_port: int, token: str, mq
             f"  HTTP          http://{settings.http_host}:{http_port}/customer/...  "
             "(JSON API; /openapi.json)",
             f"  console       http://{settings.http_host}:{http_port}/#token={token}",
-            f"  MQTT          {mqtt_url}  (devices: pulse/{{tenant}}/{{device}}/...)",
+            f"  MQTT          mqtt://{broker.host}:{broker.port}  (devices: "
+            "pulse/{tenant}/{device}/..., each with its own credential)",
             f"  demo tenant   {DEMO_TENANT}",
             f"  admin token   {token}",
             "",
@@ -103,6 +166,14 @@ def _banner(settings: config.Settings, port: int, http_port: int, token: str, mq
             f"  {curl}",
             f"  curl -H 'Authorization: Bearer {token}' "
             f"http://{settings.http_host}:{http_port}/customer/devices/DEVICE-01",
+            *(
+                [
+                    "  # DEVICE-06 is not simulated: speak for it with its credential",
+                    f"  {_mosquitto_pub(broker, *spare)}",
+                ]
+                if spare
+                else []
+            ),
             "",
             "Ctrl-C stops everything.",
             "",
@@ -114,28 +185,55 @@ async def _run(settings: config.Settings) -> None:
     dsn, embedded = await _database_url(settings)
     try:
         await migrate.apply(dsn)
-        await seed_demo(dsn)
-        async with mqtt_broker(settings.mqtt_url) as mqtt_url:
-            running = await _start_server(settings, dsn)
-            async with (
-                running.stopping(),
-                running_evaluator(settings, dsn, mqtt_url),
-                # Live data for the demo: DEVICE-01..05 apply desired state.
-                running_fleet(mqtt_url, DEMO_TENANT, device_ids(5)),
-                _gateway(settings, f"127.0.0.1:{running.port}") as http_port,
-            ):
-                token = mint_token(
-                    settings.secret,
-                    tenant_id=DEMO_TENANT,
-                    role=Role.ADMIN,
-                    audience=settings.jwt_audience,
+        await seed_demo(dsn, devices=DEMO_DEVICES + 1)
+        db = Database(await create_pool(dsn, size=2))
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(db.close)
+            broker_url = await stack.enter_async_context(
+                mqtt_broker(settings.mqtt_url, db, service="evaluator")
+            )
+            mirror = await stack.enter_async_context(_dynsec_mirror(settings, db))
+            running = await _start_server(settings, dsn, mirror)
+            await stack.enter_async_context(running.stopping())
+            await stack.enter_async_context(running_evaluator(settings, dsn, broker_url))
+            token = mint_token(
+                settings.secret,
+                tenant_id=DEMO_TENANT,
+                role=Role.ADMIN,
+                audience=settings.jwt_audience,
+            )
+            async with await AsyncPulseClient.connect(
+                f"127.0.0.1:{running.port}", token=token
+            ) as client:
+                credentials = await demo_credentials.ensure(
+                    client,
+                    Authenticator(db),
+                    DEMO_TENANT,
+                    device_ids(DEMO_DEVICES + 1),
+                    settings.data_dir / "demo-credentials.json",
                 )
-                print(_banner(settings, running.port, http_port, token, mqtt_url), flush=True)
-                await wait_for_signal()
-                log.info("shutting down")
-                # First: no new calls, open streams (and so the browsers'
-                # event streams) end now, running calls get the grace period.
-                await running.stop()
+            # Live data for the demo: DEVICE-01..05 apply desired state, each
+            # connected with its own credential; DEVICE-06 is left for you.
+            await stack.enter_async_context(
+                running_fleet(
+                    broker_url, DEMO_TENANT, device_ids(DEMO_DEVICES), credentials=credentials
+                )
+            )
+            http_port = await stack.enter_async_context(
+                _gateway(settings, f"127.0.0.1:{running.port}", db)
+            )
+            spare = f"DEVICE-{DEMO_DEVICES + 1:02d}"
+            print(
+                _banner(
+                    settings, running.port, http_port, token, broker_url, credentials.get(spare)
+                ),
+                flush=True,
+            )
+            await wait_for_signal()
+            log.info("shutting down")
+            # First: no new calls, open streams (and so the browsers'
+            # event streams) end now, running calls get the grace period.
+            await running.stop()
     finally:
         if embedded is not None:
             await embedded.stop()
@@ -159,20 +257,31 @@ async def _evaluator(settings: config.Settings) -> None:
     dsn, embedded = await _database_url(settings)
     try:
         await migrate.apply(dsn)
-        async with (
-            mqtt_broker(settings.mqtt_url) as mqtt_url,
-            running_evaluator(settings, dsn, mqtt_url),
-        ):
-            await wait_for_signal()
+        db = Database(await create_pool(dsn, size=2))
+        try:
+            async with (
+                mqtt_broker(settings.mqtt_url, db, service="evaluator") as broker_url,
+                running_evaluator(settings, dsn, broker_url),
+            ):
+                await wait_for_signal()
+        finally:
+            await db.close()
     finally:
         if embedded is not None:
             await embedded.stop()
 
 
 async def _gateway_alone(settings: config.Settings, grpc_target: str) -> None:
-    async with _gateway(settings, grpc_target) as port:
-        print(f"HTTP gateway on http://{settings.http_host}:{port}/ -> gRPC {grpc_target}")
-        await wait_for_signal()
+    db = None
+    if settings.database_url and settings.broker_hook_secret:
+        db = Database(await create_pool(settings.database_url, size=settings.db_pool_size))
+    try:
+        async with _gateway(settings, grpc_target, db) as port:
+            print(f"HTTP gateway on http://{settings.http_host}:{port}/ -> gRPC {grpc_target}")
+            await wait_for_signal()
+    finally:
+        if db is not None:
+            await db.close()
 
 
 async def _retention(settings: config.Settings, days: int) -> None:
@@ -183,6 +292,28 @@ async def _retention(settings: config.Settings, days: int) -> None:
     finally:
         if embedded is not None:
             await embedded.stop()
+
+
+async def _service_credential(settings: config.Settings, name: str) -> None:
+    dsn, embedded = await _database_url(settings)
+    try:
+        db = Database(await create_pool(dsn, size=1))
+        try:
+            secret = await services.issue(db, name)
+            if settings.mqtt_dynsec_url:
+                async with _dynsec_mirror(settings, db) as mirror:
+                    assert mirror is not None
+                    await mirror.ensure_service(name, secret)
+        except ValueError as error:
+            raise SystemExit(f"pulse service-credential: {error}") from None
+        finally:
+            await db.close()
+    finally:
+        if embedded is not None:
+            await embedded.stop()
+    username = service_username(name)
+    print(f"username  {username}\nsecret    {secret}  (shown once; issuing again replaces it)")
+    print(f"MQTT_URL  mqtt://{quote(username)}:{quote(secret, safe='')}@HOST:PORT")
 
 
 async def _migrate(settings: config.Settings) -> None:
@@ -222,6 +353,19 @@ def main(argv: list[str] | None = None) -> None:
     ret.add_argument(
         "--days", type=int, default=None, help="keep this many days (PULSE_EVENT_RETENTION_DAYS)"
     )
+    svc = sub.add_parser(
+        "service-credential",
+        help="issue (or replace) the MQTT credential of a service process and print it once",
+    )
+    svc.add_argument("name", help="evaluator, simulator, ...: the username is pulse-NAME")
+    cfg = sub.add_parser(
+        "broker-config", help="print how to set a broker up to enforce device identity"
+    )
+    cfg.add_argument("broker", choices=["mosquitto"])
+    cfg.add_argument("--host", default="127.0.0.1", help="where the broker will listen")
+    cfg.add_argument("--port", type=int, default=1883)
+    cfg.add_argument("--config-file", default="/var/lib/mosquitto/dynamic-security.json")
+    cfg.add_argument("--admin-user", default="dynsec-admin")
     tok = sub.add_parser("token", help="print a development token signed with the local secret")
     tok.add_argument("--tenant", type=uuid.UUID, default=DEMO_TENANT)
     tok.add_argument("--role", choices=[r.name.lower() for r in Role], default="admin")
@@ -247,6 +391,17 @@ def main(argv: list[str] | None = None) -> None:
                 ttl_s=args.ttl,
             )
         )
+    elif args.command == "broker-config":
+        print(
+            config_text(
+                host=args.host,
+                port=args.port,
+                config_file=args.config_file,
+                admin_user=args.admin_user,
+            )
+        )
+    elif args.command == "service-credential":
+        _run_async(settings, _service_credential(settings, args.name))
     elif args.command == "migrate":
         _run_async(settings, _migrate(settings))
     elif args.command == "retention":

@@ -28,6 +28,7 @@ from pulse.device.v1 import (
 from server import reflection
 from server.admission import AdmissionInterceptor, Limits
 from server.auth import TokenVerifier
+from server.broker_access.mirror import AccessMirror
 from server.config import Settings
 from server.connectivity.service import ConnectivityService
 from server.connectivity.watch import WatchHub
@@ -142,9 +143,13 @@ def _server_options(settings: Settings) -> list[tuple[str, Any]]:
     ]
 
 
-async def start(settings: Settings, dsn: str) -> RunningServer:
+async def start(
+    settings: Settings, dsn: str, *, mirror: AccessMirror | None = None
+) -> RunningServer:
     """Serve on settings.grpc_host:grpc_port (0: a free port). A port that
-    cannot be bound raises RuntimeError and leaves nothing running."""
+    cannot be bound raises RuntimeError and leaves nothing running. `mirror`
+    is told of device credentials as they are issued and revoked (Mosquitto's
+    dynamic security)."""
     db = Database(await create_pool(dsn, size=settings.db_pool_size))
     listener = Listener(dsn)
     try:
@@ -165,7 +170,7 @@ async def start(settings: Settings, dsn: str) -> RunningServer:
         health = HealthServicer()
         target: Any = _GenericHandlersOnly(server)
         devices_pb2_grpc.add_DeviceRegistryServiceServicer_to_server(
-            DeviceRegistryService(db, tokens), target
+            DeviceRegistryService(db, tokens, mirror), target
         )
         groups_pb2_grpc.add_DeviceGroupServiceServicer_to_server(
             DeviceGroupService(db, tokens), target

@@ -17,7 +17,9 @@ class Settings:
     #: PostgreSQL URL of a login that may run migrations (owner of the schema).
     #: None: start the embedded server under data_dir.
     database_url: str | None
-    #: MQTT broker URL (mqtt://host:port). None: start the embedded broker.
+    #: MQTT broker URL, mqtt[s]://[user:password@]host:port, the user being a
+    #: service identity (`pulse service-credential`). None: start the
+    #: embedded broker, with access control, and credentials of its own.
     mqtt_url: str | None
     data_dir: Path
     grpc_host: str
@@ -73,6 +75,15 @@ class Settings:
     #: is closed; beyond max_connections new ones are answered 503.
     http_header_timeout_s: float = 10.0
     http_max_connections: int = 1000
+    #: CA bundle to verify an mqtts:// broker with (default: the system's).
+    mqtt_ca_file: str | None = None
+    #: Mosquitto's dynamic-security admin, mqtt[s]://admin:password@host:port:
+    #: when set, the server keeps Mosquitto's clients and roles in step with
+    #: device credentials (`pulse broker-config mosquitto`).
+    mqtt_dynsec_url: str | None = None
+    #: Shared secret of the broker HTTP hooks (/mqtt/authn, /mqtt/authz);
+    #: unset: the gateway does not serve them.
+    broker_hook_secret: str | None = None
 
 
 def _load_or_create_secret(data_dir: Path) -> bytes:
@@ -145,6 +156,9 @@ def load(env: dict[str, str] | None = None) -> Settings:
         grpc_max_connection_idle_s=_positive(env, "PULSE_GRPC_MAX_CONNECTION_IDLE_S", "300"),
         http_header_timeout_s=_positive(env, "PULSE_HTTP_HEADER_TIMEOUT_S", "10"),
         http_max_connections=int(_positive(env, "PULSE_HTTP_MAX_CONNECTIONS", "1000")),
+        mqtt_ca_file=env.get("PULSE_MQTT_CA_FILE") or None,
+        mqtt_dynsec_url=env.get("PULSE_MQTT_DYNSEC_URL") or None,
+        broker_hook_secret=env.get("PULSE_BROKER_HOOK_SECRET") or None,
     )
 
 

@@ -66,9 +66,11 @@ async def dsn(server_url: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture(scope="session")
-async def mqtt_url() -> AsyncIterator[str]:
-    """MQTT_URL (Mosquitto here and in CI), or an embedded broker."""
-    async with mqtt_broker(os.environ.get("MQTT_URL")) as url:
+async def mqtt_url(db: Database) -> AsyncIterator[str]:
+    """MQTT_URL (Mosquitto here and in CI), or an embedded broker with access
+    control; either way, what the tests' own MQTT clients connect to, as the
+    service identity `pulse-tests` on the embedded broker."""
+    async with mqtt_broker(os.environ.get("MQTT_URL"), db, service="tests") as url:
         yield url
 
 

@@ -3,7 +3,8 @@ document, and the web console's static files at /.
 
 Every request is forwarded to the gRPC server over one channel, so
 authentication, authorisation, validation and error mapping happen in one
-place; the gateway only transcodes.
+place; the gateway only transcodes. The one exception, when enabled, is the
+MQTT broker's authn/authz hooks (broker_hooks.py), answered from the database.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from server.gateway import openapi, routes, sse, status, transcode
+from server.gateway.broker_hooks import BrokerHooks
 
 log = logging.getLogger("pulse.gateway")
 
@@ -204,9 +206,11 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     cors_origins: Sequence[str] = (),
     stopping: asyncio.Event | None = None,
+    broker_hooks: BrokerHooks | None = None,
 ) -> Starlette:
     """The gateway app. Setting `stopping` ends every open event stream with
-    a "shutting down" error event, so the server can stop promptly."""
+    a "shutting down" error event, so the server can stop promptly; given
+    `broker_hooks`, it also answers an MQTT broker's /mqtt/authn and /mqtt/authz."""
     gateway = Gateway(
         channel, services, max_body_bytes=max_body_bytes, stopping=stopping or asyncio.Event()
     )
@@ -219,6 +223,8 @@ def create_app(
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/customer/{rest:path}", gateway.dispatch, methods=_ALL_METHODS),
     ]
+    if broker_hooks is not None:
+        mounts.extend(broker_hooks.routes(max_body_bytes=max_body_bytes))
     if CONSOLE_DIR.is_dir():
         mounts.append(Mount("/", StaticFiles(directory=CONSOLE_DIR, html=True)))
     middleware = []

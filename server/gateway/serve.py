@@ -15,6 +15,7 @@ import uvicorn
 from google.protobuf import descriptor, descriptor_pool
 
 from server.gateway.app import create_app
+from server.gateway.broker_hooks import BrokerHooks
 from server.gateway.connections import ConnectionLimits, protocol_class
 
 log = logging.getLogger("pulse.gateway")
@@ -61,6 +62,7 @@ async def running_gateway(
     header_timeout_s: float = 10.0,
     max_connections: int = 1000,
     shutdown_grace_s: float = 5.0,
+    broker_hooks: BrokerHooks | None = None,
 ) -> AsyncIterator[int]:
     """Serve HTTP until the context ends; yields the bound port.
 
@@ -68,7 +70,7 @@ async def running_gateway(
     otherwise); beyond `max_connections` open ones, new connections are
     answered 503. On exit, open event streams end with a "shutting down"
     error event, and requests still running after `shutdown_grace_s` are
-    cancelled.
+    cancelled. `broker_hooks` adds the MQTT broker's authn/authz routes.
     """
     channel = grpc.aio.insecure_channel(grpc_target)
     stopping = asyncio.Event()
@@ -78,6 +80,7 @@ async def running_gateway(
         max_body_bytes=max_body_bytes,
         cors_origins=cors_origins,
         stopping=stopping,
+        broker_hooks=broker_hooks,
     )
     sock = _bind(host, port)
     bound = int(sock.getsockname()[1])

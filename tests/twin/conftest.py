@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ import pytest
 from pulse_client import AsyncPulseClient
 
 from evaluator.runtime import Evaluator
-from evaluator.service import mqtt_broker
 from evaluator.twin_ingest import TwinIngest
 from evaluator.twin_publisher import TwinPublisher
 from server.db import Database, create_pool
@@ -34,15 +32,6 @@ async def mqtt_client(mqtt_url: str, **kwargs: object) -> AsyncIterator[aiomqtt.
     options = parse_broker(mqtt_url).client_options()
     async with aiomqtt.Client(**options, identifier=unique_id("test"), **kwargs) as client:  # type: ignore[arg-type]
         yield client
-
-
-@pytest.fixture
-async def mqtt_url() -> AsyncIterator[str]:
-    """MQTT_URL, or a fresh embedded broker for each twin test: amqtt was seen
-    delivering earlier tests' retained messages to a subscriber of an
-    unrelated exact topic, and these tests assert exactly what arrives."""
-    async with mqtt_broker(os.environ.get("MQTT_URL")) as url:
-        yield url
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -212,10 +211,6 @@ async def test_reports_sent_while_the_evaluator_is_down_are_not_lost(
     mqtt: aiomqtt.Client,
     start_evaluator: EvaluatorFactory,
 ) -> None:
-    if not os.environ.get("MQTT_URL"):
-        # amqtt treats every client of its default (anonymous) setup as
-        # having no session to keep, and drops QoS 1 messages for it.
-        pytest.skip("the embedded amqtt broker keeps no offline queue for anonymous clients")
     first: RunningEvaluator = await start_evaluator()
     await create_devices(client, *[f"D{n}" for n in range(20)])
     await first.stop()  # as if it crashed: its persistent session stays

@@ -1,5 +1,6 @@
-// The operator console: devices, device detail (twin, diff, connectivity) and
-// device groups with a live filter builder. Plain modules, no build step.
+// The operator console: devices, device detail (twin, diff, connectivity,
+// credentials) and device groups with a live filter builder. Plain modules, no
+// build step.
 
 import { ApiError, call, setToken, stream, token } from "./api.js";
 
@@ -111,7 +112,9 @@ async function deviceView(deviceId) {
   try {
     device = (await call("GET", path)).data;
   } catch (e) { fail(e); render(h("h1", {}, deviceId)); return; }
-  const panels = { twin: h("section", {}), diff: h("section", {}), connectivity: h("section", {}) };
+  const panels = {
+    twin: h("section", {}), diff: h("section", {}), connectivity: h("section", {}), credentials: h("section", {}),
+  };
   const tabs = h("div", { class: "tabs", role: "tablist" });
   const stoppers = [];
   function show(name) {
@@ -119,7 +122,7 @@ async function deviceView(deviceId) {
     for (const button of tabs.children) button.setAttribute("aria-selected", String(button.dataset.tab === name));
     if (name === "diff") diffPanel(deviceId, panels.diff);
   }
-  for (const [name, label] of [["twin", "Twin"], ["diff", "Diff"], ["connectivity", "Connectivity"]]) {
+  for (const [name, label] of [["twin", "Twin"], ["diff", "Diff"], ["connectivity", "Connectivity"], ["credentials", "Credentials"]]) {
     tabs.append(h("button", { type: "button", role: "tab", "data-tab": name, onclick: () => show(name) }, label));
   }
   render(
@@ -130,9 +133,10 @@ async function deviceView(deviceId) {
       h("dt", {}, "Site"), h("dd", {}, device.site_id || "—"),
       h("dt", {}, "Lifecycle"), h("dd", {}, device.lifecycle_status),
       h("dt", {}, "Tags"), h("dd", {}, Object.entries(device.tags || {}).map(([k, v]) => (v ? `${k}=${v}` : k)).join(", ") || "—")),
-    tabs, panels.twin, panels.diff, panels.connectivity);
+    tabs, panels.twin, panels.diff, panels.connectivity, panels.credentials);
   show("twin");
   twinPanel(deviceId, panels.twin);
+  credentialsPanel(deviceId, panels.credentials);
   stoppers.push(connectivityPanel(deviceId, panels.connectivity));
   cleanup = () => stoppers.forEach((stop) => stop && stop());
 }
@@ -290,6 +294,124 @@ function connectivityPanel(deviceId, panel) {
     body.prepend(eventRow(e));
     document.getElementById("device-status")?.replaceChildren(badge(e.status));
   });
+}
+
+// ---- credentials ------------------------------------------------------------
+
+function credentialState(c) {
+  if (c.revoke_time) return "REVOKED";
+  if (c.expire_time && new Date(c.expire_time) <= new Date()) return "EXPIRED";
+  return "ACTIVE";
+}
+
+function shellQuote(text) {
+  return `'${text.replaceAll("'", "'\\''")}'`;
+}
+
+function copyButton(label, text) {
+  const button = h("button", { type: "button", class: "copy" }, label);
+  button.addEventListener("click", async () => {
+    try {
+      await navigator.clipboard.writeText(text);
+      say(`${label.replace(/^Copy /, "")} copied.`);
+    } catch {
+      // No clipboard outside a secure context (plain http to another host).
+      say("The browser would not copy; select the text and copy it by hand.");
+    }
+  });
+  return button;
+}
+
+function issuedCredential(cred, onDone) {
+  // The username is `{tenant}/{device}/{credential}`; the client id is its first two parts.
+  const clientId = cred.username.split("/").slice(0, 2).join("/");
+  const example = [
+    "mosquitto_pub", "-h", shellQuote(location.hostname), "-p", "1883", "-V", "mqttv311",
+    "-i", shellQuote(clientId), "-u", shellQuote(cred.username), "-P", shellQuote(cred.secret),
+    "-t", shellQuote(`pulse/${clientId}/heartbeat`), "-m", shellQuote("{}"),
+  ].join(" ");
+  const item = (label, id, value) => [
+    h("dt", {}, label),
+    h("dd", {}, h("code", { id }, value), " ", copyButton(`Copy ${label.toLowerCase()}`, value)),
+  ];
+  return h("section", { class: "panel issued", "aria-label": "New credential" },
+    h("h2", {}, `Credential ${cred.credential_id} created`),
+    h("p", {}, h("strong", {}, "Copy the secret now: it is shown this once. "),
+      "The server keeps only a hash of it; if it is lost, create another credential and revoke this one."),
+    h("dl", { class: "kv" },
+      item("Username", "new-username", cred.username),
+      item("Secret", "new-secret", cred.secret),
+      item("Client id", "new-client-id", clientId)),
+    h("p", { class: "muted" }, "Try it (the broker's host and port may differ from these):"),
+    h("pre", { id: "new-example" }, example),
+    h("div", { class: "toolbar" },
+      copyButton("Copy command", example),
+      h("button", { type: "button", onclick: onDone }, "Done: I have stored the secret")));
+}
+
+async function credentialsPanel(deviceId, panel) {
+  const path = `/customer/devices/${encodeURIComponent(deviceId)}/credentials`;
+  const body = h("tbody", { id: "credentials" });
+  const issued = h("div", {});
+  const expires = h("input", { id: "cred-expires", type: "datetime-local" });
+  const create = h("button", { type: "button", class: "primary" }, "Create credential");
+
+  function row(c) {
+    const state = credentialState(c);
+    const revoke = h("button", { type: "button", "aria-label": `Revoke ${c.credential_id}` }, "Revoke");
+    revoke.addEventListener("click", async () => {
+      if (!confirm(`Revoke credential ${c.credential_id}? A device connected with it is disconnected and cannot connect with it again.`)) return;
+      try {
+        await call("POST", `${path}/${encodeURIComponent(c.credential_id)}:revoke`, { body: {} });
+        say(`Credential ${c.credential_id} revoked.`);
+        await load();
+      } catch (e) { fail(e); }
+    });
+    return h("tr", { "data-credential-id": c.credential_id },
+      h("td", {}, h("code", {}, c.credential_id)),
+      h("td", { title: c.username }, c.username),
+      h("td", {}, when(c.create_time)),
+      h("td", {}, c.expire_time ? when(c.expire_time) : "never"),
+      h("td", {}, when(c.last_used_time)),
+      h("td", {}, badge(state), c.revoke_time ? ` ${when(c.revoke_time)}` : ""),
+      h("td", {}, state === "ACTIVE" ? revoke : ""));
+  }
+
+  async function load() {
+    try {
+      const { data } = await call("GET", path);
+      const credentials = data.credentials || [];
+      body.replaceChildren(...credentials.map(row));
+      if (!credentials.length) body.append(h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No credentials yet.")));
+    } catch (e) { fail(e); }
+  }
+
+  create.addEventListener("click", async () => {
+    const request = {};
+    if (expires.value) request.expire_time = new Date(expires.value).toISOString();
+    try {
+      const { data } = await call("POST", path, { body: request });
+      expires.value = "";
+      // Only in this node: forgotten on Done, on leaving the page, on reload.
+      issued.replaceChildren(issuedCredential(data, () => issued.replaceChildren()));
+      say("");
+      await load();
+    } catch (e) { fail(e); }
+  });
+
+  panel.replaceChildren(
+    issued,
+    h("table", { class: "creds", "aria-label": "Credentials" },
+      h("thead", {}, h("tr", {}, ["Credential", "Username", "Created", "Expires", "Last used", "State", ""]
+        .map((t) => h("th", { scope: "col" }, t)))),
+      body),
+    h("div", { class: "toolbar" },
+      h("div", {}, h("label", { for: "cred-expires" }, "Expires (optional, local time)"), expires),
+      create),
+    h("p", { class: "muted" },
+      "A device connects with the username, the secret as password and the client id {tenant}/{device}. " +
+      "It may hold two active credentials, so it can rotate: create the second, switch over, revoke the first."));
+  await load();
 }
 
 // ---- groups -----------------------------------------------------------------

@@ -7,6 +7,7 @@ wrappers, which differ only in how they call the RPC helper.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TypeAlias
@@ -222,7 +223,7 @@ class AsyncDevices:
         request = create_credential_request(device_id, expire_time)
         return await self._rpc.unary(self._stub.CreateDeviceCredential, request)
 
-    async def list_credentials(self, device_id: str) -> list[devices_pb2.DeviceCredential]:
+    async def list_credentials(self, device_id: str) -> builtins.list[devices_pb2.DeviceCredential]:
         """The device's credentials, active and revoked, newest first; no secrets."""
         request = devices_pb2.ListDeviceCredentialsRequest(device_id=device_id)
         response = await self._rpc.unary(self._stub.ListDeviceCredentials, request)
@@ -335,7 +336,7 @@ class Devices:
         request = create_credential_request(device_id, expire_time)
         return self._rpc.unary(self._stub.CreateDeviceCredential, request)
 
-    def list_credentials(self, device_id: str) -> list[devices_pb2.DeviceCredential]:
+    def list_credentials(self, device_id: str) -> builtins.list[devices_pb2.DeviceCredential]:
         """The device's credentials, active and revoked, newest first; no secrets."""
         request = devices_pb2.ListDeviceCredentialsRequest(device_id=device_id)
         return list(self._rpc.unary(self._stub.ListDeviceCredentials, request).credentials)
