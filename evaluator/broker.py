@@ -257,7 +257,7 @@ class EmbeddedBroker:
         port: int = 0,
         *,
         authenticator: Authenticator | None = None,
-        recheck_s: float = 2.0,
+        recheck_s: float = 1.0,
     ) -> None:
         self._host = host
         self._port = port

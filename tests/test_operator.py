@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -64,6 +65,7 @@ def test_pulse_run_prints_a_working_buf_curl_and_stops_on_ctrl_c(dsn: str, tmp_p
         assert out.returncode == 0, out.stderr
         assert '"deviceId": "DEVICE-01"' in out.stdout
         assert '"lifecycleStatus": "ACTIVE"' in out.stdout
+        _check_printed_mosquitto_pub(lines)
 
         # Reflection lists the service, as `buf curl --list-methods` shows operators.
         address = re.search(r"http://([\d.:]+)/", curl)
@@ -111,6 +113,23 @@ def test_pulse_run_prints_a_working_buf_curl_and_stops_on_ctrl_c(dsn: str, tmp_p
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=30)
     assert code == 0
+
+
+def _check_printed_mosquitto_pub(banner: list[str]) -> None:
+    """The printed command speaks as DEVICE-06, and only with its secret."""
+    command = next(line.strip() for line in banner if line.strip().startswith("mosquitto_pub"))
+    if shutil.which("mosquitto_pub") is None:
+        return  # Debian's mosquitto-clients is on this machine and in CI
+    argv = shlex.split(command)
+    sent = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert sent.returncode == 0, sent.stderr
+    if os.environ.get("MQTT_URL"):
+        return  # a shared broker of its own, whose access rules are not ours
+    wrong = argv.copy()
+    wrong[wrong.index("-P") + 1] += "x"
+    refused = subprocess.run(wrong, capture_output=True, text=True, timeout=30, check=False)
+    assert refused.returncode != 0
+    assert "not authori" in refused.stderr.lower() or "bad user" in refused.stderr.lower()
 
 
 def test_pulse_token_mints_a_verifiable_token(tmp_path: Path) -> None:

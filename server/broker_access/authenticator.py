@@ -6,7 +6,7 @@ first time a secret is seen, one scrypt check (~50 ms, in a thread). A secret
 that has passed is remembered as its SHA-256, so a fleet reconnecting after a
 broker restart costs reads, not scrypt; the read is never cached, so a revoked
 credential is refused on the next CONNECT. Live connections are re-checked
-with `still_active` (brokers call it every couple of seconds).
+with `still_active` (the embedded broker calls it every second).
 """
 
 from __future__ import annotations

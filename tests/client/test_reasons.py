@@ -38,6 +38,7 @@ def _domain_errors() -> list[errors.DomainError]:
                 ErrorReason.DEVICE_DECOMMISSIONED,
                 ErrorReason.GROUP_NOT_STATIC,
                 ErrorReason.GROUP_NOT_DYNAMIC,
+                ErrorReason.CREDENTIAL_LIMIT_REACHED,
             )
         ),
         errors.Unauthenticated("token has expired"),
@@ -50,6 +51,7 @@ def _domain_errors() -> list[errors.DomainError]:
             "too many calls", reason=ErrorReason.TOO_MANY_REQUESTS, retry_after_s=0.5
         ),
         errors.ServerShuttingDown("cursor-1"),
+        errors.BrokerUnavailable("no answer within 5 s"),
     ]
 
 
