@@ -186,7 +186,7 @@ async def _run(settings: config.Settings) -> None:
     try:
         await migrate.apply(dsn)
         await seed_demo(dsn, devices=DEMO_DEVICES + 1)
-        db = Database(await create_pool(dsn, size=2))
+        db = Database(await create_pool(dsn, size=settings.db_pool_size))
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(db.close)
             broker_url = await stack.enter_async_context(
@@ -257,7 +257,7 @@ async def _evaluator(settings: config.Settings) -> None:
     dsn, embedded = await _database_url(settings)
     try:
         await migrate.apply(dsn)
-        db = Database(await create_pool(dsn, size=2))
+        db = Database(await create_pool(dsn, size=settings.db_pool_size))
         try:
             async with (
                 mqtt_broker(settings.mqtt_url, db, service="evaluator") as broker_url,

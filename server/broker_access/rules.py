@@ -105,6 +105,13 @@ def parse_username(username: str) -> Identity | None:
     return DeviceIdentity(tenant_id, device, credential)
 
 
+def in_namespace(username: str) -> bool:
+    """Whether `username` is one of ours, well formed or not: a service's or
+    one starting with a tenant UUID. Brokers chaining several authenticators
+    leave the others to them."""
+    return username.startswith(SERVICE_PREFIX) or _starts_with_uuid(username)
+
+
 def client_id_problem(identity: Identity, client_id: str) -> str | None:
     """Why `identity` may not connect with `client_id`, or None if it may."""
     if isinstance(identity, DeviceIdentity):
@@ -117,12 +124,15 @@ def client_id_problem(identity: Identity, client_id: str) -> str | None:
 
 
 def _looks_like_device_client_id(client_id: str) -> bool:
-    tenant, _, device = client_id.partition("/")
+    return _starts_with_uuid(client_id) and bool(client_id.partition("/")[2])
+
+
+def _starts_with_uuid(name: str) -> bool:
     try:
-        uuid.UUID(tenant)
+        uuid.UUID(name.partition("/")[0])
     except ValueError:
         return False
-    return bool(device)
+    return True
 
 
 def strip_shared(topic_filter: str) -> str:

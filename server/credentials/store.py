@@ -48,6 +48,8 @@ class StoredSecret:
     active: bool
     revoked: bool
     device_active: bool
+    #: last_used_time is recent enough not to be written again (`touch`).
+    used_recently: bool
 
 
 _COLUMNS = "device_id, credential_id, create_time, expire_time, last_used_time, revoke_time"
@@ -178,7 +180,9 @@ async def stored_secret(
     row = await con.fetchrow(
         f"""
         SELECT c.secret_hash, ({_active("c")}) AS active, c.revoke_time IS NOT NULL AS revoked,
-               d.lifecycle = 'ACTIVE' AS device_active
+               d.lifecycle = 'ACTIVE' AS device_active,
+               coalesce(c.last_used_time >= now() - interval '{_TOUCH_EVERY}', false)
+                   AS used_recently
         FROM device_credentials c JOIN devices d USING (tenant_id, device_id)
         WHERE c.tenant_id = $1 AND c.device_id = $2 AND c.credential_id = $3
         """,

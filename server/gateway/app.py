@@ -29,6 +29,7 @@ from starlette.staticfiles import StaticFiles
 
 from server.gateway import openapi, routes, sse, status, transcode
 from server.gateway.broker_hooks import BrokerHooks
+from server.gateway.http_io import error_response, read_body
 
 log = logging.getLogger("pulse.gateway")
 
@@ -43,12 +44,6 @@ _FORWARDED_HEADERS = {
     "x-request-id": grpc.StatusCode.INVALID_ARGUMENT,
 }
 _ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
-
-
-def _error(http: int, code: grpc.StatusCode, message: str) -> JSONResponse:
-    body = status.error_body(code, message, [])
-    body["error"]["code"] = http
-    return JSONResponse(body, status_code=http)
 
 
 def _failed(error: grpc.aio.AioRpcError) -> JSONResponse:
@@ -111,23 +106,12 @@ class Gateway:
                 continue
             return await self._serve(route, params, request)
         if allowed:
-            response = _error(405, grpc.StatusCode.UNIMPLEMENTED, f"{request.method} not allowed")
+            response = error_response(
+                405, grpc.StatusCode.UNIMPLEMENTED, f"{request.method} not allowed"
+            )
             response.headers["Allow"] = ", ".join(sorted(set(allowed)))
             return response
-        return _error(404, grpc.StatusCode.NOT_FOUND, f"no API at {path}")
-
-    async def _read_body(self, request: Request) -> bytes | None:
-        """The body, or None when it is larger than allowed."""
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self._max_body:
-            return None
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self._max_body:
-                return None
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return error_response(404, grpc.StatusCode.NOT_FOUND, f"no API at {path}")
 
     async def _serve(
         self, route: routes.Route, params: dict[str, str], request: Request
@@ -135,10 +119,10 @@ class Gateway:
         try:
             metadata = _metadata(request)
         except _BadHeader as e:
-            return _error(status.HTTP_STATUS[e.code], e.code, str(e))
-        body = await self._read_body(request) if route.body else b""
+            return error_response(status.HTTP_STATUS[e.code], e.code, str(e))
+        body = await read_body(request, self._max_body) if route.body else b""
         if body is None:
-            return _error(
+            return error_response(
                 413,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"request body is larger than {self._max_body} bytes",
@@ -154,7 +138,7 @@ class Gateway:
                 infer_update_mask=route.http_method == "PATCH",
             )
         except transcode.BadRequest as e:
-            return _error(400, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            return error_response(400, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if route.streaming:
             return await self._stream(route, message, metadata)
         try:

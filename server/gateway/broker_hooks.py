@@ -46,7 +46,6 @@ import hmac
 import json
 import logging
 import urllib.parse
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -57,14 +56,14 @@ from starlette.routing import Route
 
 from server.broker_access.authenticator import Authenticator, Refused
 from server.broker_access.rules import (
-    SERVICE_PREFIX,
     Action,
     allowed,
     client_id_problem,
+    in_namespace,
     parse_username,
 )
 from server.db import Database
-from server.gateway import status
+from server.gateway.http_io import error_response, read_body
 
 log = logging.getLogger("pulse.gateway.broker_hooks")
 
@@ -86,16 +85,16 @@ _Decide = Callable[[Mapping[str, object]], Awaitable[Response]]
 
 
 class _BadRequest(Exception):
-    def __init__(self, http: int, message: str) -> None:
-        super().__init__(message)
-        self.http = http
+    pass
 
 
-def _error(http: int, code: grpc.StatusCode, message: str) -> JSONResponse:
-    body = status.error_body(code, message, [])
-    body["error"]["code"] = http
-    headers = {"WWW-Authenticate": 'Bearer realm="pulse broker hooks"'} if http == 401 else None
-    return JSONResponse(body, status_code=http, headers=headers)
+def _unauthenticated(message: str) -> JSONResponse:
+    return error_response(
+        401,
+        grpc.StatusCode.UNAUTHENTICATED,
+        message,
+        {"WWW-Authenticate": 'Bearer realm="pulse broker hooks"'},
+    )
 
 
 def _answer(result: str, **extra: Any) -> JSONResponse:
@@ -105,17 +104,6 @@ def _answer(result: str, **extra: Any) -> JSONResponse:
 def _digest(secret: str) -> bytes:
     # Digests have one length, so comparing them leaks not even the secret's.
     return hashlib.sha256(secret.encode()).digest()
-
-
-def _ours(username: str) -> bool:
-    """Whether `username` is in our namespace, well formed or not."""
-    if username.startswith(SERVICE_PREFIX):
-        return True
-    try:
-        uuid.UUID(username.split("/", 1)[0])
-    except ValueError:
-        return False
-    return True
 
 
 def _text(fields: Mapping[str, object], name: str) -> str | None:
@@ -165,7 +153,7 @@ class BrokerHooks:
 
     async def _handle(self, request: Request, max_body_bytes: int, decide: _Decide) -> Response:
         if request.method != "POST":
-            response = _error(
+            response = error_response(
                 405, grpc.StatusCode.UNIMPLEMENTED, "the broker hooks are called with POST"
             )
             response.headers["Allow"] = "POST"
@@ -173,19 +161,24 @@ class BrokerHooks:
         refusal = self._check_secret(request)
         if refusal is not None:
             return refusal
+        body = await read_body(request, max_body_bytes)
+        if body is None:
+            return error_response(
+                413,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request body is larger than {max_body_bytes} bytes",
+            )
         try:
-            fields = _parse(await _read_body(request, max_body_bytes), request)
+            fields = _parse(body, request)
         except _BadRequest as e:
-            return _error(e.http, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            return error_response(400, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return await decide(fields)
 
     def _check_secret(self, request: Request) -> Response | None:
         header = request.headers.get("authorization")
         if header is None:
-            return _error(
-                401,
-                grpc.StatusCode.UNAUTHENTICATED,
-                "no Authorization header: send 'Authorization: Bearer <shared secret>'",
+            return _unauthenticated(
+                "no Authorization header: send 'Authorization: Bearer <shared secret>'"
             )
         scheme, _, value = header.strip().partition(" ")
         if scheme.lower() == "bearer":
@@ -197,20 +190,14 @@ class BrokerHooks:
                 decoded = ""
             presented = decoded.partition(":")[2]
         else:
-            return _error(
-                401,
-                grpc.StatusCode.UNAUTHENTICATED,
-                "the Authorization header must be 'Bearer <shared secret>'",
-            )
+            return _unauthenticated("the Authorization header must be 'Bearer <shared secret>'")
         if not hmac.compare_digest(_digest(presented), self._secret):
-            return _error(
-                401, grpc.StatusCode.UNAUTHENTICATED, "wrong shared secret for the broker hooks"
-            )
+            return _unauthenticated("wrong shared secret for the broker hooks")
         return None
 
     async def _authn(self, fields: Mapping[str, object]) -> Response:
         username = _text(fields, "username") or ""
-        if username and not _ours(username):
+        if username and not in_namespace(username):
             return _answer("ignore")
         try:
             identity = await self.authenticator.authenticate(
@@ -231,7 +218,7 @@ class BrokerHooks:
             # rather than answer 400, which brokers read as "no opinion".
             log.warning("authz without a topic or a known action/acc: %s", sorted(fields))
             return _answer("deny")
-        if username and not _ours(username):
+        if username and not in_namespace(username):
             return _answer("ignore")
         identity = parse_username(username)
         if identity is None:
@@ -243,32 +230,18 @@ class BrokerHooks:
         return _answer("deny")
 
 
-async def _read_body(request: Request, max_body_bytes: int) -> bytes:
-    declared = request.headers.get("content-length")
-    too_large = _BadRequest(413, f"request body is larger than {max_body_bytes} bytes")
-    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_body_bytes:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _parse(body: bytes, request: Request) -> dict[str, object]:
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media_type == "application/x-www-form-urlencoded":
         try:
             text = body.decode()
         except UnicodeDecodeError as e:
-            raise _BadRequest(400, "the form body is not UTF-8") from e
+            raise _BadRequest("the form body is not UTF-8") from e
         return dict(urllib.parse.parse_qsl(text, keep_blank_values=True))
     try:
         fields = json.loads(body)
     except (ValueError, RecursionError) as e:
-        raise _BadRequest(400, f"the body is not JSON: {e}") from e
+        raise _BadRequest(f"the body is not JSON: {e}") from e
     if not isinstance(fields, dict):
-        raise _BadRequest(400, "the body must be a JSON object")
+        raise _BadRequest("the body must be a JSON object")
     return fields

@@ -4,10 +4,14 @@ services, all unique so tests sharing a database never collide."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+import aiomqtt
 import pytest
 from pulse_client import AsyncPulseClient
 
@@ -84,3 +88,25 @@ def service_login(db: Database) -> ServiceLoginFactory:
         return ServiceLogin(username, secret, identifier or username, name)
 
     return factory
+
+
+async def closed_within(client: aiomqtt.Client, deadline_s: float) -> float:
+    """Seconds until the broker closes `client`'s connection; fails past the deadline."""
+    start = time.monotonic()
+    with pytest.raises(aiomqtt.MqttError, match="Disconnected"):
+        async with asyncio.timeout(deadline_s):
+            async for _ in client.messages:
+                pass
+    return time.monotonic() - start
+
+
+@contextlib.asynccontextmanager
+async def lost(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Client]:
+    """`async with client` for a client the broker will close: leaving does
+    not fail on the closed connection (but errors of the body still do)."""
+    await client.__aenter__()
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.__aexit__(None, None, None)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ from tests.broker.conftest import (
     DeviceLoginFactory,
     MqttLogin,
     ServiceLoginFactory,
+    closed_within,
+    lost,
 )
 from tests.conftest import ClientFactory, TenantFactory
 
@@ -129,28 +130,6 @@ async def refused(broker: Broker, client: aiomqtt.Client) -> str:
     rc = caught.value.rc
     assert isinstance(rc, ReasonCode), f"not refused by CONNACK: {caught.value}"
     return str(rc)
-
-
-async def closed_within(client: aiomqtt.Client, deadline_s: float) -> float:
-    """Seconds until the broker closes `client`'s connection; fails past the deadline."""
-    start = time.monotonic()
-    with pytest.raises(aiomqtt.MqttError, match="Disconnected"):
-        async with asyncio.timeout(deadline_s):
-            async for _ in client.messages:
-                pass
-    return time.monotonic() - start
-
-
-@contextlib.asynccontextmanager
-async def lost(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Client]:
-    """`async with client` for a client the broker will close: leaving does
-    not fail on the closed connection (but errors of the body still do)."""
-    await client.__aenter__()
-    try:
-        yield client
-    finally:
-        with contextlib.suppress(aiomqtt.MqttError):
-            await client.__aexit__(None, None, None)
 
 
 async def service_subscribed_to_all(  # the evaluator's view

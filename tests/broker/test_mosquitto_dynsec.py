@@ -45,6 +45,8 @@ from tests.broker.conftest import (
     DeviceLoginFactory,
     MqttLogin,
     ServiceLoginFactory,
+    closed_within,
+    lost,
 )
 from tests.conftest import ClientFactory, Tenant, TenantFactory
 from tests.helpers import eventually
@@ -296,22 +298,6 @@ async def assert_connects(mosquitto: Mosquitto, login: MqttLogin) -> None:
         pass
 
 
-async def closed_within(client: aiomqtt.Client, seconds: float) -> None:
-    """Wait for the broker to close `client`'s connection."""
-    with pytest.raises(aiomqtt.MqttError):
-        async with asyncio.timeout(seconds):
-            async for _ in client.messages:
-                pass
-
-
-@contextlib.asynccontextmanager
-async def live(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Client]:
-    """A connection the test expects the broker to close."""
-    with contextlib.suppress(aiomqtt.MqttError):
-        async with client:
-            yield client
-
-
 # -- logins -------------------------------------------------------------------
 
 
@@ -452,7 +438,7 @@ async def test_revoking_refuses_and_disconnects(
     mosquitto: Mosquitto, client: pc.AsyncPulseClient, device_login: DeviceLoginFactory
 ) -> None:
     login = await device_login("D1")
-    async with live(mosquitto.login(login)) as connection:
+    async with lost(mosquitto.login(login)) as connection:
         await client.devices.revoke_credential("D1", login.credential_id)
         await closed_within(connection, CLOSE_WITHIN_S)
     await assert_refused(mosquitto, login.username, login.password, login.identifier)
@@ -487,7 +473,7 @@ async def test_decommissioning_deletes_the_clients_and_then_the_role(
     second = await device_login("D1")
     role = device_role(tenant.tenant_id, "D1")
     assert role in await mirror.roles()
-    async with live(mosquitto.login(first)) as connection:
+    async with lost(mosquitto.login(first)) as connection:
         await client.devices.decommission("D1")
         await closed_within(connection, CLOSE_WITHIN_S)
     clients = await mirror.clients()
@@ -514,7 +500,7 @@ async def test_an_expired_credential_is_deleted_by_the_sweep(
     sweeping = MosquittoDynsec(mosquitto.admin, db=db, sweep_s=0.5)
     await sweeping.start()
     try:
-        async with live(mosquitto.login(login)) as connection:
+        async with lost(mosquitto.login(login)) as connection:
             # Expiry (3 s) plus a sweep (0.5 s), with room to spare.
             await closed_within(connection, 10)
     finally:

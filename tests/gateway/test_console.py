@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import shutil
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pulse_client as pc
 import pytest
@@ -24,49 +22,14 @@ from evaluator.simulator import SimulatedDevice
 from server import config
 from server.db import Database, create_pool
 from tests.conftest import Tenant
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-SHOTS = Path(__file__).resolve().parent.parent.parent / "test-artifacts" / "console"
+from tests.gateway.conftest import CHROMIUM, shot
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="no chromium on this machine (apt-get install chromium)"
 )
 
 if CHROMIUM is not None:
-    from playwright.async_api import Browser, Page, async_playwright, expect
-
-
-@pytest.fixture(scope="session")
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as p:
-        b = await p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
-        yield b
-        await b.close()
-
-
-@pytest.fixture
-async def page(browser: Browser, gateway_url: str, tenant: Tenant) -> AsyncIterator[Page]:
-    context = await browser.new_context(viewport={"width": 1280, "height": 860})
-    p = await context.new_page()
-    await p.goto(f"{gateway_url}/#token={tenant.token()}")
-    yield p
-    await context.close()
-
-
-async def shot(page: Page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    from playwright.async_api import Page, expect
 
 
 async def test_filter_builder_previews_and_creates_a_dynamic_group(

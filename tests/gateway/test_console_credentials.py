@@ -9,12 +9,7 @@ import pytest
 from server.broker_access.authenticator import Authenticator
 from server.db import Database
 from tests.conftest import Tenant
-from tests.gateway import test_console
-from tests.gateway.test_console import CHROMIUM, shot
-
-# The console tests' fixtures, bound here so pytest finds them for this module.
-browser = test_console.browser
-page = test_console.page
+from tests.gateway.conftest import CHROMIUM, shot
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="no chromium on this machine (apt-get install chromium)"
