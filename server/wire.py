@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NoReturn
@@ -38,6 +39,10 @@ BAD_STATE = "bad_state"
 BAD_VERSION = "bad_version"
 
 
+def _nothing() -> None:
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceMessage:
     tenant_id: uuid.UUID
@@ -46,6 +51,11 @@ class DeviceMessage:
     payload: bytes
     received_at: datetime
     retain: bool = False
+    #: Every handler the message is given to calls this exactly once, when
+    #: what it does with the message has committed (or it decided to ignore
+    #: the message); the evaluator acknowledges it to the broker only once
+    #: all of them have.
+    settle: Callable[[], None] = _nothing
 
 
 class BadTopic(ValueError):
