@@ -41,11 +41,14 @@ async def running_evaluator(
 ) -> AsyncIterator[Evaluator]:
     """An evaluator consuming in the background until the context ends."""
     db = Database(await create_pool(dsn, size=settings.db_pool_size))
+    broker = mqtt_url.parse(broker_url, ca_file=settings.mqtt_ca_file)
     evaluator = Evaluator(
-        mqtt_url.parse(broker_url, ca_file=settings.mqtt_ca_file),
-        handlers.build(db, settings),
+        broker,
+        handlers.build(db, broker, settings),
         client_id=settings.evaluator_id,
         shared_group=settings.mqtt_shared_group,
+        inflight_max=settings.evaluator_inflight,
+        session_expiry_s=settings.evaluator_session_expiry_s,
     )
     task = asyncio.create_task(evaluator.run(), name="evaluator")
     try:

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -60,6 +61,10 @@ class Rejection:
     detail: str
 
 
+# A queued report and the hook that lets the broker forget its message.
+_Queued = tuple[uuid.UUID, store.Report, Callable[[], None]]
+
+
 class _BadMessage(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
@@ -72,14 +77,14 @@ def parse_report(device_id: str, payload: bytes) -> store.Report:
     if len(payload) > RAW_MAX:
         raise _BadMessage(documents.TOO_LARGE, f"payload is {len(payload)} bytes")
     try:
-        state, version = wire.parse_reported(payload)
+        state, version, seq = wire.parse_reported_seq(payload)
     except wire.BadPayload as bad:
         raise _BadMessage(bad.reason, bad.detail) from None
     text, problem = documents.inspect(state)
     if problem is not None:
         raise _BadMessage(*problem)
     assert text is not None
-    return store.Report(device_id=device_id, document=text, desired_version=version)
+    return store.Report(device_id=device_id, document=text, desired_version=version, seq=seq)
 
 
 class TwinIngest:
@@ -106,7 +111,7 @@ class TwinIngest:
         self._db = db
         self._batch_max = batch_max
         self._queue_max = queue_max
-        self._queue: list[tuple[uuid.UUID, store.Report]] = []
+        self._queue: list[_Queued] = []
         self._queued = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -134,16 +139,18 @@ class TwinIngest:
             # it is old news, and applying it could roll back a newer report
             # of the same desired version. Counted, not logged.
             self.counts[RETAINED] += 1
+            message.settle()
             return
         try:
             report = parse_report(message.device_id, message.payload)
         except _BadMessage as bad:
             self._reject(message.tenant_id, message.device_id, bad.reason, bad.detail)
+            message.settle()
             return
         while len(self._queue) >= self._queue_max:
             self._room.clear()
             await self._room.wait()
-        self._queue.append((message.tenant_id, report))
+        self._queue.append((message.tenant_id, report, message.settle))
         self._queued.set()
 
     async def run(self, publisher: Publisher) -> None:
@@ -163,17 +170,20 @@ class TwinIngest:
                 async with asyncio.timeout(_FLUSH_AT_STOP_S):
                     await self._notifier.flush()
 
-    async def _write(self, batch: list[tuple[uuid.UUID, store.Report]]) -> None:
+    async def _write(self, batch: list[_Queued]) -> None:
         by_tenant: dict[uuid.UUID, list[store.Report]] = {}
-        for tenant_id, report in batch:
+        for tenant_id, report, _ in batch:
             by_tenant.setdefault(tenant_id, []).append(report)
         if len(by_tenant) == 1:
             [(tenant_id, reports)] = by_tenant.items()
             await self._write_tenant(tenant_id, reports)
-            return
-        async with asyncio.TaskGroup() as tasks:
-            for tenant_id, reports in by_tenant.items():
-                tasks.create_task(self._write_tenant(tenant_id, reports))
+        else:
+            async with asyncio.TaskGroup() as tasks:
+                for tenant_id, reports in by_tenant.items():
+                    tasks.create_task(self._write_tenant(tenant_id, reports))
+        # Committed (or refused for good): the broker may forget them now.
+        for _, _, settle in batch:
+            settle()
 
     async def _write_tenant(self, tenant_id: uuid.UUID, reports: list[store.Report]) -> None:
         async with self._slots:

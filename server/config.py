@@ -48,6 +48,10 @@ class Settings:
     sweep_interval_s: float = 1.0
     #: Liveness: how long device messages are gathered into one batch write.
     liveness_flush_s: float = 0.1
+    #: Liveness: a device's hold-down after a connection event: status
+    #: changes within it wait until it is over, so a flapping device writes
+    #: about one event per hold-down (0: no hold-down).
+    liveness_flap_hold_s: float = 1.0
     #: Connection events older than this are removed by `pulse retention`.
     event_retention_days: int = 90
     #: Twins whose device has not applied a desired write for this long are
@@ -57,6 +61,11 @@ class Settings:
     #: several evaluators split the device topics in (none: one evaluator).
     evaluator_id: str = "pulse-evaluator"
     mqtt_shared_group: str | None = None
+    #: Most device messages the evaluator holds unacknowledged (the broker
+    #: keeps the rest), and how long the broker keeps its session while it is
+    #: away (MQTT 5 brokers).
+    evaluator_inflight: int = 1000
+    evaluator_session_expiry_s: int = 86400
     #: Run the event loop on uvloop (when installed).
     uvloop: bool = True
     #: On SIGINT/SIGTERM: how long running calls may take to finish before
@@ -110,6 +119,17 @@ def _positive(env: dict[str, str], name: str, default: str) -> float:
     return value
 
 
+def _non_negative(env: dict[str, str], name: str, default: str) -> float:
+    raw = env.get(name) or default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number (got {raw!r})") from None
+    if not value >= 0:
+        raise ValueError(f"{name} must be zero or more (got {raw!r})")
+    return value
+
+
 def load(env: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ if env is None else env)
     data_dir = Path(env.get("PULSE_DATA_DIR", ".data")).resolve()
@@ -142,10 +162,13 @@ def load(env: dict[str, str] | None = None) -> Settings:
         ),
         sweep_interval_s=_positive(env, "PULSE_SWEEP_INTERVAL_S", "1"),
         liveness_flush_s=_positive(env, "PULSE_LIVENESS_FLUSH_S", "0.1"),
+        liveness_flap_hold_s=_non_negative(env, "PULSE_LIVENESS_FLAP_HOLD_S", "1"),
         event_retention_days=int(env.get("PULSE_EVENT_RETENTION_DAYS", "90")),
         twin_stale_after_s=_positive(env, "PULSE_TWIN_STALE_AFTER_S", "300"),
         evaluator_id=env.get("PULSE_EVALUATOR_ID") or "pulse-evaluator",
         mqtt_shared_group=env.get("PULSE_MQTT_SHARED_GROUP") or None,
+        evaluator_inflight=int(_positive(env, "PULSE_EVALUATOR_INFLIGHT", "1000")),
+        evaluator_session_expiry_s=int(_positive(env, "PULSE_EVALUATOR_SESSION_EXPIRY_S", "86400")),
         uvloop=env.get("PULSE_UVLOOP", "1") != "0",
         shutdown_grace_s=_positive(env, "PULSE_SHUTDOWN_GRACE_S", "5"),
         grpc_max_concurrent_calls=int(_positive(env, "PULSE_GRPC_MAX_CONCURRENT_CALLS", "1000")),

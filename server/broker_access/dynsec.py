@@ -636,9 +636,20 @@ def mosquitto_conf(
     bind: str | None = None,
     config_file: str = "/var/lib/mosquitto/dynamic-security.json",
     plugin: str | None = None,
+    persistence_dir: str | None = None,
 ) -> str:
-    """The mosquitto.conf lines the mirror needs."""
+    """The mosquitto.conf lines the mirror and the evaluator need."""
     listener = f"listener {port}" + (f" {bind}" if bind else "")
+    persistence = (
+        [
+            # Sessions, queued messages and retained desired state survive a
+            # restart of the broker.
+            "persistence true",
+            f"persistence_location {persistence_dir.rstrip('/')}/",
+        ]
+        if persistence_dir
+        else []
+    )
     return "\n".join(
         [
             # One plugin and one policy for every listener.
@@ -647,6 +658,12 @@ def mosquitto_conf(
             "allow_anonymous false",
             f"plugin {plugin or find_plugin() or PLUGIN_CANDIDATES[0]}",
             f"plugin_opt_config_file {config_file}",
+            # The evaluator's session keeps device messages while the
+            # evaluator is away or its database stalls, and it takes at most
+            # its receive maximum (PULSE_EVALUATOR_INFLIGHT) at a time;
+            # Mosquitto's default queue (1000) would drop the rest of a burst.
+            "max_queued_messages 1000000",
+            *persistence,
             "",
         ]
     )
@@ -689,7 +706,9 @@ def config_text(
     )
     lines = [
         "# mosquitto.conf",
-        mosquitto_conf(port=port, config_file=config_file, plugin=plugin),
+        mosquitto_conf(
+            port=port, config_file=config_file, plugin=plugin, persistence_dir="/var/lib/mosquitto"
+        ),
         "# Once, before Mosquitto first starts (asks for the admin's password):",
         shlex.join(init),
         "",

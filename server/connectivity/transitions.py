@@ -47,7 +47,23 @@ class DeviceSignal:
     tenant_id: uuid.UUID
     device_id: str
     signal: Signal
+    #: When the evaluator received the message.
     at: datetime
+    #: The device's sequence number, when its message carried one: then the
+    #: signal is ordered against the others (docs/device-ordering.md).
+    seq: int | None = None
+    #: The newest receipt time of other messages folded into this signal
+    #: (evaluator/liveness.py): last_seen_at moves to it as well, also when
+    #: this signal is a will.
+    seen: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    #: The events inserted.
+    transitions: list[Transition]
+    #: Signals with a seq that lost to a newer one already applied.
+    out_of_order: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,31 +89,59 @@ _NOTIFY = f"""
 # One signal per device (the caller splits repeats into rounds). The locked
 # CTE reads each row's current status under a row lock taken in key order;
 # a concurrent writer's change is waited for and re-read, so `prev` is the
-# status this statement actually replaces.
+# status this statement actually replaces, and `decides` is judged against
+# the newest liveness_seq / session_seq.
+#
+# A signal without seq decides the status as it always has. With seq
+# (docs/device-ordering.md): online and offline only when newer than the
+# status message applied last (liveness_seq); a will when it belongs to the
+# current session (its seq, the seq of its session's online, is not below
+# session_seq); activity only revives UNKNOWN or STALE, and only when newer
+# than the last status message: ending OFFLINE takes an online. Every signal
+# but a will moves last_seen_at, in order or not: it records when the
+# device was last heard from, and only the status is a matter of order.
 _APPLY_SIGNALS = f"""
 WITH input AS (
-    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[])
-        AS i(tenant_id, device_id, signal, at)
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[],
+                         $5::bigint[], $6::timestamptz[])
+        AS i(tenant_id, device_id, signal, at, seq, seen)
 ), locked AS (
     SELECT s.tenant_id, s.device_id, s.status AS prev, s.last_seen_at AS prev_seen,
-           i.signal, i.at,
-           CASE WHEN i.signal IN ('offline', 'will') THEN 'OFFLINE' ELSE 'ONLINE' END AS next
+           i.signal, i.at, i.seq, i.seen,
+           CASE WHEN i.seq IS NULL THEN true
+                WHEN i.signal = 'will' THEN s.session_seq IS NULL OR i.seq >= s.session_seq
+                WHEN i.signal = 'activity' THEN s.status IN ('UNKNOWN', 'STALE')
+                     AND (s.liveness_seq IS NULL OR i.seq > s.liveness_seq)
+                ELSE s.liveness_seq IS NULL OR i.seq > s.liveness_seq
+           END AS decides
     FROM input i
     JOIN device_state s ON s.tenant_id = i.tenant_id AND s.device_id = i.device_id
     JOIN devices d ON d.tenant_id = i.tenant_id AND d.device_id = i.device_id
     WHERE d.lifecycle = 'ACTIVE'
     ORDER BY s.tenant_id, s.device_id
     FOR NO KEY UPDATE OF s
+), decided AS (
+    SELECT l.*,
+           CASE WHEN NOT l.decides THEN l.prev
+                WHEN l.signal IN ('offline', 'will') THEN 'OFFLINE'
+                ELSE 'ONLINE' END AS next,
+           -- Status messages with a seq that decide move the order on.
+           l.decides AND l.seq IS NOT NULL AND l.signal <> 'activity' AS ordered
+    FROM locked l
 ), updated AS (
     UPDATE device_state s
-    SET status = l.next,
+    SET status = d.next,
         -- The will is the broker speaking, not the device: not a sign of life.
-        last_seen_at = CASE WHEN l.signal = 'will' THEN s.last_seen_at
-                            ELSE greatest(s.last_seen_at, l.at) END
-    FROM locked l
-    WHERE s.tenant_id = l.tenant_id AND s.device_id = l.device_id
-      AND (l.next <> l.prev OR l.signal <> 'will')
-    RETURNING s.tenant_id, s.device_id, l.prev, l.next, l.signal, l.at, l.prev_seen
+        last_seen_at = greatest(s.last_seen_at,
+                                CASE WHEN d.signal <> 'will' THEN d.at END, d.seen),
+        liveness_seq = CASE WHEN d.ordered THEN greatest(s.liveness_seq, d.seq)
+                            ELSE s.liveness_seq END,
+        session_seq = CASE WHEN d.ordered AND d.signal = 'online' THEN d.seq
+                           ELSE s.session_seq END
+    FROM decided d
+    WHERE s.tenant_id = d.tenant_id AND s.device_id = d.device_id
+      AND (d.next <> d.prev OR d.signal <> 'will' OR d.seen IS NOT NULL OR d.ordered)
+    RETURNING s.tenant_id, s.device_id, d.prev, d.next, d.signal, d.at, d.prev_seen
 ), events AS (
     INSERT INTO connection_events
         (tenant_id, device_id, event_type, occurred_at, previous_status, status, trigger, details)
@@ -115,8 +159,16 @@ WITH input AS (
     FROM updated u
     WHERE u.next <> u.prev
     RETURNING event_id, tenant_id, device_id, event_type, previous_status, status
+), lost AS (
+    SELECT count(*) FILTER (WHERE NOT l.decides AND l.seq IS NOT NULL
+                                  AND l.signal <> 'activity') AS out_of_order
+    FROM locked l
 )
-SELECT e.*, {_NOTIFY} AS notified FROM events e ORDER BY e.event_id
+-- One row even when nothing was inserted, to carry the count; the
+-- notification subquery then finds no events and notifies nobody.
+SELECT e.*, lost.out_of_order, {_NOTIFY} AS notified
+FROM lost LEFT JOIN events e ON true
+ORDER BY e.event_id
 """
 
 # The sweep. The partial index on ONLINE devices' last_seen_at makes the
@@ -145,6 +197,11 @@ async def apply_signals(con: Connection, signals: Sequence[DeviceSignal]) -> lis
 
     Signals of unknown or decommissioned devices change nothing.
     """
+    return (await apply(con, signals)).transitions
+
+
+async def apply(con: Connection, signals: Sequence[DeviceSignal]) -> Applied:
+    """apply_signals, also counting the signals that lost to newer ones."""
     keys = {(s.tenant_id, s.device_id) for s in signals}
     if len(keys) != len(signals):
         raise ValueError("apply_signals takes at most one signal per device")
@@ -154,18 +211,24 @@ async def apply_signals(con: Connection, signals: Sequence[DeviceSignal]) -> lis
         [s.device_id for s in signals],
         [s.signal.value for s in signals],
         [s.at for s in signals],
+        [s.seq for s in signals],
+        [s.seen for s in signals],
     )
-    return [
-        Transition(
-            event_id=r["event_id"],
-            tenant_id=r["tenant_id"],
-            device_id=r["device_id"],
-            event_type=r["event_type"],
-            previous_status=r["previous_status"],
-            status=r["status"],
-        )
-        for r in rows
-    ]
+    return Applied(
+        transitions=[
+            Transition(
+                event_id=r["event_id"],
+                tenant_id=r["tenant_id"],
+                device_id=r["device_id"],
+                event_type=r["event_type"],
+                previous_status=r["previous_status"],
+                status=r["status"],
+            )
+            for r in rows
+            if r["event_id"] is not None
+        ],
+        out_of_order=rows[0]["out_of_order"] if rows else 0,
+    )
 
 
 async def sweep(con: Connection, *, now: datetime, stale_after_s: float) -> int:

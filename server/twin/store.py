@@ -18,7 +18,7 @@ from typing import Any
 from pulse.device.v1.error_reason_pb2 import ErrorReason
 
 from server import wire
-from server.db import Connection
+from server.db import Connection, Database
 from server.errors import FailedPrecondition, NotFound
 
 # Any constant works, as long as every drainer uses the same one and the
@@ -227,11 +227,13 @@ async def lock_desired(
 @dataclass(frozen=True, slots=True)
 class Report:
     """One device message: its reported document, already checked and
-    serialised as JSON text, and the desired version it applied."""
+    serialised as JSON text, the desired version it applied, and the
+    device's sequence number if it sent one (docs/device-ordering.md)."""
 
     device_id: str
     document: str
     desired_version: int
+    seq: int | None = None
 
 
 # Outcomes of ingest_reported, one per report. The first three are accepted.
@@ -243,6 +245,7 @@ UNKNOWN_DEVICE = "unknown_device"
 DECOMMISSIONED = "decommissioned"
 STALE_VERSION = "stale_version"  # older than the stored reported version
 FUTURE_VERSION = "future_version"  # a desired version that was never written
+OUT_OF_ORDER = "out_of_order"  # its seq is not above one already applied
 ACCEPTED = frozenset({APPLIED, UNCHANGED, SUPERSEDED})
 
 
@@ -259,53 +262,95 @@ async def ingest_reported(
 ) -> IngestResult:
     """Store a batch of one tenant's reports in one statement.
 
-    Per device, the report with the highest acceptable version wins (the
-    later one among equals): acceptable means the device is active and the
+    Per device one report wins: the one with the highest seq among those
+    that carry one, else (as before seqs) the highest version, the latest
+    among equals. Only acceptable reports compete: the device is active, the
     version is neither below the stored reported version (never roll back)
-    nor above the desired version (never acknowledge what was not asked).
-    The version check is repeated on the locked row, so concurrent ingests
-    cannot roll each other back either.
+    nor above the desired version (never acknowledge what was not asked),
+    and a seq is above the stored `reported_seq` (never let an older message
+    win). The winner stores its seq even when its document and version are
+    what is stored already: an older, different report processed later must
+    still lose. Reports without a seq never touch `reported_seq`.
+
+    The rows are locked in key order and every check is made again on the
+    locked row, so concurrent ingests cannot roll each other back.
     """
     rows = await con.fetch(
         """
         WITH m AS (
-            SELECT * FROM unnest($2::text[], $3::text[], $4::bigint[])
-                WITH ORDINALITY AS m(device_id, document, version, ord)
+            SELECT * FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[])
+                WITH ORDINALITY AS m(device_id, document, version, seq, ord)
         ), c AS (
-            SELECT m.ord, m.device_id, m.document, m.version, d.lifecycle,
-                   s.reported_version AS stored_version, s.desired_version
+            SELECT m.ord, m.device_id, m.document, m.version, m.seq, d.lifecycle,
+                   s.reported_version AS stored_version, s.desired_version,
+                   s.reported_seq AS stored_seq,
+                   d.lifecycle = 'ACTIVE'
+                       AND m.version >= s.reported_version AND m.version <= s.desired_version
+                       AND (m.seq IS NULL OR s.reported_seq IS NULL OR m.seq > s.reported_seq)
+                       AS acceptable
             FROM m
             LEFT JOIN devices d ON d.tenant_id = $1 AND d.device_id = m.device_id
             LEFT JOIN device_state s ON s.tenant_id = $1 AND s.device_id = m.device_id
-        ), best AS (
-            SELECT DISTINCT ON (device_id) ord, device_id, document::jsonb AS document, version
+        ), o AS (
+            -- The highest acceptable seq that arrived before each report:
+            -- one at or below it would have been refused had the batch been
+            -- written a message at a time, so it is out of order, not
+            -- merely superseded.
+            SELECT c.*, max(c.seq) FILTER (WHERE c.acceptable) OVER (
+                       PARTITION BY c.device_id ORDER BY c.ord
+                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS earlier_seq
             FROM c
-            WHERE lifecycle = 'ACTIVE' AND version >= stored_version AND version <= desired_version
-            ORDER BY device_id, version DESC, ord DESC
+        ), best AS (
+            -- Reports with a seq before those without: a device that sends
+            -- one has said which report is its newest, and one without in
+            -- the same batch is from before it did (a firmware update) or
+            -- from something that does not know the device's order. Equal
+            -- seqs: the first (a redelivery of it is out of order).
+            SELECT DISTINCT ON (device_id) ord, device_id, document::jsonb AS document,
+                   version, seq
+            FROM c
+            WHERE acceptable
+            ORDER BY device_id, seq DESC NULLS LAST,
+                     CASE WHEN seq IS NULL THEN version END DESC,
+                     CASE WHEN seq IS NULL THEN ord END DESC, ord
+        ), locked AS (
+            SELECT b.ord, s.device_id,
+                   b.version <> s.reported_version OR b.document <> s.reported AS changed,
+                   b.seq IS NULL OR s.reported_seq IS NULL OR b.seq > s.reported_seq AS in_order
+            FROM best b
+            JOIN device_state s ON s.tenant_id = $1 AND s.device_id = b.device_id
+            ORDER BY s.device_id
+            FOR NO KEY UPDATE OF s
         ), u AS (
             UPDATE device_state s
             SET reported = b.document,
                 reported_version = b.version,
-                reported_updated_at = now(),
-                twin_revision = s.twin_revision + 1
-            FROM best b
+                reported_updated_at = CASE WHEN l.changed THEN now()
+                                           ELSE s.reported_updated_at END,
+                twin_revision = s.twin_revision + CASE WHEN l.changed THEN 1 ELSE 0 END,
+                reported_seq = coalesce(b.seq, s.reported_seq)
+            FROM best b JOIN locked l ON l.ord = b.ord
             WHERE s.tenant_id = $1 AND s.device_id = b.device_id
               AND b.version >= s.reported_version AND b.version <= s.desired_version
-              AND (b.version <> s.reported_version OR b.document <> s.reported)
-            RETURNING b.ord, s.device_id, s.twin_revision
+              AND (b.seq IS NULL OR s.reported_seq IS NULL OR b.seq > s.reported_seq)
+              AND (l.changed OR b.seq IS NOT NULL)
+            RETURNING b.ord, s.device_id, CASE WHEN l.changed THEN s.twin_revision END AS revision
         )
-        SELECT c.ord, c.device_id, c.lifecycle, c.version, c.stored_version, c.desired_version,
-               b.ord IS NOT NULL AS chosen, u.twin_revision AS revision,
+        SELECT o.ord, o.device_id, o.lifecycle, o.version, o.stored_version, o.desired_version,
+               o.seq, o.stored_seq, o.earlier_seq,
+               b.ord IS NOT NULL AS chosen, l.in_order, u.revision,
                EXISTS (SELECT 1 FROM tenants) AS tenant_known
-        FROM c
-        LEFT JOIN best b ON b.ord = c.ord
-        LEFT JOIN u ON u.ord = c.ord
-        ORDER BY c.ord
+        FROM o
+        LEFT JOIN best b ON b.ord = o.ord
+        LEFT JOIN locked l ON l.ord = o.ord
+        LEFT JOIN u ON u.ord = o.ord
+        ORDER BY o.ord
         """,
         tenant_id,
         [r.device_id for r in reports],
         [r.document for r in reports],
         [r.desired_version for r in reports],
+        [r.seq for r in reports],
     )
     return IngestResult(
         outcomes=[_outcome(row) for row in rows],
@@ -320,15 +365,25 @@ def _outcome(row: Any) -> str:
         return UNKNOWN_DEVICE if row["tenant_known"] else UNKNOWN_TENANT
     if row["lifecycle"] != "ACTIVE":
         return DECOMMISSIONED
-    if row["version"] < row["stored_version"]:
-        return STALE_VERSION
     if row["version"] > row["desired_version"]:
         return FUTURE_VERSION
-    if row["revision"] is not None:
-        return APPLIED
+    seq = row["seq"]
+    # Before the version check: an older message is usually an older version
+    # as well, and the seq says why it lost.
+    if seq is not None and row["stored_seq"] is not None and seq <= row["stored_seq"]:
+        return OUT_OF_ORDER
+    if row["version"] < row["stored_version"]:
+        return STALE_VERSION
     if row["chosen"]:
+        if row["revision"] is not None:
+            return APPLIED
+        if row["in_order"] is False:
+            # A concurrent ingest stored a newer seq while this one waited.
+            return OUT_OF_ORDER
         # Equal to what is stored, or overtaken by a concurrent ingest.
         return UNCHANGED
+    if seq is not None and row["earlier_seq"] is not None and seq <= row["earlier_seq"]:
+        return OUT_OF_ORDER
     return SUPERSEDED
 
 
@@ -364,6 +419,52 @@ async def claim_outbox(con: Connection, *, limit: int) -> list[OutboxEntry]:
 
 async def delete_outbox(con: Connection, ids: Sequence[int]) -> None:
     await con.execute("DELETE FROM twin_outbox WHERE id = any($1::bigint[])", list(ids))
+
+
+async def tenants_with_devices(db: Database) -> list[uuid.UUID]:
+    """Every tenant that has a device, read as pulse_evaluator (the only role
+    that sees all tenants' device_state)."""
+    async with db.transaction("BEGIN READ ONLY; SET LOCAL ROLE pulse_evaluator") as con:
+        rows = await con.fetch("SELECT DISTINCT tenant_id FROM device_state ORDER BY tenant_id")
+    return [r["tenant_id"] for r in rows]
+
+
+async def requeue_desired(
+    con: Connection, tenant_id: uuid.UUID, *, after: str, limit: int
+) -> list[str]:
+    """Queue the next `limit` devices (by id, after `after`) that have a
+    desired document for publishing again; return their ids."""
+    rows = await con.fetch(
+        """
+        WITH page AS (
+            SELECT tenant_id, device_id, desired_version
+            FROM device_state
+            WHERE tenant_id = $1 AND device_id > $2 AND desired_version > 0
+            ORDER BY device_id
+            LIMIT $3
+        ), queued AS (
+            INSERT INTO twin_outbox (tenant_id, device_id, desired_version)
+            SELECT tenant_id, device_id, desired_version FROM page
+        )
+        SELECT device_id FROM page ORDER BY device_id
+        """,
+        tenant_id,
+        after,
+        limit,
+    )
+    return [r["device_id"] for r in rows]
+
+
+async def outbox_last_id(con: Connection) -> int:
+    """The newest outbox row's id (0 when empty), on the owner's connection."""
+    return int(await con.fetchval("SELECT coalesce(max(id), 0) FROM twin_outbox"))
+
+
+async def outbox_holds_up_to(con: Connection, outbox_id: int) -> bool:
+    """Whether any outbox row at or below `outbox_id` is still queued."""
+    return bool(
+        await con.fetchval("SELECT EXISTS (SELECT 1 FROM twin_outbox WHERE id <= $1)", outbox_id)
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -156,7 +156,7 @@ async def start_evaluator(fleet_db: Database, mqtt_url: str) -> AsyncIterator[Ev
             fleet_db, stale_after_s=stale_after_s, sweep_interval_s=sweep_interval_s, flush_s=0.02
         )
         client_id = unique_id("test-liveness")
-        evaluator = Evaluator(mqtt_url, [liveness], client_id=client_id)
+        evaluator = Evaluator(mqtt_url, [liveness], client_id=client_id, session_expiry_s=30)
         task = asyncio.create_task(evaluator.run())
         started = RunningEvaluator(evaluator, liveness, client_id, task)
         running.append(started)

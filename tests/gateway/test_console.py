@@ -21,6 +21,7 @@ from evaluator.runtime import Evaluator
 from evaluator.simulator import SimulatedDevice
 from server import config
 from server.db import Database, create_pool
+from server.mqtt_url import parse as parse_mqtt_url
 from tests.conftest import Tenant
 from tests.gateway.conftest import CHROMIUM, shot
 
@@ -98,8 +99,12 @@ async def evaluator_running(
 ) -> AsyncIterator[None]:
     db = Database(await create_pool(dsn, size=2))
     fast = dataclasses.replace(settings, sweep_interval_s=0.2, liveness_flush_s=0.05)
+    broker = parse_mqtt_url(mqtt_url)
     evaluator = Evaluator(
-        mqtt_url, handlers.build(db, fast), client_id=f"console-test-{uuid.uuid4().hex[:8]}"
+        broker,
+        handlers.build(db, broker, fast),
+        client_id=f"console-test-{uuid.uuid4().hex[:8]}",
+        session_expiry_s=30,
     )
     task = asyncio.create_task(evaluator.run())
     try:

@@ -91,7 +91,7 @@ async def start_evaluator(
         client_ids.add(cid)
         ingest = TwinIngest(db, keep_rejections=100_000)
         publisher = TwinPublisher(db, poll_s=0.02)
-        evaluator = Evaluator(mqtt_url, [ingest, publisher], client_id=cid)
+        evaluator = Evaluator(mqtt_url, [ingest, publisher], client_id=cid, session_expiry_s=30)
         task = asyncio.create_task(evaluator.run())
         started = RunningEvaluator(evaluator, ingest, publisher, cid, task)
         running.append(started)
