@@ -380,7 +380,10 @@ class _AccessBroker(Broker):  # type: ignore[misc]
                     writer
                 )
                 await writer.close()
-                raise AMQTTError(f"MQTT protocol level {level} from {address}:{port} refused")
+                raise AMQTTError(
+                    f"MQTT protocol level {level} from {address}:{port} refused"
+                    " (this broker speaks MQTT 3.1.1; clients such as the evaluator fall back)"
+                )
         reread: ReaderAdapter = BufferReader(fixed.to_bytes() + body)
         return reread
 

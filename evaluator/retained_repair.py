@@ -105,7 +105,10 @@ class RetainedRepair:
                     if message.payload == probe:
                         break
         if not present:
-            log.warning("the broker has lost its retained messages; republishing desired state")
+            log.info(
+                "no retained marker on the broker (new, or restarted without persistence):"
+                " republishing desired state"
+            )
             await self.requeue_all()
             marker = {"set_by": self._client_id, "at": datetime.now(UTC).isoformat()}
             await client.publish(MARKER_TOPIC, json.dumps(marker).encode(), qos=1, retain=True)
