@@ -77,10 +77,11 @@ class _AckWindow:
     delivers those messages again on the next connection.
     """
 
-    __slots__ = ("_client", "open", "unacknowledged")
+    __slots__ = ("_client", "_reading", "open", "unacknowledged")
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, reading: _Reading) -> None:
         self._client = client  # paho's Client
+        self._reading = reading
         self.unacknowledged = 0
         self.open = True
 
@@ -92,6 +93,92 @@ class _AckWindow:
         self.unacknowledged -= 1
         if self.open:
             self._client.ack(mid, qos)
+            self._reading.release()
+
+    def unheld(self) -> None:
+        """A message that needs no acknowledgement from us was dispatched."""
+        self._reading.release()
+
+
+class _Reading:
+    """Reads the connection's socket when it is readable, unless more than
+    `limit` messages read from it are not yet acknowledged (QoS 0: not yet
+    dispatched).
+
+    The broker should never send that many (the receive maximum), but
+    Mosquitto 2.0.11 does once acknowledgements flow while messages are
+    queued: it then sent a whole backlog at once, which aiomqtt's unbounded
+    queue took in. Unread, the rest stays in TCP buffers and the broker.
+    This replaces aiomqtt's reader (registered by its `_on_socket_open`,
+    which offers no way to pause it) with the same loop.
+    """
+
+    def __init__(self, client: aiomqtt.Client, limit: int) -> None:
+        self._client = client
+        self._loop = asyncio.get_running_loop()
+        self._fd = -1
+        self._limit = limit
+        self.held = 0
+        self.paused = False
+        #: How often reading was paused (the broker sent past the window).
+        self.pauses = 0
+        paho = client._client
+        aiomqtt_open = paho.on_socket_open
+        aiomqtt_message = paho.on_message
+        assert aiomqtt_open is not None and aiomqtt_message is not None
+
+        def on_socket_open(paho_client: Any, userdata: Any, sock: Any) -> None:
+            aiomqtt_open(paho_client, userdata, sock)
+            # paho calls this from the thread that connects; aiomqtt's reader
+            # is added through call_soon_threadsafe, and ours replaces it
+            # right after.
+            self._loop.call_soon_threadsafe(self._open, sock.fileno())
+
+        def on_message(paho_client: Any, userdata: Any, message: Any) -> None:
+            self.held += 1
+            if self.held > self._limit:
+                self._pause()
+            aiomqtt_message(paho_client, userdata, message)
+
+        paho.on_socket_open = on_socket_open
+        paho.on_message = on_message
+
+    def _open(self, fd: int) -> None:
+        self._fd = fd
+        self._loop.add_reader(fd, self._read)
+
+    def _read(self) -> None:
+        paho = self._client._client
+        try:
+            paho.loop_read()
+            # TLS sockets can hold decoded bytes that select() does not see.
+            sock = paho.socket()
+            while sock is not None and getattr(sock, "pending", lambda: 0)() > 0:
+                paho.loop_read()
+        except Exception as exc:
+            disconnected = self._client._disconnected
+            if not disconnected.done():
+                disconnected.set_exception(exc)
+
+    def _pause(self) -> None:
+        if not self.paused and self._fd >= 0:
+            if not self.pauses:
+                log.warning(
+                    "the broker sent more than the receive maximum; reading paused until"
+                    " acknowledgements catch up (said once per connection)"
+                )
+            self.paused = True
+            self.pauses += 1
+            self._loop.remove_reader(self._fd)
+
+    def release(self) -> None:
+        """One message read is done with."""
+        self.held -= 1
+        if self.paused and self.held <= self._limit:
+            self.paused = False
+            sock = self._client._client.socket()
+            if sock is not None and sock.fileno() == self._fd:
+                self._loop.add_reader(self._fd, self._read)
 
 
 class _Delivery:
@@ -158,6 +245,7 @@ class Evaluator:
         self._client: aiomqtt.Client | None = None
         self._window: _AckWindow | None = None
         self._connected = asyncio.Event()
+        self.failed = asyncio.Event()
         self.rejected: collections.Counter[str] = collections.Counter()
         self.received = 0
         #: Whether the broker still had this evaluator's session at the last
@@ -184,12 +272,21 @@ class Evaluator:
         return self._protocol
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as tasks:
-            for handler in self._handlers:
-                tasks.create_task(handler.run(self))
-            tasks.create_task(self._consume_forever())
+        """Consume until cancelled. A handler that fails (a bug: transient
+        errors are retried inside) stops everything, says so at once and
+        sets `failed`, so that the process exits instead of staying up
+        disconnected."""
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                for handler in self._handlers:
+                    tasks.create_task(handler.run(self))
+                tasks.create_task(self._consume_forever())
+        except Exception:
+            log.critical("the evaluator stopped", exc_info=True)
+            self.failed.set()
+            raise
 
-    def _new_client(self) -> aiomqtt.Client:
+    def _new_client(self) -> tuple[aiomqtt.Client, _Reading]:
         options: dict[str, Any] = {}
         if self._protocol is aiomqtt.ProtocolVersion.V5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -217,16 +314,16 @@ class Evaluator:
             on_connect(*args)
 
         paho.on_connect = remember_session
-        return client
+        return client, _Reading(client, self._inflight_max)
 
     async def _consume_forever(self) -> None:
         backoff = 0.5
         while True:
             try:
-                client = self._new_client()
+                client, reading = self._new_client()
                 async with client:
                     await client.subscribe(self._subscription, qos=1)
-                    self._window = _AckWindow(client._client)
+                    self._window = _AckWindow(client._client, reading)
                     self._client = client
                     self._connected.set()
                     self._protocol_known = True
@@ -289,6 +386,8 @@ class Evaluator:
             settle = window.add(message.mid, message.qos, max(len(handlers), 1)).settle
             if not handlers:
                 settle()  # nothing will store it
+        elif window is not None:
+            window.unheld()
         if not handlers:
             return
         payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""

@@ -55,6 +55,9 @@ async def running_evaluator(
         yield evaluator
     finally:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await db.close()
+        try:
+            # Raises what stopped a failed evaluator: the process exits non-zero.
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        finally:
+            await db.close()

@@ -195,7 +195,9 @@ async def _run(settings: config.Settings) -> None:
             mirror = await stack.enter_async_context(_dynsec_mirror(settings, db))
             running = await _start_server(settings, dsn, mirror)
             await stack.enter_async_context(running.stopping())
-            await stack.enter_async_context(running_evaluator(settings, dsn, broker_url))
+            evaluator = await stack.enter_async_context(
+                running_evaluator(settings, dsn, broker_url)
+            )
             token = mint_token(
                 settings.secret,
                 tenant_id=DEMO_TENANT,
@@ -229,7 +231,7 @@ async def _run(settings: config.Settings) -> None:
                 ),
                 flush=True,
             )
-            await wait_for_signal()
+            await wait_for_signal(or_failed=evaluator.failed)
             log.info("shutting down")
             # First: no new calls, open streams (and so the browsers'
             # event streams) end now, running calls get the grace period.
@@ -261,9 +263,9 @@ async def _evaluator(settings: config.Settings) -> None:
         try:
             async with (
                 mqtt_broker(settings.mqtt_url, db, service="evaluator") as broker_url,
-                running_evaluator(settings, dsn, broker_url),
+                running_evaluator(settings, dsn, broker_url) as evaluator,
             ):
-                await wait_for_signal()
+                await wait_for_signal(or_failed=evaluator.failed)
         finally:
             await db.close()
     finally:

@@ -213,9 +213,11 @@ async def start(
     )
 
 
-async def wait_for_signal() -> None:
-    """Return on the first SIGINT or SIGTERM."""
-    stop = asyncio.Event()
+async def wait_for_signal(*, or_failed: asyncio.Event | None = None) -> None:
+    """Return on the first SIGINT or SIGTERM, or once `or_failed` is set (a
+    part of the process stopped for good: better to exit than to stay up
+    doing nothing)."""
+    stop = or_failed or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
