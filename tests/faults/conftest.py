@@ -94,6 +94,21 @@ async def wait_for(
         await asyncio.sleep(interval)
 
 
+async def end_process(
+    process: asyncio.subprocess.Process | None, how: signal.Signals, *, grace_s: float = 15
+) -> None:
+    """Send `how` to a running process and wait; SIGKILL it past `grace_s`."""
+    if process is None or process.returncode is not None:
+        return
+    process.send_signal(how)
+    try:
+        async with asyncio.timeout(grace_s):
+            await process.wait()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+
+
 # -- Mosquitto ----------------------------------------------------------------
 
 _SENT = re.compile(r"Sending PUBLISH to (\S+) \(d([01]), q\d, r\d, m\d+, '([^']*)'")
@@ -241,15 +256,7 @@ class Mosquitto:
 
     async def _end(self, how: signal.Signals) -> None:
         process, self._process = self._process, None
-        if process is None or process.returncode is not None:
-            return
-        process.send_signal(how)
-        try:
-            async with asyncio.timeout(10):
-                await process.wait()
-        except TimeoutError:
-            process.kill()
-            await process.wait()
+        await end_process(process, how)
 
 
 MosquittoFactory = Callable[..., Awaitable[Mosquitto]]
@@ -383,15 +390,7 @@ class EvaluatorProcess:
 
     async def _end(self, how: signal.Signals) -> None:
         process, self._process = self._process, None
-        if process is None or process.returncode is not None:
-            return
-        process.send_signal(how)
-        try:
-            async with asyncio.timeout(15):
-                await process.wait()
-        except TimeoutError:
-            process.kill()
-            await process.wait()
+        await end_process(process, how)
 
 
 EvaluatorFactory = Callable[..., EvaluatorProcess]
