@@ -5,6 +5,8 @@ A `SimulatedDevice`, per connection:
   - connects with a last will (`lost`, retained) on `pulse/{tenant}/{device}/status`,
     so the broker announces a connection lost without a goodbye;
   - publishes `online` (retained) there, subscribes to its `twin/desired`;
+  - puts a `seq` in every message (docs/device-ordering.md): status as
+    `{"status": ..., "seq": n}`, the will with its session's `online` seq;
   - sends a heartbeat to `pulse/{tenant}/{device}/heartbeat` every `heartbeat_s`;
   - applies each new desired document after `apply_delay_s` (only the latest
     if several arrive meanwhile; versions it has applied already are
@@ -80,6 +82,10 @@ class SimulatedDevice:
         self.state: dict[str, Any] = {}
         self.applied_version = 0
         self.heartbeats = 0
+        # Every message carries a seq (docs/device-ordering.md), so that a
+        # heartbeat still in flight when the device says `offline` cannot
+        # bring it back online, whichever evaluator processes it.
+        self._seq = wire.SeqClock()
         self._target: tuple[int, dict[str, Any]] | None = None
         self._work = asyncio.Event()
         self._changed = asyncio.Condition()
@@ -114,7 +120,12 @@ class SimulatedDevice:
         client = self._client
         if client is not None and self.connected.is_set():
             with contextlib.suppress(aiomqtt.MqttError):
-                await client.publish(self.topic("status"), wire.OFFLINE, qos=1, retain=True)
+                await client.publish(
+                    self.topic("status"),
+                    wire.status_payload(wire.OFFLINE, seq=self._seq.next()),
+                    qos=1,
+                    retain=True,
+                )
         await self._cancel()
 
     async def drop_connection(self) -> None:
@@ -153,22 +164,30 @@ class SimulatedDevice:
                 await task
 
     def _reported(self) -> bytes:
-        return wire.reported(self.state, self.applied_version)
+        return wire.reported(self.state, self.applied_version, seq=self._seq.next())
 
     async def _run(self) -> None:
         backoff = 0.2
         while not (self._stopping or self._dropped):
+            # The will carries the seq of the session's `online`.
+            session = self._seq.next()
+            will = wire.status_payload(wire.LOST, seq=session)
             try:
                 async with aiomqtt.Client(
                     **self._broker.client_options(),
                     identifier=self.client_id,
                     clean_session=True,
                     keepalive=self._keepalive_s,
-                    will=aiomqtt.Will(self.topic("status"), wire.LOST, qos=1, retain=True),
+                    will=aiomqtt.Will(self.topic("status"), will, qos=1, retain=True),
                 ) as client:
                     self._client = client
                     await client.subscribe(self.topic("twin/desired"), qos=1)
-                    await client.publish(self.topic("status"), wire.ONLINE, qos=1, retain=True)
+                    await client.publish(
+                        self.topic("status"),
+                        wire.status_payload(wire.ONLINE, seq=session),
+                        qos=1,
+                        retain=True,
+                    )
                     self.connected.set()
                     backoff = 0.2
                     async with asyncio.TaskGroup() as tasks:
@@ -225,7 +244,9 @@ class SimulatedDevice:
         started = time.monotonic()
         while True:
             uptime = round(time.monotonic() - started, 1)
-            await client.publish(self.topic("heartbeat"), wire.heartbeat(uptime), qos=1)
+            await client.publish(
+                self.topic("heartbeat"), wire.heartbeat(uptime, seq=self._seq.next()), qos=1
+            )
             self.heartbeats += 1
             await asyncio.sleep(self.heartbeat_s)
 

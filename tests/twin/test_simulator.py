@@ -11,6 +11,7 @@ from pulse.device.v1 import twin_pb2
 from pulse_client import AsyncPulseClient, struct_to_dict
 
 from evaluator.simulator import SimulatedDevice
+from server import wire
 from tests.conftest import Tenant
 from tests.helpers import eventually
 from tests.twin.conftest import EvaluatorFactory, create_devices
@@ -78,22 +79,27 @@ async def test_status_messages_and_the_last_will(
                 if kind == wanted:
                     return payload
 
-    async def next_status() -> bytes:
-        return await next_of("status")
+    async def next_status() -> tuple[bytes, int | None]:
+        return wire.parse_status(await next_of("status"))
 
     collector = asyncio.create_task(collect())
     try:
         await device.start()
-        assert await next_status() == b"online"
+        status, first = await next_status()
+        assert status == b"online" and first is not None
         await device.drop_connection()  # no DISCONNECT: the broker sends the will
-        assert await next_status() == b"lost"
+        # The will carries the seq of its session's online (docs/device-ordering.md).
+        assert await next_status() == (b"lost", first)
         await device.start()
-        assert await next_status() == b"online"
-        # Heartbeats keep coming while connected.
-        for _ in range(2):
-            assert b"uptime_s" in await next_of("heartbeat")
+        status, second = await next_status()
+        assert status == b"online" and second is not None and second > first
+        # Heartbeats keep coming while connected, each with a newer seq.
+        beats = [wire.activity_seq(await next_of("heartbeat")) for _ in range(2)]
+        seqs = [seq for seq in beats if seq is not None]
+        assert len(seqs) == 2 and second < seqs[0] < seqs[1]
         await device.stop()
-        assert await next_status() == b"offline"
+        status, last = await next_status()
+        assert status == b"offline" and last is not None and last > seqs[1]
     finally:
         collector.cancel()
         with contextlib.suppress(asyncio.CancelledError):
