@@ -267,10 +267,6 @@ class Evaluator:
         """Messages received and not yet acknowledged to the broker."""
         return self._window.unacknowledged if self._window is not None else 0
 
-    @property
-    def protocol(self) -> aiomqtt.ProtocolVersion:
-        return self._protocol
-
     async def run(self) -> None:
         """Consume until cancelled. A handler that fails (a bug: transient
         errors are retried inside) stops everything, says so at once and
