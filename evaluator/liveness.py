@@ -74,10 +74,6 @@ def read(message: wire.DeviceMessage) -> tuple[Signal, int | None]:
     return _STATUS_SIGNALS.get(status, Signal.WILL), seq
 
 
-def classify(message: wire.DeviceMessage) -> Signal:
-    return read(message)[0]
-
-
 class Net(NamedTuple):
     """One device's signals reduced to their net effect."""
 

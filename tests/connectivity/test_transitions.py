@@ -15,7 +15,7 @@ import pytest
 from pulse.device.v1 import connectivity_pb2 as cp
 from pulse.device.v1 import status_pb2 as st
 
-from evaluator.liveness import Liveness, classify, plan_rounds
+from evaluator.liveness import Liveness, plan_rounds, read
 from server import wire
 from server.connectivity.model import Signal
 from server.connectivity.transitions import DeviceSignal, Transition, apply_signals, fleet, sweep
@@ -38,12 +38,12 @@ def _message(kind: str, payload: bytes = b"", *, retain: bool = False) -> wire.D
 
 
 def test_messages_become_signals() -> None:
-    assert classify(_message("heartbeat")) is Signal.ACTIVITY
-    assert classify(_message("telemetry", b"online")) is Signal.ACTIVITY
-    assert classify(_message("status", b"online")) is Signal.ONLINE
-    assert classify(_message("status", b" OFFLINE\n")) is Signal.OFFLINE
-    assert classify(_message("status", b"lost")) is Signal.WILL
-    assert classify(_message("status", b"")) is Signal.WILL
+    assert read(_message("heartbeat"))[0] is Signal.ACTIVITY
+    assert read(_message("telemetry", b"online"))[0] is Signal.ACTIVITY
+    assert read(_message("status", b"online"))[0] is Signal.ONLINE
+    assert read(_message("status", b" OFFLINE\n"))[0] is Signal.OFFLINE
+    assert read(_message("status", b"lost"))[0] is Signal.WILL
+    assert read(_message("status", b""))[0] is Signal.WILL
 
 
 def test_rounds_keep_each_devices_order_and_merge_runs_of_activity() -> None:
