@@ -14,6 +14,13 @@ EVENT_TYPE_NAMES: dict[int, str] = {
 }
 
 
+def _details(record: EventRecord) -> dict[str, object]:
+    """The stored details, with what upstream's clients read there: the
+    trigger (in its JSON spelling, which is how it is stored) and the status
+    before the event."""
+    return {"trigger": record.trigger, "previous_status": record.previous_status, **record.details}
+
+
 def event(record: EventRecord) -> connectivity_pb2.ConnectionEvent:
     return connectivity_pb2.ConnectionEvent(
         id=record.event_id,
@@ -25,5 +32,5 @@ def event(record: EventRecord) -> connectivity_pb2.ConnectionEvent:
         status=status_pb2.ConnectivityStatus.Value(record.status),
         # Stored lower_snake as upstream wrote it; the enum is its UPPER form.
         trigger=connectivity_pb2.ConnectionTrigger.Value(record.trigger.upper()),
-        details=struct(record.details),
+        details=struct(_details(record)),
     )

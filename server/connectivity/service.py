@@ -22,6 +22,10 @@ from server.pagination import PageTokens, page_size
 Context = grpc.aio.ServicerContext[Any, Any]
 
 MAX_WATCH_DEVICES = 1000
+# Upstream's bounds for `limit`, and a bound for `offset` paging, whose cost
+# grows with the offset.
+MAX_LIMIT = 200
+MAX_SKIP = 100_000
 _LIST_KIND = "connection-events"
 
 
@@ -50,14 +54,29 @@ def _time(field: str, request: Any, out: list[FieldViolation]) -> datetime | Non
     return ts.ToDatetime(tzinfo=UTC) if len(out) == before else None
 
 
-def _list_size(request: connectivity_pb2.ListConnectionEventsRequest) -> int:
-    if request.limit and request.page_size and request.limit != request.page_size:
-        raise InvalidArgument.single(
-            "limit",
-            f"is the upstream name of page_size; got {request.limit} and {request.page_size}",
+def _list_size(
+    request: connectivity_pb2.ListConnectionEventsRequest, out: list[FieldViolation]
+) -> int:
+    if not request.HasField("limit"):
+        return page_size(request.page_size)
+    if not 1 <= request.limit <= MAX_LIMIT:
+        out.append(FieldViolation("limit", f"must be 1 to {MAX_LIMIT}, not {request.limit}"))
+    elif request.page_size and request.limit != request.page_size:
+        out.append(
+            FieldViolation(
+                "limit",
+                f"is the upstream name of page_size; got {request.limit} and {request.page_size}",
+            )
         )
-    field = "limit" if request.limit and not request.page_size else "page_size"
-    return page_size(request.page_size or request.limit, field=field)
+    return request.limit
+
+
+def _skip(request: connectivity_pb2.ListConnectionEventsRequest, out: list[FieldViolation]) -> int:
+    if not 0 <= request.skip <= MAX_SKIP:
+        out.append(FieldViolation("offset", f"must be 0 to {MAX_SKIP}, not {request.skip}"))
+    elif request.skip and request.page_token:
+        out.append(FieldViolation("offset", "pages either by offset or by page_token, not both"))
+    return request.skip
 
 
 class ConnectivityService(connectivity_pb2_grpc.ConnectivityServiceServicer):
@@ -79,32 +98,35 @@ class ConnectivityService(connectivity_pb2_grpc.ConnectivityServiceServicer):
         end = _time("end_time", request, out)
         if start is not None and end is not None and start >= end:
             out.append(FieldViolation("end_time", "must be after start_time"))
+        size = _list_size(request, out)
+        skip = _skip(request, out)
         v.raise_if(out)
-        size = _list_size(request)
         listing = self._tokens.listing(_LIST_KIND, tenant, device_id, start, end, types)
         key = listing.start(request.page_token)
         before = _list_key(key) if key is not None else None
+        selection = store.EventSelection(
+            device_id=device_id, start_time=start, end_time=end, event_types=types
+        )
         async with self._db.tenant(tenant, readonly=True) as con:
             rows = await store.list_events(
-                con,
-                tenant,
-                device_id=device_id,
-                start_time=start,
-                end_time=end,
-                event_types=types,
-                before=before,
-                limit=size + 1,
+                con, tenant, selection, before=before, skip=skip, limit=size + 1
             )
             # An empty first page may mean the device does not exist.
             missing = not rows and device_id is not None and before is None
             if missing and not await store.device_exists(con, tenant, device_id or ""):
                 raise NotFound("device", device_id or "")
+            total = (
+                await store.count_events(con, tenant, selection) if request.include_total else None
+            )
         records, token = listing.page(
             rows, size, key=lambda e: [e.occurred_at.isoformat(), e.event_id]
         )
-        return connectivity_pb2.ListConnectionEventsResponse(
+        response = connectivity_pb2.ListConnectionEventsResponse(
             events=[convert.event(r) for r in records], next_page_token=token
         )
+        if total is not None:
+            response.total = min(total, 2**31 - 1)
+        return response
 
     async def WatchConnectionEvents(
         self, request: connectivity_pb2.WatchConnectionEventsRequest, context: Context

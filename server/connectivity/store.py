@@ -88,29 +88,41 @@ async def device_exists(con: Connection, tenant_id: uuid.UUID, device_id: str) -
     return bool(found)
 
 
+@dataclass(frozen=True, slots=True)
+class EventSelection:
+    """Which events a listing is about; every condition set must hold."""
+
+    device_id: str | None = None
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    event_types: Sequence[str] = ()
+
+    def terms(self, p: _Params) -> list[str]:
+        terms = ["e.tenant_id = $1"]
+        if self.device_id is not None:
+            terms.append(f"e.device_id = {p.add(self.device_id)}")
+        if self.start_time is not None:
+            terms.append(f"e.occurred_at >= {p.add(self.start_time)}")
+        if self.end_time is not None:
+            terms.append(f"e.occurred_at < {p.add(self.end_time)}")
+        if self.event_types:
+            terms.append(f"e.event_type = ANY({p.add(list(self.event_types))}::text[])")
+        return terms
+
+
 async def list_events(
     con: Connection,
     tenant_id: uuid.UUID,
+    selection: EventSelection,
     *,
-    device_id: str | None,
-    start_time: datetime | None,
-    end_time: datetime | None,
-    event_types: Sequence[str],
     before: tuple[datetime, int] | None,
     limit: int,
+    skip: int = 0,
 ) -> list[EventRecord]:
     """Up to `limit` events, newest first by (occurred_at, event_id), strictly
-    before the key `before` when given."""
+    before the key `before` when given, after skipping `skip` of them."""
     p = _Params(tenant_id)
-    terms = ["e.tenant_id = $1"]
-    if device_id is not None:
-        terms.append(f"e.device_id = {p.add(device_id)}")
-    if start_time is not None:
-        terms.append(f"e.occurred_at >= {p.add(start_time)}")
-    if end_time is not None:
-        terms.append(f"e.occurred_at < {p.add(end_time)}")
-    if event_types:
-        terms.append(f"e.event_type = ANY({p.add(list(event_types))}::text[])")
+    terms = selection.terms(p)
     if before is not None:
         at, event_id = before
         terms.append(f"(e.occurred_at, e.event_id) < ({p.add(at)}, {p.add(event_id)})")
@@ -119,11 +131,20 @@ async def list_events(
         SELECT {_EVENT_COLUMNS} FROM connection_events e
         WHERE {" AND ".join(terms)}
         ORDER BY e.occurred_at DESC, e.event_id DESC
-        LIMIT {p.add(limit)}
+        LIMIT {p.add(limit)} OFFSET {p.add(skip)}
         """,
         *p.values,
     )
     return [_record(r) for r in rows]
+
+
+async def count_events(con: Connection, tenant_id: uuid.UUID, selection: EventSelection) -> int:
+    p = _Params(tenant_id)
+    found = await con.fetchval(
+        f"SELECT count(*) FROM connection_events e WHERE {' AND '.join(selection.terms(p))}",
+        *p.values,
+    )
+    return int(found)
 
 
 # Delivery order and the horizon (docs/connectivity.md, "Out-of-order commits").

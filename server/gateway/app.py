@@ -1,5 +1,6 @@
-"""The gateway as an ASGI app: annotated routes under /customer, the OpenAPI
-document, and the web console's static files at /.
+"""The gateway as an ASGI app: annotated routes under /customer (and under
+/api/v1/customer, where the upstream platform's current clients call them),
+the OpenAPI document, and the web console's static files at /.
 
 Every request is forwarded to the gRPC server over one channel, so
 authentication, authorisation, validation and error mapping happen in one
@@ -30,6 +31,7 @@ from starlette.staticfiles import StaticFiles
 from server.gateway import openapi, routes, sse, status, transcode
 from server.gateway.broker_hooks import BrokerHooks
 from server.gateway.http_io import error_response, read_body
+from server.gateway.upstream import UPSTREAM_PREFIX
 
 log = logging.getLogger("pulse.gateway")
 
@@ -46,9 +48,15 @@ _FORWARDED_HEADERS = {
 _ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
-def _failed(error: grpc.aio.AioRpcError) -> JSONResponse:
+def _failed(route: routes.Route, error: grpc.aio.AioRpcError) -> JSONResponse:
     http, body, headers = status.from_rpc_error(error)
+    if route.upstream is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        http = body["error"]["code"] = _UPSTREAM_INVALID
     return JSONResponse(body, status_code=http, headers=headers)
+
+
+# What upstream's framework answers a request that fails validation.
+_UPSTREAM_INVALID = 422
 
 
 def _printable_ascii(value: str) -> bool:
@@ -95,7 +103,7 @@ class Gateway:
             )
 
     async def dispatch(self, request: Request) -> Response:
-        path = request.url.path
+        path = request.url.path.removeprefix(UPSTREAM_PREFIX)
         allowed = []
         for route in self.routes:
             params = route.match(path)
@@ -127,6 +135,7 @@ class Gateway:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"request body is larger than {self._max_body} bytes",
             )
+        upstream = route.upstream
         try:
             message = transcode.build_request(
                 route.request_class,
@@ -136,25 +145,27 @@ class Gateway:
                 query=request.query_params.multi_items(),
                 headers=request.headers,
                 infer_update_mask=route.http_method == "PATCH",
+                defaults=upstream.defaults if upstream else None,
             )
         except transcode.BadRequest as e:
-            return error_response(400, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            invalid = 400 if upstream is None or isinstance(e, transcode.BadHeader) else 422
+            return error_response(invalid, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if route.streaming:
             return await self._stream(route, message, metadata)
         try:
             reply: Message = await self._calls[route.grpc_method](message, metadata=metadata)
         except grpc.aio.AioRpcError as e:
-            return _failed(e)
-        body = json.dumps(transcode.to_json(reply), separators=(",", ":")).encode()
-        etag = transcode.etag_of(reply, body)
-        headers = {"ETag": etag} if etag else {}
-        if (
-            etag
-            and request.method == "GET"
-            and etag in _etags(request.headers.get("if-none-match"))
-        ):
-            return Response(status_code=304, headers=headers)
-        return Response(body, media_type="application/json", headers=headers)
+            return _failed(route, e)
+        data = transcode.to_json(reply)
+        if upstream is not None:
+            data = upstream.respond(message, data)
+        etag = transcode.etag_of(reply)
+        return Response(
+            json.dumps(data, separators=(",", ":")).encode(),
+            status_code=upstream.status if upstream else 200,
+            media_type="application/json",
+            headers={"ETag": etag} if etag else None,
+        )
 
     async def _stream(
         self, route: routes.Route, message: Message, metadata: tuple[tuple[str, str], ...]
@@ -166,7 +177,7 @@ class Gateway:
         if first in done and first.exception() is not None:
             error = first.exception()
             if isinstance(error, grpc.aio.AioRpcError):
-                return _failed(error)
+                return _failed(route, error)
             if isinstance(error, StopAsyncIteration):
                 return StreamingResponse(iter(()), media_type="text/event-stream")
             raise error
@@ -175,12 +186,6 @@ class Gateway:
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-
-
-def _etags(header: str | None) -> set[str]:
-    if not header:
-        return set()
-    return {tag.strip().removeprefix("W/") for tag in header.split(",")}
 
 
 def create_app(
@@ -206,6 +211,7 @@ def create_app(
     mounts: list[Route | Mount] = [
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/customer/{rest:path}", gateway.dispatch, methods=_ALL_METHODS),
+        Route(UPSTREAM_PREFIX + "/customer/{rest:path}", gateway.dispatch, methods=_ALL_METHODS),
     ]
     if broker_hooks is not None:
         mounts.extend(broker_hooks.routes(max_body_bytes=max_body_bytes))
@@ -222,8 +228,9 @@ def create_app(
                     "authorization",
                     "content-type",
                     "if-match",
-                    "if-none-match",
                     "last-event-id",
+                    # The upstream web app sends it on every write.
+                    "x-csrf-token",
                 ],
                 expose_headers=["etag", "retry-after"],
             )

@@ -9,7 +9,7 @@ from google.protobuf import descriptor
 from pulse.device.v1 import http_options_pb2
 
 from server.gateway.routes import Route
-from server.gateway.transcode import FD, MAX_JSON_DEPTH, marked_field
+from server.gateway.transcode import FD, MAX_JSON_DEPTH, json_values, marked_field
 
 _WELL_KNOWN: dict[str, dict[str, Any]] = {
     "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
@@ -52,7 +52,8 @@ _ERROR = {
                 "message": {"type": "string"},
                 "details": {"type": "array", "items": {"type": "object"}},
             },
-        }
+        },
+        "detail": {"type": "string", "description": "error.message again, as upstream wrote it."},
     },
 }
 
@@ -110,17 +111,14 @@ def _version_headers(route: Route, operation: dict[str, Any]) -> None:
         }
     versioned = marked_field(response, http_options_pb2.etag) is not None
     if versioned and not route.streaming:
-        responses["200"]["headers"] = {
-            "ETag": {
-                "description": "A strong validator: the version, then a digest of the body.",
-                "schema": {"type": "string"},
-            }
-        }
-        if route.http_method == "GET":
-            parameters.append(
-                _header("If-None-Match", "ETags already held; 304 when the current one matches.")
-            )
-            responses["304"] = {"description": "Not modified: the If-None-Match ETag is current."}
+        for answer in responses.values():
+            if answer.get("description") == "OK":
+                answer["headers"] = {
+                    "ETag": {
+                        "description": '`"<version>"`: send it back as If-Match.',
+                        "schema": {"type": "string"},
+                    }
+                }
     resume = marked_field(request, http_options_pb2.resume_cursor)
     if resume is not None and route.streaming:
         parameters.append(
@@ -141,9 +139,14 @@ class _Schemas:
         name = message.full_name
         if name not in self.components:
             self.components[name] = {}  # placeholder against recursion
+            properties = {f.name: self.field(f) for f in message.fields}
+            for f in message.fields:
+                alias = str(f.GetOptions().Extensions[http_options_pb2.json_alias])
+                if alias:
+                    properties[alias] = {**self.field(f), "readOnly": True}
             self.components[name] = {
                 "type": "object",
-                "properties": {f.name: self.field(f) for f in message.fields},
+                "properties": properties,
                 "additionalProperties": False,
             }
         return {"$ref": f"#/components/schemas/{name}"}
@@ -160,7 +163,11 @@ class _Schemas:
         if field.message_type is not None:
             return self.ref(field.message_type)
         if field.enum_type is not None:
-            return {"type": "string", "enum": [v.name for v in field.enum_type.values]}
+            spelled = json_values(field.enum_type)
+            return {
+                "type": "string",
+                "enum": [spelled.get(v.name, v.name) for v in field.enum_type.values],
+            }
         if field.type in _INT_FORMAT:
             return {"type": "integer", "format": _INT_FORMAT[field.type]}
         return dict(_SCALARS.get(field.type, {"type": "string"}))
@@ -190,6 +197,18 @@ def _query_parameters(route: Route, schemas: _Schemas) -> list[dict[str, Any]]:
     return params
 
 
+def _response_schema(route: Route, schemas: _Schemas) -> dict[str, Any]:
+    schema = schemas.ref(route.method.output_type)
+    upstream = route.upstream
+    if upstream is None or not (upstream.echo or upstream.constants):
+        return schema
+    # Upstream's extra keys (upstream.py), beside the message's own.
+    name = route.method.output_type.full_name
+    own = schemas.components.get(name, {}).get("properties", {})
+    extra = {key: {"readOnly": True} for key in [*upstream.echo, *upstream.constants]}
+    return {"type": "object", "properties": {**own, **extra}}
+
+
 def _path_key(route: Route) -> str:
     """The template with `{device.device_id}` written `{device_id}`: OpenAPI
     tools expect plain parameter names, and it merges with the GET path."""
@@ -213,7 +232,7 @@ def document(routes: list[Route]) -> dict[str, Any]:
             for _, field in route.variables
         ]
         parameters += _query_parameters(route, schemas)
-        response_schema = schemas.ref(route.method.output_type)
+        response_schema = _response_schema(route, schemas)
         content = (
             {"text/event-stream": {"schema": {"type": "string"}}}
             if route.streaming
@@ -224,13 +243,21 @@ def document(routes: list[Route]) -> dict[str, Any]:
             "summary": route.method.name,
             "parameters": parameters,
             "responses": {
-                "200": {"description": "OK", "content": content},
+                str(route.upstream.status if route.upstream else 200): {
+                    "description": "OK",
+                    "content": content,
+                },
                 **_BACK_OFF_RESPONSES,
                 "default": {"description": "Error", "content": _ERROR_CONTENT},
             },
             "security": [{"bearer": []}],
         }
         _version_headers(route, operation)
+        if route.upstream is not None:
+            operation["responses"]["422"] = {
+                "description": "The request is invalid (upstream's status for it; 400 elsewhere).",
+                "content": _ERROR_CONTENT,
+            }
         if route.body:
             body_schema = (
                 schemas.ref(route.method.input_type)
@@ -253,7 +280,11 @@ def document(routes: list[Route]) -> dict[str, Any]:
                 op["operationId"] += f"_{n + 1}"
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Pulse Device Management", "version": "v1"},
+        "info": {
+            "title": "Pulse Device Management",
+            "version": "v1",
+            "description": "Every /customer path is also served under /api/v1/customer.",
+        },
         "paths": paths,
         "components": {
             "schemas": schemas.components,

@@ -14,6 +14,9 @@ from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor, message_factory
 from google.protobuf.message import Message
 
+from server.gateway.upstream import ROUTES as UPSTREAM_ROUTES
+from server.gateway.upstream import Upstream
+
 _VARIABLE = re.compile(r"\{([a-z_][a-z0-9_.]*)(?:=([^}]*))?\}")
 _VERBS = ("get", "put", "post", "delete", "patch")
 
@@ -31,6 +34,8 @@ class Route:
     method: descriptor.MethodDescriptor
     request_class: type[Message]
     response_class: type[Message]
+    #: Set for the routes the upstream platform's clients call.
+    upstream: Upstream | None = None
 
     @property
     def streaming(self) -> bool:
@@ -95,6 +100,7 @@ def routes_for(services: list[descriptor.ServiceDescriptor]) -> list[Route]:
                         method=method,
                         request_class=message_factory.GetMessageClass(method.input_type),
                         response_class=message_factory.GetMessageClass(method.output_type),
+                        upstream=UPSTREAM_ROUTES.get((verb, template)),
                     )
                 )
     routes.sort(key=lambda r: r.specificity, reverse=True)

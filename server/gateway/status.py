@@ -41,13 +41,16 @@ REASON_STATUS = {
 
 
 def error_body(code: grpc.StatusCode, message: str, details: list[Any]) -> dict[str, Any]:
+    """AIP-193's `error` object, and the message again as `detail`, the
+    string the upstream platform's clients (FastAPI's form) show."""
     return {
         "error": {
             "code": HTTP_STATUS.get(code, 500),
             "status": code.name,
             "message": message,
             "details": details,
-        }
+        },
+        "detail": message,
     }
 
 

@@ -8,9 +8,10 @@ proto3 JSON strings, because the upstream clients compare versions as numbers.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 from google.protobuf import descriptor, json_format
@@ -45,6 +46,10 @@ class BadRequest(ValueError):
     """The HTTP request cannot be turned into the RPC's request message."""
 
 
+class BadHeader(BadRequest):
+    """A header the request message is filled from is malformed."""
+
+
 def _option(field: FD, ext: Any) -> bool:
     options: Any = field.GetOptions()
     return bool(options.Extensions[ext])
@@ -56,14 +61,24 @@ def marked_field(message: Desc, ext: Any) -> FD | None:
     return next((f for f in fields if _option(f, ext)), None)
 
 
+def _field_named(message: Desc, name: str) -> FD | None:
+    """The field called `name` or whose json_name is `name` (so a query may
+    say `offset` for a field declared with that JSON name)."""
+    field = message.fields_by_name.get(name)
+    if field is None:
+        field = next((f for f in message.fields if f.json_name == name), None)
+    return cast(FD | None, field)
+
+
 def _field_at(message: Desc, path: str) -> tuple[list[str], FD]:
     parts = path.split(".")
     current = message
     field = None
     for n, name in enumerate(parts):
-        field = current.fields_by_name.get(name)
+        field = _field_named(current, name)
         if field is None:
             raise BadRequest(f"unknown field {path!r}")
+        parts[n] = field.name
         if n < len(parts) - 1:
             if field.message_type is None:
                 raise BadRequest(f"{'.'.join(parts[: n + 1])!r} has no field {parts[n + 1]!r}")
@@ -167,7 +182,11 @@ def build_request(
     query: Iterable[tuple[str, str]],
     headers: Mapping[str, str],
     infer_update_mask: bool = False,
+    defaults: Mapping[str, str] | None = None,
 ) -> Message:
+    """The request message for an HTTP request. Query parameters that name no
+    field are ignored, as HTTP frameworks do (cache busters such as `_=1`);
+    `defaults` fill fields the request leaves unset."""
     message_desc = request_class.DESCRIPTOR
     data: dict[str, Any] = {}
     if body_field:
@@ -180,16 +199,23 @@ def build_request(
             data[body_field] = parsed
     for path, raw in path_params.items():
         parts, field = _field_at(message_desc, path)
-        _put(data, parts, _scalar(field, raw, path), repeated=False)
+        _put(data, parts, _scalar(field, raw, path), repeated=field.is_repeated)
     for key, raw in query:
+        try:
+            parts, field = _field_at(message_desc, key)
+        except BadRequest:
+            continue
         if body_field == "*":
             raise BadRequest(f"query parameter {key!r} is not accepted; use the body")
-        parts, field = _field_at(message_desc, key)
         if parts[0] == body_field:
             raise BadRequest(f"{key} belongs in the body")
         if key in path_params:
             raise BadRequest(f"{key} is already given in the path")
         _put(data, parts, _scalar(field, raw, key), repeated=field.is_repeated)
+    for key, raw in (defaults or {}).items():
+        parts, field = _field_at(message_desc, key)
+        if not _holds(data, parts):
+            _put(data, parts, _scalar(field, raw, key), repeated=field.is_repeated)
     if infer_update_mask:
         _implied_update_mask(message_desc, data, body_field, set(path_params))
     _fill_from_header(message_desc, data, http_options_pb2.if_match, headers.get("if-match"))
@@ -198,6 +224,7 @@ def build_request(
     )
     message = request_class()
     try:
+        _enum_names(message_desc, data)
         json_format.ParseDict(data, message)
     except json_format.ParseError as e:
         raise BadRequest(str(e)) from None
@@ -207,6 +234,49 @@ def build_request(
         # a bad request, never a server error.
         raise BadRequest(f"the request does not fit {message_desc.name}: {e}") from None
     return message
+
+
+def _holds(data: dict[str, Any], parts: list[str]) -> bool:
+    node: Any = data
+    for name in parts:
+        if not isinstance(node, dict) or name not in node:
+            return False
+        node = node[name]
+    return True
+
+
+def _enum_names(message: Desc, data: Any) -> None:
+    """Rewrite json_value spellings (`"dynamic"`) in `data` to the enum value
+    names ParseDict reads, in place; anything else is left for ParseDict to
+    judge."""
+    if not isinstance(data, dict) or message.full_name.startswith("google.protobuf."):
+        return
+    for key, value in data.items():
+        field = _field_named(message, key)
+        if field is None:
+            continue
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            entry = field.message_type.fields_by_name["value"]
+            if isinstance(value, dict):
+                for k in value:
+                    value[k] = _enum_item(entry, value[k])
+        elif field.is_repeated and isinstance(value, list):
+            data[key] = [_enum_item(field, item) for item in value]
+        else:
+            data[key] = _enum_item(field, value)
+
+
+def _enum_item(field: FD, value: Any) -> Any:
+    if field.enum_type is not None and isinstance(value, str):
+        return _enum_by_spelling(field.enum_type).get(value, value)
+    if field.message_type is not None:
+        _enum_names(field.message_type, value)
+    return value
+
+
+@functools.cache
+def _enum_by_spelling(enum: Desc) -> dict[str, str]:
+    return {text: name for name, text in json_values(enum).items()}
 
 
 def _implied_update_mask(
@@ -234,8 +304,12 @@ def _fill_from_header(message: Desc, data: dict[str, Any], ext: Any, header: str
         return
     value = header.strip().removeprefix("W/").strip('"')
     if ext is http_options_pb2.if_match:
-        value = value.split("-", 1)[0]  # the version part of "<version>-<digest>"
-    data[field.name] = _scalar(field, value, field.name)
+        # "<version>", or "<version>-<digest>" as earlier releases tagged.
+        value = value.split("-", 1)[0]
+    try:
+        data[field.name] = _scalar(field, value, field.name)
+    except BadRequest as e:
+        raise BadHeader(str(e)) from None
 
 
 def to_json(message: Message) -> dict[str, Any]:
@@ -244,38 +318,85 @@ def to_json(message: Message) -> dict[str, Any]:
         preserving_proto_field_name=True,
         always_print_fields_with_no_presence=True,
     )
-    return cast(dict[str, Any], _numbers(message.DESCRIPTOR, out))
+    return cast(dict[str, Any], _http_json(message.DESCRIPTOR, out))
 
 
-def _numbers(message: Desc, data: Any) -> Any:
-    """`data` (the JSON of one `message`) with the numbers clients expect:
-    64-bit integers as numbers, not proto3 JSON's strings, and whole numbers
-    in Struct/Value/ListValue as integers, not the doubles they are stored
-    as (a document holding 21 reads back 21, not 21.0)."""
+def _http_json(message: Desc, data: Any) -> Any:
+    """`data` (the proto3 JSON of one `message`) as the gateway writes it:
+    64-bit integers as numbers, not proto3 JSON's strings (unless marked
+    json_string); whole numbers in Struct/Value/ListValue as integers, not
+    the doubles they are stored as (a document holding 21 reads back 21, not
+    21.0); enum values in their json_value spelling; aliased fields also
+    under their alias."""
     if message.full_name in _JSON_VALUES:
         return _integral(data)
-    if message.full_name.startswith("google.protobuf.") or not isinstance(data, dict):
+    if not isinstance(data, dict):
         return data
-    for field in message.fields:
+    for field, rule in _output_rules(message):
         value = data.get(field.name)
-        if value is None:
+        if rule.alias:
+            data[rule.alias] = value
+        if value is None or rule.convert is None:
             continue
-        if field.message_type is not None and field.message_type.GetOptions().map_entry:
-            entry = field.message_type.fields_by_name["value"]
-            data[field.name] = {k: _single(entry, v) for k, v in value.items()}
+        if rule.map_value:
+            data[field.name] = {k: rule.convert(v) for k, v in value.items()}
         elif field.is_repeated:
-            data[field.name] = [_single(field, v) for v in value]
+            data[field.name] = [rule.convert(v) for v in value]
         else:
-            data[field.name] = _single(field, value)
+            data[field.name] = rule.convert(value)
+        if rule.alias:
+            data[rule.alias] = data[field.name]
     return data
 
 
-def _single(field: FD, value: Any) -> Any:
+@dataclass(frozen=True, slots=True)
+class _OutputRule:
+    convert: Callable[[Any], Any] | None
+    map_value: bool = False
+    alias: str = ""
+
+
+@functools.cache
+def _output_rules(message: Desc) -> tuple[tuple[FD, _OutputRule], ...]:
+    """What _http_json does to each field of `message`, worked out once per
+    message type: the gateway serves every response through it."""
+    rules = []
+    for field in message.fields:
+        target, map_value = field, False
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            target, map_value = field.message_type.fields_by_name["value"], True
+        convert = _converter(target)
+        alias = str(field.GetOptions().Extensions[http_options_pb2.json_alias])
+        if convert is not None or alias:
+            rules.append((field, _OutputRule(convert, map_value, alias)))
+    return tuple(rules)
+
+
+def _converter(field: FD) -> Callable[[Any], Any] | None:
     if field.type in _INT64:
-        return _safe_int(value)
-    if field.message_type is not None:
-        return _numbers(field.message_type, value)
-    return value
+        return None if _option(field, http_options_pb2.json_string) else _safe_int
+    if field.enum_type is not None:
+        spelled = json_values(field.enum_type)
+        return (lambda name: spelled.get(name, name)) if spelled else None
+    if field.message_type is None:
+        return None
+    nested = field.message_type
+    if nested.full_name in _JSON_VALUES:
+        return _integral
+    if nested.full_name.startswith("google.protobuf."):
+        return None
+    return lambda value: _http_json(nested, value)
+
+
+@functools.cache
+def json_values(enum: Desc) -> dict[str, str]:
+    """Enum value name to its json_value spelling, for values that have one."""
+    spelled = {}
+    for value in enum.values:
+        text = str(value.GetOptions().Extensions[http_options_pb2.json_value])
+        if text:
+            spelled[value.name] = text
+    return spelled
 
 
 def _integral(value: Any) -> Any:
@@ -295,19 +416,18 @@ def _safe_int(value: object) -> object:
     return value
 
 
-def etag_of(message: Message, body: bytes) -> str | None:
-    """`"<version>-<digest of the body>"` for a response with a version field.
+def etag_of(message: Message) -> str | None:
+    """`"<version>"` for a response with a version field: upstream's form,
+    which its clients send back in If-Match and compare across responses.
 
-    The version leads, so `If-Match` can send the tag back as the expected
-    version; the digest makes it a strong validator of the whole
-    representation, so `If-None-Match` never answers 304 for a twin whose
-    reported state or sync status changed while its desired version did not.
+    It names the version, not the representation (a twin's reported state
+    changes under the same desired version), so it is not used to answer
+    If-None-Match with 304.
     """
     field = marked_field(message.DESCRIPTOR, http_options_pb2.etag)
     if field is None:
         return None
-    digest = hashlib.sha256(body).hexdigest()[:12]
-    return f'"{getattr(message, field.name)}-{digest}"'
+    return f'"{getattr(message, field.name)}"'
 
 
 def cursor_of(message: Message) -> str | None:

@@ -60,8 +60,9 @@ def _new_group_fields(group: groups_pb2.Group) -> dict[str, Any]:
     _check_name("group.name", group.name, out)
     v.check_text("group.description", group.description, DESCRIPTION_MAX, out)
     kind = group.group_type
-    if kind == GroupType.GROUP_TYPE_UNSPECIFIED and group.HasField("query_filter"):
-        kind = GroupType.DYNAMIC
+    if kind == GroupType.GROUP_TYPE_UNSPECIFIED:
+        # Upstream creates static groups with only a name and description.
+        kind = GroupType.DYNAMIC if group.HasField("query_filter") else GroupType.STATIC
     parsed: filters.DeviceFilter | None = None
     if kind == GroupType.DYNAMIC:
         parsed = _required_filter(group, out)
@@ -71,12 +72,7 @@ def _new_group_fields(group: groups_pb2.Group) -> dict[str, Any]:
                 FieldViolation("group.query_filter", "static groups have no filter; leave it unset")
             )
     else:
-        out.append(
-            FieldViolation(
-                "group.group_type",
-                "give a query_filter for a dynamic group, or set STATIC for explicit members",
-            )
-        )
+        out.append(FieldViolation("group.group_type", "must be STATIC or DYNAMIC"))
     v.raise_if(out)
     return {
         "group_id": group.group_id or str(uuid.uuid4()),
@@ -116,15 +112,6 @@ def _update_fields(request: groups_pb2.UpdateGroupRequest) -> dict[str, Any]:
         if parsed is not None:
             changes["query_filter"] = filters.canonical_json(parsed)
     v.raise_if(out)
-    if not request.HasField("expected_version"):
-        # As for the twin: an unconditional update could undo a change the
-        # caller never saw, so it has to be asked for explicitly.
-        raise FailedPrecondition(
-            "name the version you read in expected_version (HTTP: If-Match)",
-            reason=ErrorReason.PRECONDITION_REQUIRED,
-            metadata={"group": request.group.group_id},
-            subject=f"device-groups/{request.group.group_id}",
-        )
     return changes
 
 
@@ -189,8 +176,11 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
             rows = await store.list_groups(con, tenant, after=after, limit=size + 1)
             rows, token = listing.page(rows, size, key=lambda g: [g.name, g.group_id])
             records = [await store.with_member_count(con, tenant, r) for r in rows]
+            total = await store.count_groups(con, tenant)
         return groups_pb2.ListGroupsResponse(
-            groups=[convert.group(r) for r in records], next_page_token=token
+            groups=[convert.group(r) for r in records],
+            next_page_token=token,
+            total=convert.count(total),
         )
 
     async def UpdateGroup(
@@ -213,7 +203,9 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
                 con,
                 tenant,
                 group_id,
-                expected_version=request.expected_version,
+                expected_version=(
+                    request.expected_version if request.HasField("expected_version") else None
+                ),
                 changes=changes,
             )
             record = await store.with_member_count(con, tenant, record)

@@ -162,17 +162,17 @@ async def update_group(
     tenant_id: uuid.UUID,
     group_id: str,
     *,
-    expected_version: int,
+    expected_version: int | None,
     changes: dict[str, Any],
 ) -> GroupRecord:
-    """One conditional UPDATE: it applies only at `expected_version`."""
+    """One UPDATE; given `expected_version`, it applies only at that version."""
     columns = [UPDATABLE[path] for path in changes]
     assignments = ", ".join(f"{col} = ${i}" for i, col in enumerate(columns, start=4))
     row = await con.fetchrow(
         f"""
         UPDATE device_groups
         SET {assignments}, version = version + 1, updated_at = now()
-        WHERE tenant_id = $1 AND group_id = $2 AND version = $3
+        WHERE tenant_id = $1 AND group_id = $2 AND ($3::bigint IS NULL OR version = $3)
         RETURNING {_GROUP_COLUMNS}
         """,
         tenant_id,
@@ -182,8 +182,14 @@ async def update_group(
     )
     if row is None:
         current = await get_group(con, tenant_id, group_id)  # NotFound if absent
+        assert expected_version is not None
         raise version_mismatch(current, expected_version)
     return _group(row)
+
+
+async def count_groups(con: Connection, tenant_id: uuid.UUID) -> int:
+    found = await con.fetchval("SELECT count(*) FROM device_groups WHERE tenant_id = $1", tenant_id)
+    return int(found)
 
 
 def version_mismatch(current: GroupRecord, expected: int) -> FailedPrecondition:

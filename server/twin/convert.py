@@ -34,11 +34,16 @@ def delta(result: Delta, *, desired_version: int, reported_version: int) -> twin
 
 
 def twin_delta(record: TwinRecord) -> twin_pb2.TwinDelta:
-    return delta(
+    """GetTwinDelta's answer: the delta, named by its device, with the
+    legacy flat delta beside it (a Twin carries both itself)."""
+    message = delta(
         compute_delta(record.desired, record.reported),
         desired_version=record.desired_version,
         reported_version=record.reported_version,
     )
+    message.device_id = record.device_id
+    message.delta.CopyFrom(struct(flat_delta(record.desired, record.reported)))
+    return message
 
 
 def twin(record: TwinRecord, *, now: datetime, stale_after: timedelta) -> twin_pb2.Twin:

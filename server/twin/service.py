@@ -78,6 +78,9 @@ class TwinService(twin_pb2_grpc.TwinServiceServicer):
     ) -> twin_pb2.Twin:
         tenant = current_principal().tenant_id
         device_id = v.require_id("device_id", request.device_id)
+        if not request.HasField("desired"):
+            # A forgotten field must not wipe the document.
+            raise InvalidArgument.single("desired", "is required; {} clears the document")
         desired = documents.from_struct("desired", request.desired)
         expected = _expected_version(
             device_id, request.HasField("expected_version"), request.expected_version, request.force

@@ -97,7 +97,7 @@ def _parse(raw: bytes) -> tuple[int, dict[str, str], dict[str, Any]]:
 # -- bad input ---------------------------------------------------------------
 
 
-async def test_deep_json_is_400_and_stores_nothing(
+async def test_deep_json_is_refused_and_stores_nothing(
     http: httpx.AsyncClient, client: pc.AsyncPulseClient, tenant: Tenant
 ) -> None:
     h = _auth(tenant)
@@ -114,7 +114,7 @@ async def test_deep_json_is_400_and_stores_nothing(
             content=body,
             headers={**h, "If-Match": '"0"', "content-type": "application/json"},
         )
-        assert r.status_code == 400, r.text
+        assert r.status_code == 422, r.text  # upstream's path: upstream's status
         error = r.json()["error"]
         assert error["status"] == "INVALID_ARGUMENT"
         assert f"{MAX_JSON_DEPTH} levels" in error["message"]
@@ -127,8 +127,10 @@ async def test_deep_json_is_400_and_stores_nothing(
 
     # At the limit the gateway passes the body on; the API's own 10-level
     # limit for documents answers, never a server error.
-    r = await http.patch(desired, json=_nested(MAX_JSON_DEPTH), headers={**h, "If-Match": '"0"'})
-    assert r.status_code == 400, r.text
+    r = await http.patch(
+        desired, json={"desired": _nested(MAX_JSON_DEPTH - 1)}, headers={**h, "If-Match": '"0"'}
+    )
+    assert r.status_code == 422, r.text
     assert "10 levels" in r.text
     # A device body holds metadata 10 levels deep inside its own level.
     r = await http.post(
@@ -208,7 +210,9 @@ async def test_whole_numbers_in_documents_stay_integers(
     await client.devices.create("NUM-1")
     document = {"setpoint": 21, "ratio": 0.5, "list": [1, 2.5, {"n": -3}], "big": 2**53}
     r = await http.patch(
-        "/customer/devices/NUM-1/twin/desired", json=document, headers={**h, "If-Match": '"0"'}
+        "/customer/devices/NUM-1/twin/desired",
+        json={"desired": document},
+        headers={**h, "If-Match": '"0"'},
     )
     assert r.status_code == 200, r.text
     for response in (r, await http.get("/customer/devices/NUM-1/twin", headers=h)):

@@ -4,7 +4,7 @@ part, NOT_FOUND for unknown groups, and nothing written."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pulse_client as pc
@@ -87,7 +87,7 @@ BAD_GROUPS: dict[str, tuple[Group, list[str]]] = {
         Group(name="g", group_type=Group.GroupType.DYNAMIC),
         ["group.query_filter"],
     ),
-    "neither kind": (Group(name="g"), ["group.group_type"]),
+    "unknown kind": (Group(name="g", group_type=cast(Any, 7)), ["group.group_type"]),
     "several at once": (
         _dynamic(filter_pb2.DeviceFilter(tags=["", "x" * 129]), name="", group_id="-x"),
         [
@@ -136,9 +136,6 @@ async def test_bad_update_and_delete(
         group=Group(group_id=group.group_id, name="x"),
         update_mask=field_mask_pb2.FieldMask(paths=["name"]),
     )
-    error = await _error(stub.UpdateGroup(unguarded, metadata=_md(tenant)))
-    assert isinstance(error, pc.FailedPrecondition)
-    assert error.reason == "PRECONDITION_REQUIRED"
     assert await _invalid(update(["name"], name="")) == ["group.name"]
     assert await _invalid(update(["query_filter"])) == ["group.query_filter"]
     bad_filter = groups_pb2.UpdateGroupRequest(
@@ -166,6 +163,14 @@ async def test_bad_update_and_delete(
 
     unchanged = await client.groups.get(group.group_id)
     assert (unchanged.name, unchanged.version) == ("before", 1)
+
+    # Without expected_version an update is unconditional (upstream's group
+    # edits carry no version); an unknown group is NOT_FOUND, not a
+    # precondition failure.
+    updated = await stub.UpdateGroup(unguarded, metadata=_md(tenant))
+    assert (updated.name, updated.version) == ("x", 2)
+    unguarded.group.group_id = "NO-SUCH-GROUP"
+    assert isinstance(await _error(stub.UpdateGroup(unguarded, metadata=_md(tenant))), pc.NotFound)
 
 
 async def test_bad_member_lists(client: pc.AsyncPulseClient, db: Database, tenant: Tenant) -> None:

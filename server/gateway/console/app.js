@@ -186,7 +186,7 @@ async function twinPanel(deviceId, panel) {
 
   async function write(document, version) {
     const { data } = await call("PATCH", `${path}/desired`, {
-      body: document, headers: { "If-Match": `"${version}"` },
+      body: { desired: document }, headers: { "If-Match": `"${version}"` },
     });
     return data;
   }

@@ -29,13 +29,29 @@ from pulse.device.v1 import http_options_pb2 as pulse_dot_device_dot_v1_dot_http
 from pulse.device.v1 import status_pb2 as pulse_dot_device_dot_v1_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"pulse/device/v1/connectivity.proto\x12\x0fpulse.device.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\"pulse/device/v1/http_options.proto\x1a\x1cpulse/device/v1/status.proto\"\xfe\x02\n\x0f\x43onnectionEvent\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x38\n\nevent_type\x18\x04 \x01(\x0e\x32$.pulse.device.v1.ConnectionEventType\x12-\n\ttimestamp\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x0fprevious_status\x18\x06 \x01(\x0e\x32#.pulse.device.v1.ConnectivityStatus\x12\x33\n\x06status\x18\x07 \x01(\x0e\x32#.pulse.device.v1.ConnectivityStatus\x12\x33\n\x07trigger\x18\x08 \x01(\x0e\x32\".pulse.device.v1.ConnectionTrigger\x12(\n\x07\x64\x65tails\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\"\xff\x01\n\x1bListConnectionEventsRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\r\n\x05limit\x18\x04 \x01(\x05\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\x0b\x65vent_types\x18\x07 \x03(\x0e\x32$.pulse.device.v1.ConnectionEventType\"i\n\x1cListConnectionEventsResponse\x12\x30\n\x06\x65vents\x18\x01 \x03(\x0b\x32 .pulse.device.v1.ConnectionEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9c\x01\n\x1cWatchConnectionEventsRequest\x12\x1b\n\rresume_cursor\x18\x01 \x01(\tB\x04\xe0\xf3\x18\x01\x12\x12\n\ndevice_ids\x18\x02 \x03(\t\x12\x39\n\x0b\x65vent_types\x18\x03 \x03(\x0e\x32$.pulse.device.v1.ConnectionEventType\x12\x10\n\x08group_id\x18\x04 \x01(\t\"f\n\x1dWatchConnectionEventsResponse\x12/\n\x05\x65vent\x18\x01 \x01(\x0b\x32 .pulse.device.v1.ConnectionEvent\x12\x14\n\x06\x63ursor\x18\x02 \x01(\tB\x04\xd8\xf3\x18\x01*r\n\x13\x43onnectionEventType\x12%\n!CONNECTION_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\r\n\tCONNECTED\x10\x01\x12\x10\n\x0c\x44ISCONNECTED\x10\x02\x12\x13\n\x0f\x43ONNECTION_LOST\x10\x03*\xab\x01\n\x11\x43onnectionTrigger\x12\"\n\x1e\x43ONNECTION_TRIGGER_UNSPECIFIED\x10\x00\x12\x15\n\x11HEARTBEAT_RESUMED\x10\x01\x12\x11\n\rSTATUS_ONLINE\x10\x02\x12\x12\n\x0eSTATUS_OFFLINE\x10\x03\x12\r\n\tLAST_WILL\x10\x04\x12\x15\n\x11HEARTBEAT_TIMEOUT\x10\x05\x12\x0e\n\nFIRST_SEEN\x10\x06\x32\xf7\x02\n\x13\x43onnectivityService\x12\xbf\x01\n\x14ListConnectionEvents\x12,.pulse.device.v1.ListConnectionEventsRequest\x1a-.pulse.device.v1.ListConnectionEventsResponse\"J\x82\xd3\xe4\x93\x02\x44\x12)/customer/devices/{device_id}/connectionsZ\x17\x12\x15/customer/connections\x12\x9d\x01\n\x15WatchConnectionEvents\x12-.pulse.device.v1.WatchConnectionEventsRequest\x1a..pulse.device.v1.WatchConnectionEventsResponse\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/customer/connections:watch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"pulse/device/v1/connectivity.proto\x12\x0fpulse.device.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\"pulse/device/v1/http_options.proto\x1a\x1cpulse/device/v1/status.proto\"\x84\x03\n\x0f\x43onnectionEvent\x12\x10\n\x02id\x18\x01 \x01(\x03\x42\x04\xf0\xf3\x18\x01\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x38\n\nevent_type\x18\x04 \x01(\x0e\x32$.pulse.device.v1.ConnectionEventType\x12-\n\ttimestamp\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x0fprevious_status\x18\x06 \x01(\x0e\x32#.pulse.device.v1.ConnectivityStatus\x12\x33\n\x06status\x18\x07 \x01(\x0e\x32#.pulse.device.v1.ConnectivityStatus\x12\x33\n\x07trigger\x18\x08 \x01(\x0e\x32\".pulse.device.v1.ConnectionTrigger\x12(\n\x07\x64\x65tails\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\"\xbb\x02\n\x1bListConnectionEventsRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x12\n\x05limit\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\x0b\x65vent_types\x18\x07 \x03(\x0e\x32$.pulse.device.v1.ConnectionEventType\x12\x14\n\x04skip\x18\x08 \x01(\x05R\x06offset\x12\x15\n\rinclude_total\x18\t \x01(\x08\x42\x08\n\x06_limit\"\x87\x01\n\x1cListConnectionEventsResponse\x12\x30\n\x06\x65vents\x18\x01 \x03(\x0b\x32 .pulse.device.v1.ConnectionEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\x05total\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x08\n\x06_total\"\x9c\x01\n\x1cWatchConnectionEventsRequest\x12\x1b\n\rresume_cursor\x18\x01 \x01(\tB\x04\xe0\xf3\x18\x01\x12\x12\n\ndevice_ids\x18\x02 \x03(\t\x12\x39\n\x0b\x65vent_types\x18\x03 \x03(\x0e\x32$.pulse.device.v1.ConnectionEventType\x12\x10\n\x08group_id\x18\x04 \x01(\t\"f\n\x1dWatchConnectionEventsResponse\x12/\n\x05\x65vent\x18\x01 \x01(\x0b\x32 .pulse.device.v1.ConnectionEvent\x12\x14\n\x06\x63ursor\x18\x02 \x01(\tB\x04\xd8\xf3\x18\x01*r\n\x13\x43onnectionEventType\x12%\n!CONNECTION_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\r\n\tCONNECTED\x10\x01\x12\x10\n\x0c\x44ISCONNECTED\x10\x02\x12\x13\n\x0f\x43ONNECTION_LOST\x10\x03*\xb0\x02\n\x11\x43onnectionTrigger\x12\x33\n\x1e\x43ONNECTION_TRIGGER_UNSPECIFIED\x10\x00\x1a\x0f\xea\xf9\x18\x0bunspecified\x12,\n\x11HEARTBEAT_RESUMED\x10\x01\x1a\x15\xea\xf9\x18\x11heartbeat_resumed\x12$\n\rSTATUS_ONLINE\x10\x02\x1a\x11\xea\xf9\x18\rstatus_online\x12&\n\x0eSTATUS_OFFLINE\x10\x03\x1a\x12\xea\xf9\x18\x0estatus_offline\x12\x1c\n\tLAST_WILL\x10\x04\x1a\r\xea\xf9\x18\tlast_will\x12,\n\x11HEARTBEAT_TIMEOUT\x10\x05\x1a\x15\xea\xf9\x18\x11heartbeat_timeout\x12\x1e\n\nFIRST_SEEN\x10\x06\x1a\x0e\xea\xf9\x18\nfirst_seen2\xf7\x02\n\x13\x43onnectivityService\x12\xbf\x01\n\x14ListConnectionEvents\x12,.pulse.device.v1.ListConnectionEventsRequest\x1a-.pulse.device.v1.ListConnectionEventsResponse\"J\x82\xd3\xe4\x93\x02\x44\x12)/customer/devices/{device_id}/connectionsZ\x17\x12\x15/customer/connections\x12\x9d\x01\n\x15WatchConnectionEvents\x12-.pulse.device.v1.WatchConnectionEventsRequest\x1a..pulse.device.v1.WatchConnectionEventsResponse\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/customer/connections:watch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pulse.device.v1.connectivity_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CONNECTIONTRIGGER'].values_by_name["CONNECTION_TRIGGER_UNSPECIFIED"]._loaded_options = None
+  _globals['_CONNECTIONTRIGGER'].values_by_name["CONNECTION_TRIGGER_UNSPECIFIED"]._serialized_options = b'\352\371\030\013unspecified'
+  _globals['_CONNECTIONTRIGGER'].values_by_name["HEARTBEAT_RESUMED"]._loaded_options = None
+  _globals['_CONNECTIONTRIGGER'].values_by_name["HEARTBEAT_RESUMED"]._serialized_options = b'\352\371\030\021heartbeat_resumed'
+  _globals['_CONNECTIONTRIGGER'].values_by_name["STATUS_ONLINE"]._loaded_options = None
+  _globals['_CONNECTIONTRIGGER'].values_by_name["STATUS_ONLINE"]._serialized_options = b'\352\371\030\rstatus_online'
+  _globals['_CONNECTIONTRIGGER'].values_by_name["STATUS_OFFLINE"]._loaded_options = None
+  _globals['_CONNECTIONTRIGGER'].values_by_name["STATUS_OFFLINE"]._serialized_options = b'\352\371\030\016status_offline'
+  _globals['_CONNECTIONTRIGGER'].values_by_name["LAST_WILL"]._loaded_options = None
+  _globals['_CONNECTIONTRIGGER'].values_by_name["LAST_WILL"]._serialized_options = b'\352\371\030\tlast_will'
+  _globals['_CONNECTIONTRIGGER'].values_by_name["HEARTBEAT_TIMEOUT"]._loaded_options = None
+  _globals['_CONNECTIONTRIGGER'].values_by_name["HEARTBEAT_TIMEOUT"]._serialized_options = b'\352\371\030\021heartbeat_timeout'
+  _globals['_CONNECTIONTRIGGER'].values_by_name["FIRST_SEEN"]._loaded_options = None
+  _globals['_CONNECTIONTRIGGER'].values_by_name["FIRST_SEEN"]._serialized_options = b'\352\371\030\nfirst_seen'
+  _globals['_CONNECTIONEVENT'].fields_by_name['id']._loaded_options = None
+  _globals['_CONNECTIONEVENT'].fields_by_name['id']._serialized_options = b'\360\363\030\001'
   _globals['_WATCHCONNECTIONEVENTSREQUEST'].fields_by_name['resume_cursor']._loaded_options = None
   _globals['_WATCHCONNECTIONEVENTSREQUEST'].fields_by_name['resume_cursor']._serialized_options = b'\340\363\030\001'
   _globals['_WATCHCONNECTIONEVENTSRESPONSE'].fields_by_name['cursor']._loaded_options = None
@@ -44,20 +60,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONNECTIVITYSERVICE'].methods_by_name['ListConnectionEvents']._serialized_options = b'\202\323\344\223\002D\022)/customer/devices/{device_id}/connectionsZ\027\022\025/customer/connections'
   _globals['_CONNECTIVITYSERVICE'].methods_by_name['WatchConnectionEvents']._loaded_options = None
   _globals['_CONNECTIVITYSERVICE'].methods_by_name['WatchConnectionEvents']._serialized_options = b'\202\323\344\223\002\035\022\033/customer/connections:watch'
-  _globals['_CONNECTIONEVENTTYPE']._serialized_start=1227
-  _globals['_CONNECTIONEVENTTYPE']._serialized_end=1341
-  _globals['_CONNECTIONTRIGGER']._serialized_start=1344
-  _globals['_CONNECTIONTRIGGER']._serialized_end=1515
+  _globals['_CONNECTIONEVENTTYPE']._serialized_start=1324
+  _globals['_CONNECTIONEVENTTYPE']._serialized_end=1438
+  _globals['_CONNECTIONTRIGGER']._serialized_start=1441
+  _globals['_CONNECTIONTRIGGER']._serialized_end=1745
   _globals['_CONNECTIONEVENT']._serialized_start=215
-  _globals['_CONNECTIONEVENT']._serialized_end=597
-  _globals['_LISTCONNECTIONEVENTSREQUEST']._serialized_start=600
-  _globals['_LISTCONNECTIONEVENTSREQUEST']._serialized_end=855
-  _globals['_LISTCONNECTIONEVENTSRESPONSE']._serialized_start=857
-  _globals['_LISTCONNECTIONEVENTSRESPONSE']._serialized_end=962
-  _globals['_WATCHCONNECTIONEVENTSREQUEST']._serialized_start=965
-  _globals['_WATCHCONNECTIONEVENTSREQUEST']._serialized_end=1121
-  _globals['_WATCHCONNECTIONEVENTSRESPONSE']._serialized_start=1123
-  _globals['_WATCHCONNECTIONEVENTSRESPONSE']._serialized_end=1225
-  _globals['_CONNECTIVITYSERVICE']._serialized_start=1518
-  _globals['_CONNECTIVITYSERVICE']._serialized_end=1893
+  _globals['_CONNECTIONEVENT']._serialized_end=603
+  _globals['_LISTCONNECTIONEVENTSREQUEST']._serialized_start=606
+  _globals['_LISTCONNECTIONEVENTSREQUEST']._serialized_end=921
+  _globals['_LISTCONNECTIONEVENTSRESPONSE']._serialized_start=924
+  _globals['_LISTCONNECTIONEVENTSRESPONSE']._serialized_end=1059
+  _globals['_WATCHCONNECTIONEVENTSREQUEST']._serialized_start=1062
+  _globals['_WATCHCONNECTIONEVENTSREQUEST']._serialized_end=1218
+  _globals['_WATCHCONNECTIONEVENTSRESPONSE']._serialized_start=1220
+  _globals['_WATCHCONNECTIONEVENTSRESPONSE']._serialized_end=1322
+  _globals['_CONNECTIVITYSERVICE']._serialized_start=1748
+  _globals['_CONNECTIVITYSERVICE']._serialized_end=2123
 # @@protoc_insertion_point(module_scope)

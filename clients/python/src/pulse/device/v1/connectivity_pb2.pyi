@@ -76,7 +76,9 @@ class _ConnectionTriggerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Con
     """The first message ever seen from the device (other than a status)."""
 
 class ConnectionTrigger(_ConnectionTrigger, metaclass=_ConnectionTriggerEnumTypeWrapper):
-    """ConnectionTrigger says what made the evaluator record an event."""
+    """ConnectionTrigger says what made the evaluator record an event; lower case
+    in HTTP JSON (`heartbeat_resumed`), as upstream wrote it.
+    """
 
 CONNECTION_TRIGGER_UNSPECIFIED: ConnectionTrigger.ValueType  # 0
 """Not set; never stored."""
@@ -111,7 +113,8 @@ class ConnectionEvent(_message.Message):
     DETAILS_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """The event's id, unique across the log. Ids grow in insertion order, not
-    commit order; use the stream cursor, not the id, to resume a watch.
+    commit order; use the stream cursor, not the id, to resume a watch. A
+    string in HTTP JSON, as upstream wrote it.
     """
     tenant_id: _builtins.str
     """The tenant the device belongs to."""
@@ -134,7 +137,8 @@ class ConnectionEvent(_message.Message):
     @_builtins.property
     def details(self) -> _struct_pb2.Struct:
         """Free-form context, such as the last-will payload or the silence that
-        made the sweep mark the device stale.
+        made the sweep mark the device stale. Always holds `trigger` (its JSON
+        spelling) and `previous_status`, which upstream's clients read here.
         """
 
     def __init__(
@@ -171,6 +175,8 @@ class ListConnectionEventsRequest(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     EVENT_TYPES_FIELD_NUMBER: _builtins.int
+    SKIP_FIELD_NUMBER: _builtins.int
+    INCLUDE_TOTAL_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     """Only this device's events; empty for every device of the tenant. A
     device that does not exist is NOT_FOUND.
@@ -182,9 +188,15 @@ class ListConnectionEventsRequest(_message.Message):
     page_token: _builtins.str
     """The next_page_token of the previous page; empty for the first page."""
     limit: _builtins.int
-    """The upstream name of page_size. Setting both to different values is
-    INVALID_ARGUMENT.
+    """The upstream name of page_size, 1 to 200 when set. Setting both to
+    different values is INVALID_ARGUMENT.
     """
+    skip: _builtins.int
+    """Upstream's paging: skip this many events (0 to 100000) instead of
+    passing a page_token. Pages taken this way shift when events arrive.
+    """
+    include_total: _builtins.bool
+    """Also count every event the other conditions select."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Only events at or after this time."""
@@ -203,16 +215,20 @@ class ListConnectionEventsRequest(_message.Message):
         device_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
-        limit: _builtins.int = ...,
+        limit: _builtins.int | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         event_types: _abc.Iterable[Global___ConnectionEventType.ValueType] | None = ...,
+        skip: _builtins.int = ...,
+        include_total: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_limit", b"_limit", "end_time", b"end_time", "limit", b"limit", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "end_time", b"end_time", "event_types", b"event_types", "limit", b"limit", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_limit", b"_limit", "device_id", b"device_id", "end_time", b"end_time", "event_types", b"event_types", "include_total", b"include_total", "limit", b"limit", "page_size", b"page_size", "page_token", b"page_token", "skip", b"skip", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__limit: _TypeAlias = _typing.Literal["limit"]  # noqa: Y015
+    _WhichOneofArgType__limit: _TypeAlias = _typing.Literal["_limit", b"_limit"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__limit) -> _WhichOneofReturnType__limit | None: ...
 
 Global___ListConnectionEventsRequest: _TypeAlias = ListConnectionEventsRequest  # noqa: Y015
 
@@ -224,8 +240,11 @@ class ListConnectionEventsResponse(_message.Message):
 
     EVENTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Pass this as page_token to get the next page; empty on the last page."""
+    total: _builtins.int
+    """The number of events selected; set only when include_total was true."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectionEvent]:
         """The events, newest first (by timestamp, then id)."""
@@ -235,12 +254,15 @@ class ListConnectionEventsResponse(_message.Message):
         *,
         events: _abc.Iterable[Global___ConnectionEvent] | None = ...,
         next_page_token: _builtins.str = ...,
+        total: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_total", b"_total", "total", b"total"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_total", b"_total", "events", b"events", "next_page_token", b"next_page_token", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__total: _TypeAlias = _typing.Literal["total"]  # noqa: Y015
+    _WhichOneofArgType__total: _TypeAlias = _typing.Literal["_total", b"_total"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__total) -> _WhichOneofReturnType__total | None: ...
 
 Global___ListConnectionEventsResponse: _TypeAlias = ListConnectionEventsResponse  # noqa: Y015
 

@@ -61,9 +61,10 @@ class ConnectivityServiceServicer:
 
     def ListConnectionEvents(self, request, context):
         """ListConnectionEvents pages through events, newest first, for one device
-        (the upstream endpoint, which takes `limit`) or across the tenant.
-        Pages are keyset-based, so events arriving while a client pages do not
-        shift later pages or repeat rows.
+        (the upstream endpoint, which takes `limit` and `offset`) or across the
+        tenant. Pages are keyset-based, so events arriving while a client pages
+        do not shift later pages or repeat rows; `offset` is upstream's paging
+        and has neither guarantee.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -40,9 +40,10 @@ class ConnectivityServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ConnectivityServiceAsyncStub: ...
     ListConnectionEvents: _grpc.UnaryUnaryMultiCallable[_connectivity_pb2.ListConnectionEventsRequest, _connectivity_pb2.ListConnectionEventsResponse]
     """ListConnectionEvents pages through events, newest first, for one device
-    (the upstream endpoint, which takes `limit`) or across the tenant.
-    Pages are keyset-based, so events arriving while a client pages do not
-    shift later pages or repeat rows.
+    (the upstream endpoint, which takes `limit` and `offset`) or across the
+    tenant. Pages are keyset-based, so events arriving while a client pages
+    do not shift later pages or repeat rows; `offset` is upstream's paging
+    and has neither guarantee.
     """
     WatchConnectionEvents: _grpc.UnaryStreamMultiCallable[_connectivity_pb2.WatchConnectionEventsRequest, _connectivity_pb2.WatchConnectionEventsResponse]
     """WatchConnectionEvents streams the tenant's events as they are committed.
@@ -66,9 +67,10 @@ class ConnectivityServiceAsyncStub(ConnectivityServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListConnectionEvents: _aio.UnaryUnaryMultiCallable[_connectivity_pb2.ListConnectionEventsRequest, _connectivity_pb2.ListConnectionEventsResponse]  # type: ignore[assignment]
     """ListConnectionEvents pages through events, newest first, for one device
-    (the upstream endpoint, which takes `limit`) or across the tenant.
-    Pages are keyset-based, so events arriving while a client pages do not
-    shift later pages or repeat rows.
+    (the upstream endpoint, which takes `limit` and `offset`) or across the
+    tenant. Pages are keyset-based, so events arriving while a client pages
+    do not shift later pages or repeat rows; `offset` is upstream's paging
+    and has neither guarantee.
     """
     WatchConnectionEvents: _aio.UnaryStreamMultiCallable[_connectivity_pb2.WatchConnectionEventsRequest, _connectivity_pb2.WatchConnectionEventsResponse]  # type: ignore[assignment]
     """WatchConnectionEvents streams the tenant's events as they are committed.
@@ -95,9 +97,10 @@ class ConnectivityServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_connectivity_pb2.ListConnectionEventsResponse, _abc.Awaitable[_connectivity_pb2.ListConnectionEventsResponse]]:
         """ListConnectionEvents pages through events, newest first, for one device
-        (the upstream endpoint, which takes `limit`) or across the tenant.
-        Pages are keyset-based, so events arriving while a client pages do not
-        shift later pages or repeat rows.
+        (the upstream endpoint, which takes `limit` and `offset`) or across the
+        tenant. Pages are keyset-based, so events arriving while a client pages
+        do not shift later pages or repeat rows; `offset` is upstream's paging
+        and has neither guarantee.
         """
 
     @_abc_1.abstractmethod

@@ -31,13 +31,23 @@ from pulse.device.v1 import http_options_pb2 as pulse_dot_device_dot_v1_dot_http
 from pulse.device.v1 import status_pb2 as pulse_dot_device_dot_v1_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpulse/device/v1/groups.proto\x12\x0fpulse.device.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cpulse/device/v1/filter.proto\x1a\"pulse/device/v1/http_options.proto\x1a\x1cpulse/device/v1/status.proto\"\xf2\x02\n\x05Group\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x34\n\ngroup_type\x18\x04 \x01(\x0e\x32 .pulse.device.v1.Group.GroupType\x12\x33\n\x0cquery_filter\x18\x05 \x01(\x0b\x32\x1d.pulse.device.v1.DeviceFilter\x12\x14\n\x0cmember_count\x18\x06 \x01(\x05\x12\x0f\n\x07version\x18\x07 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"@\n\tGroupType\x12\x1a\n\x16GROUP_TYPE_UNSPECIFIED\x10\x00\x12\n\n\x06STATIC\x10\x01\x12\x0b\n\x07\x44YNAMIC\x10\x02\"t\n\x0bGroupMember\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x33\n\x06status\x18\x03 \x01(\x0e\x32#.pulse.device.v1.ConnectivityStatus\x12\x0f\n\x07site_id\x18\x04 \x01(\t\";\n\x12\x43reateGroupRequest\x12%\n\x05group\x18\x01 \x01(\x0b\x32\x16.pulse.device.v1.Group\"#\n\x0fGetGroupRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\":\n\x11ListGroupsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"U\n\x12ListGroupsResponse\x12&\n\x06groups\x18\x01 \x03(\x0b\x32\x16.pulse.device.v1.Group\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xa6\x01\n\x12UpdateGroupRequest\x12%\n\x05group\x18\x01 \x01(\x0b\x32\x16.pulse.device.v1.Group\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12#\n\x10\x65xpected_version\x18\x03 \x01(\x03\x42\x04\xd0\xf3\x18\x01H\x00\x88\x01\x01\x42\x13\n\x11_expected_version\"`\n\x12\x44\x65leteGroupRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12#\n\x10\x65xpected_version\x18\x02 \x01(\x03\x42\x04\xd0\xf3\x18\x01H\x00\x88\x01\x01\x42\x13\n\x11_expected_version\"i\n\x17ListGroupMembersRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x15\n\rinclude_total\x18\x04 \x01(\x08\"\xc8\x01\n\x18ListGroupMembersResponse\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x34\n\ngroup_type\x18\x02 \x01(\x0e\x32 .pulse.device.v1.Group.GroupType\x12-\n\x07members\x18\x03 \x03(\x0b\x32\x1c.pulse.device.v1.GroupMember\x12\x12\n\x05total\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\x0fnext_page_token\x18\x05 \x01(\tB\x08\n\x06_total\">\n\x16\x41\x64\x64GroupMembersRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x12\n\ndevice_ids\x18\x02 \x03(\t\"A\n\x19RemoveGroupMembersRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x12\n\ndevice_ids\x18\x02 \x03(\t\"\x89\x01\n\x14PreviewFilterRequest\x12\x33\n\x0cquery_filter\x18\x01 \x01(\x0b\x32\x1d.pulse.device.v1.DeviceFilter\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x15\n\rinclude_total\x18\x04 \x01(\x08\"\xb2\x01\n\x15PreviewFilterResponse\x12-\n\x07members\x18\x01 \x03(\x0b\x32\x1c.pulse.device.v1.GroupMember\x12\x12\n\x05total\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\x12\x33\n\x0cquery_filter\x18\x04 \x01(\x0b\x32\x1d.pulse.device.v1.DeviceFilterB\x08\n\x06_total2\xd9\n\n\x12\x44\x65viceGroupService\x12\x9c\x01\n\x0b\x43reateGroup\x12#.pulse.device.v1.CreateGroupRequest\x1a\x16.pulse.device.v1.Group\"P\x82\xd3\xe4\x93\x02J\"\x1f/customer/device-groups/dynamic:\x05groupZ \"\x17/customer/device-groups:\x05group\x12p\n\x08GetGroup\x12 .pulse.device.v1.GetGroupRequest\x1a\x16.pulse.device.v1.Group\"*\x82\xd3\xe4\x93\x02$\x12\"/customer/device-groups/{group_id}\x12v\n\nListGroups\x12\".pulse.device.v1.ListGroupsRequest\x1a#.pulse.device.v1.ListGroupsResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/customer/device-groups\x12\xbe\x01\n\x0bUpdateGroup\x12#.pulse.device.v1.UpdateGroupRequest\x1a\x16.pulse.device.v1.Group\"r\x82\xd3\xe4\x93\x02l20/customer/device-groups/{group.group_id}/dynamic:\x05groupZ12(/customer/device-groups/{group.group_id}:\x05group\x12\xa4\x01\n\x0b\x44\x65leteGroup\x12#.pulse.device.v1.DeleteGroupRequest\x1a\x16.google.protobuf.Empty\"X\x82\xd3\xe4\x93\x02R**/customer/device-groups/{group_id}/dynamicZ$*\"/customer/device-groups/{group_id}\x12\x9b\x01\n\x10ListGroupMembers\x12(.pulse.device.v1.ListGroupMembersRequest\x1a).pulse.device.v1.ListGroupMembersResponse\"2\x82\xd3\xe4\x93\x02,\x12*/customer/device-groups/{group_id}/members\x12\x8d\x01\n\x0f\x41\x64\x64GroupMembers\x12\'.pulse.device.v1.AddGroupMembersRequest\x1a\x16.pulse.device.v1.Group\"9\x82\xd3\xe4\x93\x02\x33\"./customer/device-groups/{group_id}/members:add:\x01*\x12\x96\x01\n\x12RemoveGroupMembers\x12*.pulse.device.v1.RemoveGroupMembersRequest\x1a\x16.pulse.device.v1.Group\"<\x82\xd3\xe4\x93\x02\x36\"1/customer/device-groups/{group_id}/members:remove:\x01*\x12\x8a\x01\n\rPreviewFilter\x12%.pulse.device.v1.PreviewFilterRequest\x1a&.pulse.device.v1.PreviewFilterResponse\"*\x82\xd3\xe4\x93\x02$\"\x1f/customer/device-groups:preview:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpulse/device/v1/groups.proto\x12\x0fpulse.device.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cpulse/device/v1/filter.proto\x1a\"pulse/device/v1/http_options.proto\x1a\x1cpulse/device/v1/status.proto\"\xbc\x03\n\x05Group\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x34\n\ngroup_type\x18\x04 \x01(\x0e\x32 .pulse.device.v1.Group.GroupType\x12\x33\n\x0cquery_filter\x18\x05 \x01(\x0b\x32\x1d.pulse.device.v1.DeviceFilter\x12\x14\n\x0cmember_count\x18\x06 \x01(\x05\x12\x0f\n\x07version\x18\x07 \x01(\x03\x12?\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x0e\xea\xf3\x18\ncreated_at\x12?\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x0e\xea\xf3\x18\nupdated_at\"j\n\tGroupType\x12+\n\x16GROUP_TYPE_UNSPECIFIED\x10\x00\x1a\x0f\xea\xf9\x18\x0bunspecified\x12\x16\n\x06STATIC\x10\x01\x1a\n\xea\xf9\x18\x06static\x12\x18\n\x07\x44YNAMIC\x10\x02\x1a\x0b\xea\xf9\x18\x07\x64ynamic\"t\n\x0bGroupMember\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x33\n\x06status\x18\x03 \x01(\x0e\x32#.pulse.device.v1.ConnectivityStatus\x12\x0f\n\x07site_id\x18\x04 \x01(\t\";\n\x12\x43reateGroupRequest\x12%\n\x05group\x18\x01 \x01(\x0b\x32\x16.pulse.device.v1.Group\"#\n\x0fGetGroupRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\":\n\x11ListGroupsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"d\n\x12ListGroupsResponse\x12&\n\x06groups\x18\x01 \x03(\x0b\x32\x16.pulse.device.v1.Group\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x05\"\xa6\x01\n\x12UpdateGroupRequest\x12%\n\x05group\x18\x01 \x01(\x0b\x32\x16.pulse.device.v1.Group\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12#\n\x10\x65xpected_version\x18\x03 \x01(\x03\x42\x04\xd0\xf3\x18\x01H\x00\x88\x01\x01\x42\x13\n\x11_expected_version\"`\n\x12\x44\x65leteGroupRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12#\n\x10\x65xpected_version\x18\x02 \x01(\x03\x42\x04\xd0\xf3\x18\x01H\x00\x88\x01\x01\x42\x13\n\x11_expected_version\"i\n\x17ListGroupMembersRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x15\n\rinclude_total\x18\x04 \x01(\x08\"\xc8\x01\n\x18ListGroupMembersResponse\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x34\n\ngroup_type\x18\x02 \x01(\x0e\x32 .pulse.device.v1.Group.GroupType\x12-\n\x07members\x18\x03 \x03(\x0b\x32\x1c.pulse.device.v1.GroupMember\x12\x12\n\x05total\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\x0fnext_page_token\x18\x05 \x01(\tB\x08\n\x06_total\">\n\x16\x41\x64\x64GroupMembersRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x12\n\ndevice_ids\x18\x02 \x03(\t\"A\n\x19RemoveGroupMembersRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x12\n\ndevice_ids\x18\x02 \x03(\t\"\x89\x01\n\x14PreviewFilterRequest\x12\x33\n\x0cquery_filter\x18\x01 \x01(\x0b\x32\x1d.pulse.device.v1.DeviceFilter\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x15\n\rinclude_total\x18\x04 \x01(\x08\"\xb2\x01\n\x15PreviewFilterResponse\x12-\n\x07members\x18\x01 \x03(\x0b\x32\x1c.pulse.device.v1.GroupMember\x12\x12\n\x05total\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\x12\x33\n\x0cquery_filter\x18\x04 \x01(\x0b\x32\x1d.pulse.device.v1.DeviceFilterB\x08\n\x06_total2\xfd\x0b\n\x12\x44\x65viceGroupService\x12\x9c\x01\n\x0b\x43reateGroup\x12#.pulse.device.v1.CreateGroupRequest\x1a\x16.pulse.device.v1.Group\"P\x82\xd3\xe4\x93\x02J\"\x1f/customer/device-groups/dynamic:\x05groupZ \"\x17/customer/device-groups:\x05group\x12p\n\x08GetGroup\x12 .pulse.device.v1.GetGroupRequest\x1a\x16.pulse.device.v1.Group\"*\x82\xd3\xe4\x93\x02$\x12\"/customer/device-groups/{group_id}\x12v\n\nListGroups\x12\".pulse.device.v1.ListGroupsRequest\x1a#.pulse.device.v1.ListGroupsResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/customer/device-groups\x12\xbe\x01\n\x0bUpdateGroup\x12#.pulse.device.v1.UpdateGroupRequest\x1a\x16.pulse.device.v1.Group\"r\x82\xd3\xe4\x93\x02l20/customer/device-groups/{group.group_id}/dynamic:\x05groupZ12(/customer/device-groups/{group.group_id}:\x05group\x12\xa4\x01\n\x0b\x44\x65leteGroup\x12#.pulse.device.v1.DeleteGroupRequest\x1a\x16.google.protobuf.Empty\"X\x82\xd3\xe4\x93\x02R**/customer/device-groups/{group_id}/dynamicZ$*\"/customer/device-groups/{group_id}\x12\xc9\x01\n\x10ListGroupMembers\x12(.pulse.device.v1.ListGroupMembersRequest\x1a).pulse.device.v1.ListGroupMembersResponse\"`\x82\xd3\xe4\x93\x02Z\x12*/customer/device-groups/{group_id}/membersZ,\x12*/customer/device-groups/{group_id}/devices\x12\xc8\x01\n\x0f\x41\x64\x64GroupMembers\x12\'.pulse.device.v1.AddGroupMembersRequest\x1a\x16.pulse.device.v1.Group\"t\x82\xd3\xe4\x93\x02n\"./customer/device-groups/{group_id}/members:add:\x01*Z9\x1a\x37/customer/device-groups/{group_id}/devices/{device_ids}\x12\xd1\x01\n\x12RemoveGroupMembers\x12*.pulse.device.v1.RemoveGroupMembersRequest\x1a\x16.pulse.device.v1.Group\"w\x82\xd3\xe4\x93\x02q\"1/customer/device-groups/{group_id}/members:remove:\x01*Z9*7/customer/device-groups/{group_id}/devices/{device_ids}\x12\x8a\x01\n\rPreviewFilter\x12%.pulse.device.v1.PreviewFilterRequest\x1a&.pulse.device.v1.PreviewFilterResponse\"*\x82\xd3\xe4\x93\x02$\"\x1f/customer/device-groups:preview:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pulse.device.v1.groups_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GROUP_GROUPTYPE'].values_by_name["GROUP_TYPE_UNSPECIFIED"]._loaded_options = None
+  _globals['_GROUP_GROUPTYPE'].values_by_name["GROUP_TYPE_UNSPECIFIED"]._serialized_options = b'\352\371\030\013unspecified'
+  _globals['_GROUP_GROUPTYPE'].values_by_name["STATIC"]._loaded_options = None
+  _globals['_GROUP_GROUPTYPE'].values_by_name["STATIC"]._serialized_options = b'\352\371\030\006static'
+  _globals['_GROUP_GROUPTYPE'].values_by_name["DYNAMIC"]._loaded_options = None
+  _globals['_GROUP_GROUPTYPE'].values_by_name["DYNAMIC"]._serialized_options = b'\352\371\030\007dynamic'
+  _globals['_GROUP'].fields_by_name['create_time']._loaded_options = None
+  _globals['_GROUP'].fields_by_name['create_time']._serialized_options = b'\352\363\030\ncreated_at'
+  _globals['_GROUP'].fields_by_name['update_time']._loaded_options = None
+  _globals['_GROUP'].fields_by_name['update_time']._serialized_options = b'\352\363\030\nupdated_at'
   _globals['_UPDATEGROUPREQUEST'].fields_by_name['expected_version']._loaded_options = None
   _globals['_UPDATEGROUPREQUEST'].fields_by_name['expected_version']._serialized_options = b'\320\363\030\001'
   _globals['_DELETEGROUPREQUEST'].fields_by_name['expected_version']._loaded_options = None
@@ -53,43 +63,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEVICEGROUPSERVICE'].methods_by_name['DeleteGroup']._loaded_options = None
   _globals['_DEVICEGROUPSERVICE'].methods_by_name['DeleteGroup']._serialized_options = b'\202\323\344\223\002R**/customer/device-groups/{group_id}/dynamicZ$*\"/customer/device-groups/{group_id}'
   _globals['_DEVICEGROUPSERVICE'].methods_by_name['ListGroupMembers']._loaded_options = None
-  _globals['_DEVICEGROUPSERVICE'].methods_by_name['ListGroupMembers']._serialized_options = b'\202\323\344\223\002,\022*/customer/device-groups/{group_id}/members'
+  _globals['_DEVICEGROUPSERVICE'].methods_by_name['ListGroupMembers']._serialized_options = b'\202\323\344\223\002Z\022*/customer/device-groups/{group_id}/membersZ,\022*/customer/device-groups/{group_id}/devices'
   _globals['_DEVICEGROUPSERVICE'].methods_by_name['AddGroupMembers']._loaded_options = None
-  _globals['_DEVICEGROUPSERVICE'].methods_by_name['AddGroupMembers']._serialized_options = b'\202\323\344\223\0023\"./customer/device-groups/{group_id}/members:add:\001*'
+  _globals['_DEVICEGROUPSERVICE'].methods_by_name['AddGroupMembers']._serialized_options = b'\202\323\344\223\002n\"./customer/device-groups/{group_id}/members:add:\001*Z9\0327/customer/device-groups/{group_id}/devices/{device_ids}'
   _globals['_DEVICEGROUPSERVICE'].methods_by_name['RemoveGroupMembers']._loaded_options = None
-  _globals['_DEVICEGROUPSERVICE'].methods_by_name['RemoveGroupMembers']._serialized_options = b'\202\323\344\223\0026\"1/customer/device-groups/{group_id}/members:remove:\001*'
+  _globals['_DEVICEGROUPSERVICE'].methods_by_name['RemoveGroupMembers']._serialized_options = b'\202\323\344\223\002q\"1/customer/device-groups/{group_id}/members:remove:\001*Z9*7/customer/device-groups/{group_id}/devices/{device_ids}'
   _globals['_DEVICEGROUPSERVICE'].methods_by_name['PreviewFilter']._loaded_options = None
   _globals['_DEVICEGROUPSERVICE'].methods_by_name['PreviewFilter']._serialized_options = b'\202\323\344\223\002$\"\037/customer/device-groups:preview:\001*'
   _globals['_GROUP']._serialized_start=272
-  _globals['_GROUP']._serialized_end=642
-  _globals['_GROUP_GROUPTYPE']._serialized_start=578
-  _globals['_GROUP_GROUPTYPE']._serialized_end=642
-  _globals['_GROUPMEMBER']._serialized_start=644
-  _globals['_GROUPMEMBER']._serialized_end=760
-  _globals['_CREATEGROUPREQUEST']._serialized_start=762
-  _globals['_CREATEGROUPREQUEST']._serialized_end=821
-  _globals['_GETGROUPREQUEST']._serialized_start=823
-  _globals['_GETGROUPREQUEST']._serialized_end=858
-  _globals['_LISTGROUPSREQUEST']._serialized_start=860
-  _globals['_LISTGROUPSREQUEST']._serialized_end=918
-  _globals['_LISTGROUPSRESPONSE']._serialized_start=920
-  _globals['_LISTGROUPSRESPONSE']._serialized_end=1005
-  _globals['_UPDATEGROUPREQUEST']._serialized_start=1008
-  _globals['_UPDATEGROUPREQUEST']._serialized_end=1174
-  _globals['_DELETEGROUPREQUEST']._serialized_start=1176
-  _globals['_DELETEGROUPREQUEST']._serialized_end=1272
-  _globals['_LISTGROUPMEMBERSREQUEST']._serialized_start=1274
-  _globals['_LISTGROUPMEMBERSREQUEST']._serialized_end=1379
-  _globals['_LISTGROUPMEMBERSRESPONSE']._serialized_start=1382
-  _globals['_LISTGROUPMEMBERSRESPONSE']._serialized_end=1582
-  _globals['_ADDGROUPMEMBERSREQUEST']._serialized_start=1584
-  _globals['_ADDGROUPMEMBERSREQUEST']._serialized_end=1646
-  _globals['_REMOVEGROUPMEMBERSREQUEST']._serialized_start=1648
-  _globals['_REMOVEGROUPMEMBERSREQUEST']._serialized_end=1713
-  _globals['_PREVIEWFILTERREQUEST']._serialized_start=1716
-  _globals['_PREVIEWFILTERREQUEST']._serialized_end=1853
-  _globals['_PREVIEWFILTERRESPONSE']._serialized_start=1856
-  _globals['_PREVIEWFILTERRESPONSE']._serialized_end=2034
-  _globals['_DEVICEGROUPSERVICE']._serialized_start=2037
-  _globals['_DEVICEGROUPSERVICE']._serialized_end=3406
+  _globals['_GROUP']._serialized_end=716
+  _globals['_GROUP_GROUPTYPE']._serialized_start=610
+  _globals['_GROUP_GROUPTYPE']._serialized_end=716
+  _globals['_GROUPMEMBER']._serialized_start=718
+  _globals['_GROUPMEMBER']._serialized_end=834
+  _globals['_CREATEGROUPREQUEST']._serialized_start=836
+  _globals['_CREATEGROUPREQUEST']._serialized_end=895
+  _globals['_GETGROUPREQUEST']._serialized_start=897
+  _globals['_GETGROUPREQUEST']._serialized_end=932
+  _globals['_LISTGROUPSREQUEST']._serialized_start=934
+  _globals['_LISTGROUPSREQUEST']._serialized_end=992
+  _globals['_LISTGROUPSRESPONSE']._serialized_start=994
+  _globals['_LISTGROUPSRESPONSE']._serialized_end=1094
+  _globals['_UPDATEGROUPREQUEST']._serialized_start=1097
+  _globals['_UPDATEGROUPREQUEST']._serialized_end=1263
+  _globals['_DELETEGROUPREQUEST']._serialized_start=1265
+  _globals['_DELETEGROUPREQUEST']._serialized_end=1361
+  _globals['_LISTGROUPMEMBERSREQUEST']._serialized_start=1363
+  _globals['_LISTGROUPMEMBERSREQUEST']._serialized_end=1468
+  _globals['_LISTGROUPMEMBERSRESPONSE']._serialized_start=1471
+  _globals['_LISTGROUPMEMBERSRESPONSE']._serialized_end=1671
+  _globals['_ADDGROUPMEMBERSREQUEST']._serialized_start=1673
+  _globals['_ADDGROUPMEMBERSREQUEST']._serialized_end=1735
+  _globals['_REMOVEGROUPMEMBERSREQUEST']._serialized_start=1737
+  _globals['_REMOVEGROUPMEMBERSREQUEST']._serialized_end=1802
+  _globals['_PREVIEWFILTERREQUEST']._serialized_start=1805
+  _globals['_PREVIEWFILTERREQUEST']._serialized_end=1942
+  _globals['_PREVIEWFILTERRESPONSE']._serialized_start=1945
+  _globals['_PREVIEWFILTERRESPONSE']._serialized_end=2123
+  _globals['_DEVICEGROUPSERVICE']._serialized_start=2126
+  _globals['_DEVICEGROUPSERVICE']._serialized_end=3659
 # @@protoc_insertion_point(module_scope)

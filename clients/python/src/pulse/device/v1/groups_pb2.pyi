@@ -36,17 +36,23 @@ class Group(_message.Message):
     class _GroupTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Group._GroupType.ValueType], _builtins.type):
         DESCRIPTOR: _descriptor.EnumDescriptor
         GROUP_TYPE_UNSPECIFIED: Group._GroupType.ValueType  # 0
-        """Not set. On create, it means DYNAMIC when query_filter is given."""
+        """Not set. On create, it means DYNAMIC when query_filter is given, else
+        STATIC.
+        """
         STATIC: Group._GroupType.ValueType  # 1
         """Members are listed explicitly (AddGroupMembers, RemoveGroupMembers)."""
         DYNAMIC: Group._GroupType.ValueType  # 2
         """Members are the devices query_filter selects, evaluated at read time."""
 
     class GroupType(_GroupType, metaclass=_GroupTypeEnumTypeWrapper):
-        """GroupType says how a group's members are determined."""
+        """GroupType says how a group's members are determined; lower case in HTTP
+        JSON (`dynamic`), as upstream wrote it.
+        """
 
     GROUP_TYPE_UNSPECIFIED: Group.GroupType.ValueType  # 0
-    """Not set. On create, it means DYNAMIC when query_filter is given."""
+    """Not set. On create, it means DYNAMIC when query_filter is given, else
+    STATIC.
+    """
     STATIC: Group.GroupType.ValueType  # 1
     """Members are listed explicitly (AddGroupMembers, RemoveGroupMembers)."""
     DYNAMIC: Group.GroupType.ValueType  # 2
@@ -86,11 +92,15 @@ class Group(_message.Message):
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
-        """When the group was created. Output only."""
+        """When the group was created. Output only. HTTP JSON also writes it as
+        upstream's `created_at`.
+        """
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
-        """When name, description or query_filter last changed. Output only."""
+        """When name, description or query_filter last changed. Output only. HTTP
+        JSON also writes it as upstream's `updated_at`.
+        """
 
     def __init__(
         self,
@@ -159,7 +169,7 @@ class CreateGroupRequest(_message.Message):
     @_builtins.property
     def group(self) -> Global___Group:
         """The group to create: name is required; query_filter for a dynamic group,
-        group_type STATIC for a static one.
+        none for a static one.
         """
 
     def __init__(
@@ -233,8 +243,11 @@ class ListGroupsResponse(_message.Message):
 
     GROUPS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Pass this as page_token to get the next page; empty on the last page."""
+    total: _builtins.int
+    """How many groups the tenant has."""
     @_builtins.property
     def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___Group]:
         """The groups, in name order (then group_id)."""
@@ -244,10 +257,11 @@ class ListGroupsResponse(_message.Message):
         *,
         groups: _abc.Iterable[Global___Group] | None = ...,
         next_page_token: _builtins.str = ...,
+        total: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups", "next_page_token", b"next_page_token", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -263,9 +277,9 @@ class UpdateGroupRequest(_message.Message):
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
     expected_version: _builtins.int
-    """The version the caller last read (Group.version). Required (else
-    FAILED_PRECONDITION, reason PRECONDITION_REQUIRED): the update is refused
-    with VERSION_MISMATCH if the group has changed since.
+    """The version the caller last read (Group.version): the update is refused
+    with VERSION_MISMATCH if the group has changed since. Unset, the update
+    is unconditional.
     """
     @_builtins.property
     def group(self) -> Global___Group:

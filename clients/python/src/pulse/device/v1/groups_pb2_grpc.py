@@ -94,10 +94,10 @@ class DeviceGroupServiceServicer:
     """
 
     def CreateGroup(self, request, context):
-        """CreateGroup creates a group. A group with a query_filter is dynamic; a
-        static group needs group_type STATIC and takes members through
-        AddGroupMembers. The upstream web app posts dynamic groups to the first
-        path.
+        """CreateGroup creates a group. A group with a query_filter is dynamic,
+        one without is static and takes members through AddGroupMembers. The
+        upstream web app posts dynamic groups to the first path (which requires
+        the filter) and static ones to the second. Over HTTP the answer is 201.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,16 +113,18 @@ class DeviceGroupServiceServicer:
 
     def ListGroups(self, request, context):
         """ListGroups pages through the tenant's groups of both kinds, in name order,
-        each with its current member count.
+        each with its current member count, and counts them all.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateGroup(self, request, context):
-        """UpdateGroup changes the fields named in update_mask, only if the group is
-        still at expected_version; otherwise FAILED_PRECONDITION with reason
-        VERSION_MISMATCH and the current version in the error metadata.
+        """UpdateGroup changes the fields named in update_mask. With
+        expected_version it applies only if the group is still at that version,
+        otherwise FAILED_PRECONDITION with reason VERSION_MISMATCH and the
+        current version in the error metadata; without, it applies to whatever
+        the group is (as upstream's group edits did).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -130,7 +132,8 @@ class DeviceGroupServiceServicer:
 
     def DeleteGroup(self, request, context):
         """DeleteGroup deletes a group of either kind (and a static group's member
-        list; the devices themselves are untouched).
+        list; the devices themselves are untouched). Over HTTP the answer is
+        upstream's `{"group_id": ..., "deleted": true}`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,6 +143,8 @@ class DeviceGroupServiceServicer:
         """ListGroupMembers pages through a group's members in device_id order. A
         dynamic group's filter is evaluated at read time, so every page reflects
         the devices' current state; a device is never returned twice while paging.
+        Over HTTP, upstream's member paths (`/members`, and `/devices` for
+        static groups) answer with every member up to 1000 and the total.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -148,6 +153,7 @@ class DeviceGroupServiceServicer:
     def AddGroupMembers(self, request, context):
         """AddGroupMembers adds devices to a static group. Devices already in it are
         skipped; unknown devices are INVALID_ARGUMENT and nothing is added.
+        Upstream's `PUT .../devices/{device_id}` adds one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -155,7 +161,8 @@ class DeviceGroupServiceServicer:
 
     def RemoveGroupMembers(self, request, context):
         """RemoveGroupMembers removes devices from a static group. Devices that are
-        not members are skipped.
+        not members are skipped. Upstream's `DELETE .../devices/{device_id}`
+        removes one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -39,10 +39,10 @@ class DeviceGroupServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> DeviceGroupServiceAsyncStub: ...
     CreateGroup: _grpc.UnaryUnaryMultiCallable[_groups_pb2.CreateGroupRequest, _groups_pb2.Group]
-    """CreateGroup creates a group. A group with a query_filter is dynamic; a
-    static group needs group_type STATIC and takes members through
-    AddGroupMembers. The upstream web app posts dynamic groups to the first
-    path.
+    """CreateGroup creates a group. A group with a query_filter is dynamic,
+    one without is static and takes members through AddGroupMembers. The
+    upstream web app posts dynamic groups to the first path (which requires
+    the filter) and static ones to the second. Over HTTP the answer is 201.
     """
     GetGroup: _grpc.UnaryUnaryMultiCallable[_groups_pb2.GetGroupRequest, _groups_pb2.Group]
     """GetGroup returns one group with its current member count. Unknown ids,
@@ -50,29 +50,36 @@ class DeviceGroupServiceStub:
     """
     ListGroups: _grpc.UnaryUnaryMultiCallable[_groups_pb2.ListGroupsRequest, _groups_pb2.ListGroupsResponse]
     """ListGroups pages through the tenant's groups of both kinds, in name order,
-    each with its current member count.
+    each with its current member count, and counts them all.
     """
     UpdateGroup: _grpc.UnaryUnaryMultiCallable[_groups_pb2.UpdateGroupRequest, _groups_pb2.Group]
-    """UpdateGroup changes the fields named in update_mask, only if the group is
-    still at expected_version; otherwise FAILED_PRECONDITION with reason
-    VERSION_MISMATCH and the current version in the error metadata.
+    """UpdateGroup changes the fields named in update_mask. With
+    expected_version it applies only if the group is still at that version,
+    otherwise FAILED_PRECONDITION with reason VERSION_MISMATCH and the
+    current version in the error metadata; without, it applies to whatever
+    the group is (as upstream's group edits did).
     """
     DeleteGroup: _grpc.UnaryUnaryMultiCallable[_groups_pb2.DeleteGroupRequest, _empty_pb2.Empty]
     """DeleteGroup deletes a group of either kind (and a static group's member
-    list; the devices themselves are untouched).
+    list; the devices themselves are untouched). Over HTTP the answer is
+    upstream's `{"group_id": ..., "deleted": true}`.
     """
     ListGroupMembers: _grpc.UnaryUnaryMultiCallable[_groups_pb2.ListGroupMembersRequest, _groups_pb2.ListGroupMembersResponse]
     """ListGroupMembers pages through a group's members in device_id order. A
     dynamic group's filter is evaluated at read time, so every page reflects
     the devices' current state; a device is never returned twice while paging.
+    Over HTTP, upstream's member paths (`/members`, and `/devices` for
+    static groups) answer with every member up to 1000 and the total.
     """
     AddGroupMembers: _grpc.UnaryUnaryMultiCallable[_groups_pb2.AddGroupMembersRequest, _groups_pb2.Group]
     """AddGroupMembers adds devices to a static group. Devices already in it are
     skipped; unknown devices are INVALID_ARGUMENT and nothing is added.
+    Upstream's `PUT .../devices/{device_id}` adds one.
     """
     RemoveGroupMembers: _grpc.UnaryUnaryMultiCallable[_groups_pb2.RemoveGroupMembersRequest, _groups_pb2.Group]
     """RemoveGroupMembers removes devices from a static group. Devices that are
-    not members are skipped.
+    not members are skipped. Upstream's `DELETE .../devices/{device_id}`
+    removes one.
     """
     PreviewFilter: _grpc.UnaryUnaryMultiCallable[_groups_pb2.PreviewFilterRequest, _groups_pb2.PreviewFilterResponse]
     """PreviewFilter lists the devices an unsaved filter selects, with the same
@@ -90,10 +97,10 @@ class DeviceGroupServiceAsyncStub(DeviceGroupServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateGroup: _aio.UnaryUnaryMultiCallable[_groups_pb2.CreateGroupRequest, _groups_pb2.Group]  # type: ignore[assignment]
-    """CreateGroup creates a group. A group with a query_filter is dynamic; a
-    static group needs group_type STATIC and takes members through
-    AddGroupMembers. The upstream web app posts dynamic groups to the first
-    path.
+    """CreateGroup creates a group. A group with a query_filter is dynamic,
+    one without is static and takes members through AddGroupMembers. The
+    upstream web app posts dynamic groups to the first path (which requires
+    the filter) and static ones to the second. Over HTTP the answer is 201.
     """
     GetGroup: _aio.UnaryUnaryMultiCallable[_groups_pb2.GetGroupRequest, _groups_pb2.Group]  # type: ignore[assignment]
     """GetGroup returns one group with its current member count. Unknown ids,
@@ -101,29 +108,36 @@ class DeviceGroupServiceAsyncStub(DeviceGroupServiceStub):
     """
     ListGroups: _aio.UnaryUnaryMultiCallable[_groups_pb2.ListGroupsRequest, _groups_pb2.ListGroupsResponse]  # type: ignore[assignment]
     """ListGroups pages through the tenant's groups of both kinds, in name order,
-    each with its current member count.
+    each with its current member count, and counts them all.
     """
     UpdateGroup: _aio.UnaryUnaryMultiCallable[_groups_pb2.UpdateGroupRequest, _groups_pb2.Group]  # type: ignore[assignment]
-    """UpdateGroup changes the fields named in update_mask, only if the group is
-    still at expected_version; otherwise FAILED_PRECONDITION with reason
-    VERSION_MISMATCH and the current version in the error metadata.
+    """UpdateGroup changes the fields named in update_mask. With
+    expected_version it applies only if the group is still at that version,
+    otherwise FAILED_PRECONDITION with reason VERSION_MISMATCH and the
+    current version in the error metadata; without, it applies to whatever
+    the group is (as upstream's group edits did).
     """
     DeleteGroup: _aio.UnaryUnaryMultiCallable[_groups_pb2.DeleteGroupRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """DeleteGroup deletes a group of either kind (and a static group's member
-    list; the devices themselves are untouched).
+    list; the devices themselves are untouched). Over HTTP the answer is
+    upstream's `{"group_id": ..., "deleted": true}`.
     """
     ListGroupMembers: _aio.UnaryUnaryMultiCallable[_groups_pb2.ListGroupMembersRequest, _groups_pb2.ListGroupMembersResponse]  # type: ignore[assignment]
     """ListGroupMembers pages through a group's members in device_id order. A
     dynamic group's filter is evaluated at read time, so every page reflects
     the devices' current state; a device is never returned twice while paging.
+    Over HTTP, upstream's member paths (`/members`, and `/devices` for
+    static groups) answer with every member up to 1000 and the total.
     """
     AddGroupMembers: _aio.UnaryUnaryMultiCallable[_groups_pb2.AddGroupMembersRequest, _groups_pb2.Group]  # type: ignore[assignment]
     """AddGroupMembers adds devices to a static group. Devices already in it are
     skipped; unknown devices are INVALID_ARGUMENT and nothing is added.
+    Upstream's `PUT .../devices/{device_id}` adds one.
     """
     RemoveGroupMembers: _aio.UnaryUnaryMultiCallable[_groups_pb2.RemoveGroupMembersRequest, _groups_pb2.Group]  # type: ignore[assignment]
     """RemoveGroupMembers removes devices from a static group. Devices that are
-    not members are skipped.
+    not members are skipped. Upstream's `DELETE .../devices/{device_id}`
+    removes one.
     """
     PreviewFilter: _aio.UnaryUnaryMultiCallable[_groups_pb2.PreviewFilterRequest, _groups_pb2.PreviewFilterResponse]  # type: ignore[assignment]
     """PreviewFilter lists the devices an unsaved filter selects, with the same
@@ -144,10 +158,10 @@ class DeviceGroupServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _groups_pb2.CreateGroupRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_groups_pb2.Group, _abc.Awaitable[_groups_pb2.Group]]:
-        """CreateGroup creates a group. A group with a query_filter is dynamic; a
-        static group needs group_type STATIC and takes members through
-        AddGroupMembers. The upstream web app posts dynamic groups to the first
-        path.
+        """CreateGroup creates a group. A group with a query_filter is dynamic,
+        one without is static and takes members through AddGroupMembers. The
+        upstream web app posts dynamic groups to the first path (which requires
+        the filter) and static ones to the second. Over HTTP the answer is 201.
         """
 
     @_abc_1.abstractmethod
@@ -167,7 +181,7 @@ class DeviceGroupServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_groups_pb2.ListGroupsResponse, _abc.Awaitable[_groups_pb2.ListGroupsResponse]]:
         """ListGroups pages through the tenant's groups of both kinds, in name order,
-        each with its current member count.
+        each with its current member count, and counts them all.
         """
 
     @_abc_1.abstractmethod
@@ -176,9 +190,11 @@ class DeviceGroupServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _groups_pb2.UpdateGroupRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_groups_pb2.Group, _abc.Awaitable[_groups_pb2.Group]]:
-        """UpdateGroup changes the fields named in update_mask, only if the group is
-        still at expected_version; otherwise FAILED_PRECONDITION with reason
-        VERSION_MISMATCH and the current version in the error metadata.
+        """UpdateGroup changes the fields named in update_mask. With
+        expected_version it applies only if the group is still at that version,
+        otherwise FAILED_PRECONDITION with reason VERSION_MISMATCH and the
+        current version in the error metadata; without, it applies to whatever
+        the group is (as upstream's group edits did).
         """
 
     @_abc_1.abstractmethod
@@ -188,7 +204,8 @@ class DeviceGroupServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
         """DeleteGroup deletes a group of either kind (and a static group's member
-        list; the devices themselves are untouched).
+        list; the devices themselves are untouched). Over HTTP the answer is
+        upstream's `{"group_id": ..., "deleted": true}`.
         """
 
     @_abc_1.abstractmethod
@@ -200,6 +217,8 @@ class DeviceGroupServiceServicer(metaclass=_abc_1.ABCMeta):
         """ListGroupMembers pages through a group's members in device_id order. A
         dynamic group's filter is evaluated at read time, so every page reflects
         the devices' current state; a device is never returned twice while paging.
+        Over HTTP, upstream's member paths (`/members`, and `/devices` for
+        static groups) answer with every member up to 1000 and the total.
         """
 
     @_abc_1.abstractmethod
@@ -210,6 +229,7 @@ class DeviceGroupServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_groups_pb2.Group, _abc.Awaitable[_groups_pb2.Group]]:
         """AddGroupMembers adds devices to a static group. Devices already in it are
         skipped; unknown devices are INVALID_ARGUMENT and nothing is added.
+        Upstream's `PUT .../devices/{device_id}` adds one.
         """
 
     @_abc_1.abstractmethod
@@ -219,7 +239,8 @@ class DeviceGroupServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_groups_pb2.Group, _abc.Awaitable[_groups_pb2.Group]]:
         """RemoveGroupMembers removes devices from a static group. Devices that are
-        not members are skipped.
+        not members are skipped. Upstream's `DELETE .../devices/{device_id}`
+        removes one.
         """
 
     @_abc_1.abstractmethod

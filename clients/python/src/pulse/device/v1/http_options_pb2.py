@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"pulse/device/v1/http_options.proto\x12\x0fpulse.device.v1\x1a google/protobuf/descriptor.proto:-\n\x04\x65tag\x12\x1d.google.protobuf.FieldOptions\x18\xb9\x8e\x03 \x01(\x08:1\n\x08if_match\x12\x1d.google.protobuf.FieldOptions\x18\xba\x8e\x03 \x01(\x08:6\n\rstream_cursor\x12\x1d.google.protobuf.FieldOptions\x18\xbb\x8e\x03 \x01(\x08:6\n\rresume_cursor\x12\x1d.google.protobuf.FieldOptions\x18\xbc\x8e\x03 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"pulse/device/v1/http_options.proto\x12\x0fpulse.device.v1\x1a google/protobuf/descriptor.proto:-\n\x04\x65tag\x12\x1d.google.protobuf.FieldOptions\x18\xb9\x8e\x03 \x01(\x08:1\n\x08if_match\x12\x1d.google.protobuf.FieldOptions\x18\xba\x8e\x03 \x01(\x08:6\n\rstream_cursor\x12\x1d.google.protobuf.FieldOptions\x18\xbb\x8e\x03 \x01(\x08:6\n\rresume_cursor\x12\x1d.google.protobuf.FieldOptions\x18\xbc\x8e\x03 \x01(\x08:3\n\njson_alias\x12\x1d.google.protobuf.FieldOptions\x18\xbd\x8e\x03 \x01(\t:4\n\x0bjson_string\x12\x1d.google.protobuf.FieldOptions\x18\xbe\x8e\x03 \x01(\x08:7\n\njson_value\x12!.google.protobuf.EnumValueOptions\x18\x9d\x8f\x03 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)

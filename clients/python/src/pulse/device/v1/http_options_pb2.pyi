@@ -14,6 +14,9 @@ ETAG_FIELD_NUMBER: _builtins.int
 IF_MATCH_FIELD_NUMBER: _builtins.int
 STREAM_CURSOR_FIELD_NUMBER: _builtins.int
 RESUME_CURSOR_FIELD_NUMBER: _builtins.int
+JSON_ALIAS_FIELD_NUMBER: _builtins.int
+JSON_STRING_FIELD_NUMBER: _builtins.int
+JSON_VALUE_FIELD_NUMBER: _builtins.int
 etag: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOptions, _builtins.bool]
 """A response field whose value is the resource's version: sent as the
 `ETag` header, and compared with `If-None-Match` for 304 answers.
@@ -29,4 +32,16 @@ server-sent event's `id`.
 resume_cursor: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOptions, _builtins.bool]
 """A request field filled from the `Last-Event-ID` header, so a browser's
 EventSource resumes where it stopped.
+"""
+json_alias: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOptions, _builtins.str]
+"""The field is also written under this name (read-only clients of the
+upstream API know it so). A timestamp left unset is written as null.
+"""
+json_string: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOptions, _builtins.bool]
+"""A 64-bit integer written as a JSON string (proto3 JSON's own form)
+rather than the number the gateway writes for the others.
+"""
+json_value: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.EnumValueOptions, _builtins.str]
+"""The value's spelling in HTTP JSON instead of its proto name; requests
+may use either.
 """

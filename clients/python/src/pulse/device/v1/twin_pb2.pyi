@@ -92,7 +92,9 @@ class Twin(_message.Message):
     reported_version: _builtins.int
     """The desired version the device last acknowledged (applied and reported)."""
     sync_status: Global___Twin.SyncStatus.ValueType
-    """How far the device is from its desired state."""
+    """How far the device is from its desired state; lower case in HTTP JSON
+    (`synced`), as upstream wrote it.
+    """
     connectivity_status: _status_pb2.ConnectivityStatus.ValueType
     """The device's connectivity status, which sync_status takes into account."""
     revision: _builtins.int
@@ -109,7 +111,9 @@ class Twin(_message.Message):
 
     @_builtins.property
     def desired_update_time(self) -> _timestamp_pb2.Timestamp:
-        """When the desired document last changed; unset if never."""
+        """When the desired document last changed; unset if never. HTTP JSON also
+        writes it as upstream's `shadow_updated_at`.
+        """
 
     @_builtins.property
     def reported_update_time(self) -> _timestamp_pb2.Timestamp:
@@ -228,14 +232,20 @@ class TwinDelta(_message.Message):
     IN_SYNC_FIELD_NUMBER: _builtins.int
     DESIRED_VERSION_FIELD_NUMBER: _builtins.int
     REPORTED_VERSION_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
     unchanged_count: _builtins.int
     """Leaf values equal on both sides."""
     in_sync: _builtins.bool
     """True when added, removed and changed are all empty."""
     desired_version: _builtins.int
-    """The desired version the delta was computed from."""
+    """The desired version the delta was computed from. Over HTTP, GetTwinDelta
+    sends it as the ETag, as GetTwin does.
+    """
     reported_version: _builtins.int
     """The desired version the device last acknowledged."""
+    device_id: _builtins.str
+    """The device's id. Set by GetTwinDelta; empty inside Twin, which has it."""
     @_builtins.property
     def added(self) -> _containers.MessageMap[_builtins.str, _struct_pb2.Value]:
         """Path to desired value, for paths present only in desired."""
@@ -248,6 +258,12 @@ class TwinDelta(_message.Message):
     def changed(self) -> _containers.MessageMap[_builtins.str, Global___ValueChange]:
         """Path to both values, for paths whose values differ."""
 
+    @_builtins.property
+    def delta(self) -> _struct_pb2.Struct:
+        """The legacy flat delta (see Twin.delta). Set by GetTwinDelta; unset
+        inside Twin, which has it.
+        """
+
     def __init__(
         self,
         *,
@@ -258,10 +274,12 @@ class TwinDelta(_message.Message):
         in_sync: _builtins.bool = ...,
         desired_version: _builtins.int = ...,
         reported_version: _builtins.int = ...,
+        device_id: _builtins.str = ...,
+        delta: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "changed", b"changed", "desired_version", b"desired_version", "in_sync", b"in_sync", "removed", b"removed", "reported_version", b"reported_version", "unchanged_count", b"unchanged_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "changed", b"changed", "delta", b"delta", "desired_version", b"desired_version", "device_id", b"device_id", "in_sync", b"in_sync", "removed", b"removed", "reported_version", b"reported_version", "unchanged_count", b"unchanged_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -340,7 +358,9 @@ class UpdateDesiredRequest(_message.Message):
     """
     @_builtins.property
     def desired(self) -> _struct_pb2.Struct:
-        """The new desired document: at most 32 KiB as JSON, 10 levels deep."""
+        """The new desired document: at most 32 KiB as JSON, 10 levels deep.
+        Required; `{}` clears the document.
+        """
 
     def __init__(
         self,

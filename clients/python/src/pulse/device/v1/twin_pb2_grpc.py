@@ -78,7 +78,7 @@ class TwinServiceServicer:
 
     def GetTwin(self, request, context):
         """GetTwin returns a device's twin with its sync status and delta. Over
-        HTTP the ETag header carries desired_version.
+        HTTP the ETag header is `"<desired_version>"`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -91,7 +91,9 @@ class TwinServiceServicer:
         FAILED_PRECONDITION, reason VERSION_MISMATCH and the current version in
         the ErrorInfo metadata (`current_version`); a request without
         expected_version fails with reason PRECONDITION_REQUIRED unless force is
-        set. Over HTTP, If-Match carries the version; the answers are 409 and 428.
+        set. Over HTTP the body is the request (`{"desired": {...}}`, as the
+        upstream API takes it), If-Match carries the version, and the answers are
+        409 and 428.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,7 +110,8 @@ class TwinServiceServicer:
 
     def GetTwinDelta(self, request, context):
         """GetTwinDelta returns only the structured delta between the desired and
-        the reported documents.
+        the reported documents, with the device's id and the legacy flat delta.
+        Over HTTP the ETag header is `"<desired_version>"`, as for GetTwin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

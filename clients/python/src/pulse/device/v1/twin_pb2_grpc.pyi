@@ -41,7 +41,7 @@ class TwinServiceStub:
     def __new__(cls, channel: _aio.Channel) -> TwinServiceAsyncStub: ...
     GetTwin: _grpc.UnaryUnaryMultiCallable[_twin_pb2.GetTwinRequest, _twin_pb2.Twin]
     """GetTwin returns a device's twin with its sync status and delta. Over
-    HTTP the ETag header carries desired_version.
+    HTTP the ETag header is `"<desired_version>"`.
     """
     UpdateDesired: _grpc.UnaryUnaryMultiCallable[_twin_pb2.UpdateDesiredRequest, _twin_pb2.Twin]
     """UpdateDesired replaces the desired document. It succeeds only while the
@@ -50,7 +50,9 @@ class TwinServiceStub:
     FAILED_PRECONDITION, reason VERSION_MISMATCH and the current version in
     the ErrorInfo metadata (`current_version`); a request without
     expected_version fails with reason PRECONDITION_REQUIRED unless force is
-    set. Over HTTP, If-Match carries the version; the answers are 409 and 428.
+    set. Over HTTP the body is the request (`{"desired": {...}}`, as the
+    upstream API takes it), If-Match carries the version, and the answers are
+    409 and 428.
     """
     PatchDesired: _grpc.UnaryUnaryMultiCallable[_twin_pb2.PatchDesiredRequest, _twin_pb2.Twin]
     """PatchDesired applies a JSON merge patch (RFC 7386: a null removes a key,
@@ -59,7 +61,8 @@ class TwinServiceStub:
     """
     GetTwinDelta: _grpc.UnaryUnaryMultiCallable[_twin_pb2.GetTwinDeltaRequest, _twin_pb2.TwinDelta]
     """GetTwinDelta returns only the structured delta between the desired and
-    the reported documents.
+    the reported documents, with the device's id and the legacy flat delta.
+    Over HTTP the ETag header is `"<desired_version>"`, as for GetTwin.
     """
     WatchTwin: _grpc.UnaryStreamMultiCallable[_twin_pb2.WatchTwinRequest, _twin_pb2.Twin]
     """WatchTwin streams the twins of a set of devices: first each device's
@@ -81,7 +84,7 @@ class TwinServiceAsyncStub(TwinServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetTwin: _aio.UnaryUnaryMultiCallable[_twin_pb2.GetTwinRequest, _twin_pb2.Twin]  # type: ignore[assignment]
     """GetTwin returns a device's twin with its sync status and delta. Over
-    HTTP the ETag header carries desired_version.
+    HTTP the ETag header is `"<desired_version>"`.
     """
     UpdateDesired: _aio.UnaryUnaryMultiCallable[_twin_pb2.UpdateDesiredRequest, _twin_pb2.Twin]  # type: ignore[assignment]
     """UpdateDesired replaces the desired document. It succeeds only while the
@@ -90,7 +93,9 @@ class TwinServiceAsyncStub(TwinServiceStub):
     FAILED_PRECONDITION, reason VERSION_MISMATCH and the current version in
     the ErrorInfo metadata (`current_version`); a request without
     expected_version fails with reason PRECONDITION_REQUIRED unless force is
-    set. Over HTTP, If-Match carries the version; the answers are 409 and 428.
+    set. Over HTTP the body is the request (`{"desired": {...}}`, as the
+    upstream API takes it), If-Match carries the version, and the answers are
+    409 and 428.
     """
     PatchDesired: _aio.UnaryUnaryMultiCallable[_twin_pb2.PatchDesiredRequest, _twin_pb2.Twin]  # type: ignore[assignment]
     """PatchDesired applies a JSON merge patch (RFC 7386: a null removes a key,
@@ -99,7 +104,8 @@ class TwinServiceAsyncStub(TwinServiceStub):
     """
     GetTwinDelta: _aio.UnaryUnaryMultiCallable[_twin_pb2.GetTwinDeltaRequest, _twin_pb2.TwinDelta]  # type: ignore[assignment]
     """GetTwinDelta returns only the structured delta between the desired and
-    the reported documents.
+    the reported documents, with the device's id and the legacy flat delta.
+    Over HTTP the ETag header is `"<desired_version>"`, as for GetTwin.
     """
     WatchTwin: _aio.UnaryStreamMultiCallable[_twin_pb2.WatchTwinRequest, _twin_pb2.Twin]  # type: ignore[assignment]
     """WatchTwin streams the twins of a set of devices: first each device's
@@ -124,7 +130,7 @@ class TwinServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_twin_pb2.Twin, _abc.Awaitable[_twin_pb2.Twin]]:
         """GetTwin returns a device's twin with its sync status and delta. Over
-        HTTP the ETag header carries desired_version.
+        HTTP the ETag header is `"<desired_version>"`.
         """
 
     @_abc_1.abstractmethod
@@ -139,7 +145,9 @@ class TwinServiceServicer(metaclass=_abc_1.ABCMeta):
         FAILED_PRECONDITION, reason VERSION_MISMATCH and the current version in
         the ErrorInfo metadata (`current_version`); a request without
         expected_version fails with reason PRECONDITION_REQUIRED unless force is
-        set. Over HTTP, If-Match carries the version; the answers are 409 and 428.
+        set. Over HTTP the body is the request (`{"desired": {...}}`, as the
+        upstream API takes it), If-Match carries the version, and the answers are
+        409 and 428.
         """
 
     @_abc_1.abstractmethod
@@ -160,7 +168,8 @@ class TwinServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_twin_pb2.TwinDelta, _abc.Awaitable[_twin_pb2.TwinDelta]]:
         """GetTwinDelta returns only the structured delta between the desired and
-        the reported documents.
+        the reported documents, with the device's id and the legacy flat delta.
+        Over HTTP the ETag header is `"<desired_version>"`, as for GetTwin.
         """
 
     @_abc_1.abstractmethod
