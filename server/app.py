@@ -96,6 +96,8 @@ def verifier_for(settings: Settings) -> TokenVerifier:
         audience=settings.jwt_audience,
         public_key_file=settings.jwt_public_key_file,
         jwks_url=settings.jwks_url,
+        issuer=settings.auth_issuer,
+        claims=settings.auth_claims,
     )
 
 

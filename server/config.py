@@ -11,6 +11,8 @@ import os
 import secrets
 from pathlib import Path
 
+from server.auth import ClaimRules, claim_keys, parse_role_map
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
@@ -32,6 +34,11 @@ class Settings:
     jwt_public_key_file: Path | None
     #: JWKS endpoint for RS256 keys; when set, HS256 tokens are refused.
     jwks_url: str | None
+    #: Required `iss` of every token; None: the issuer is not checked.
+    auth_issuer: str | None
+    #: Which claims carry a token's tenant and roles, and which role an
+    #: identity provider's role names grant here.
+    auth_claims: ClaimRules
     db_pool_size: int
     log_level: str
     http_host: str
@@ -93,6 +100,9 @@ class Settings:
     #: Shared secret of the broker HTTP hooks (/mqtt/authn, /mqtt/authz);
     #: unset: the gateway does not serve them.
     broker_hook_secret: str | None = None
+    #: Publish desired state also on upstream's topic (`tenant/{t}/device/{d}/
+    #: shadow/desired`, docs/upstream-devices.md) besides ours.
+    upstream_desired: bool = True
 
 
 def _load_or_create_secret(data_dir: Path) -> bytes:
@@ -130,6 +140,39 @@ def _non_negative(env: dict[str, str], name: str, default: str) -> float:
     return value
 
 
+def _claim_path(env: dict[str, str], name: str, default: str) -> str:
+    path = env.get(name) or default
+    try:
+        claim_keys(path)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    return path
+
+
+def _claim_rules(env: dict[str, str]) -> ClaimRules:
+    try:
+        role_map = parse_role_map(env.get("PULSE_AUTH_ROLE_MAP", ""))
+    except ValueError as e:
+        raise ValueError(f"PULSE_AUTH_ROLE_MAP: {e}") from None
+    return ClaimRules(
+        tenant=_claim_path(env, "PULSE_AUTH_TENANT_CLAIM", "tenant_id"),
+        roles=_claim_path(env, "PULSE_AUTH_ROLES_CLAIM", "role"),
+        role_map=role_map,
+    )
+
+
+_OFF = frozenset({"0", "false", "off", "no"})
+_ON = frozenset({"", "1", "true", "on", "yes"})
+
+
+def _switch(env: dict[str, str], name: str) -> bool:
+    """An on/off setting that is on unless set to 0, false, off or no."""
+    raw = env.get(name, "").strip().lower()
+    if raw not in _OFF | _ON:
+        raise ValueError(f"{name} must be 1/true/on or 0/false/off (got {raw!r})")
+    return raw not in _OFF
+
+
 def load(env: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ if env is None else env)
     data_dir = Path(env.get("PULSE_DATA_DIR", ".data")).resolve()
@@ -148,6 +191,8 @@ def load(env: dict[str, str] | None = None) -> Settings:
         jwt_audience=env.get("PULSE_JWT_AUDIENCE", "pulse"),
         jwt_public_key_file=Path(key_file) if key_file else None,
         jwks_url=env.get("PULSE_JWKS_URL") or None,
+        auth_issuer=env.get("PULSE_AUTH_ISSUER") or None,
+        auth_claims=_claim_rules(env),
         db_pool_size=int(env.get("PULSE_DB_POOL_SIZE", "10")),
         log_level=env.get("PULSE_LOG_LEVEL", "INFO"),
         http_host=env.get("PULSE_HTTP_HOST", "127.0.0.1"),
@@ -182,6 +227,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
         mqtt_ca_file=env.get("PULSE_MQTT_CA_FILE") or None,
         mqtt_dynsec_url=env.get("PULSE_MQTT_DYNSEC_URL") or None,
         broker_hook_secret=env.get("PULSE_BROKER_HOOK_SECRET") or None,
+        upstream_desired=_switch(env, "PULSE_UPSTREAM_DESIRED"),
     )
 
 

@@ -248,6 +248,21 @@ def unavailable_status() -> status_pb2.Status:
     )
 
 
+class IdentityProviderUnavailable(DomainError):
+    """The keys that verify tokens could not be fetched: no fault of the token."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            f"the identity provider's keys could not be fetched ({detail}); retry shortly",
+            reason=ErrorReason.IDENTITY_PROVIDER_UNAVAILABLE,
+        )
+
+    def details(self) -> list[any_pb2.Any]:
+        return [*super().details(), retry_info(2.0)]
+
+
 class BrokerUnavailable(DomainError):
     """The broker's own access list could not be updated; nothing was stored."""
 

@@ -126,6 +126,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     (Mosquitto dynamic security did not answer); nothing was stored, and the
     call is safe to retry.
     """
+    IDENTITY_PROVIDER_UNAVAILABLE: _ErrorReason.ValueType  # 26
+    """UNAVAILABLE. The identity provider's keys (PULSE_JWKS_URL) could not be
+    fetched to verify the token; retry shortly.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is why a call failed, as AIP-193 asks: every error the service
@@ -243,5 +247,9 @@ BROKER_UNAVAILABLE: ErrorReason.ValueType  # 25
 """UNAVAILABLE. The MQTT broker's access control could not be updated
 (Mosquitto dynamic security did not answer); nothing was stored, and the
 call is safe to retry.
+"""
+IDENTITY_PROVIDER_UNAVAILABLE: ErrorReason.ValueType  # 26
+"""UNAVAILABLE. The identity provider's keys (PULSE_JWKS_URL) could not be
+fetched to verify the token; retry shortly.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
