@@ -25,6 +25,8 @@ def build(
             flap_hold_s=settings.liveness_flap_hold_s,
         ),
         TwinIngest(db),
-        TwinPublisher(db),
-        RetainedRepair(db, broker, client_id=settings.evaluator_id),
+        TwinPublisher(db, upstream=settings.upstream_desired),
+        RetainedRepair(
+            db, broker, client_id=settings.evaluator_id, upstream=settings.upstream_desired
+        ),
     ]

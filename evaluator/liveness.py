@@ -68,6 +68,10 @@ _STATUS_SIGNALS = {wire.ONLINE: Signal.ONLINE, wire.OFFLINE: Signal.OFFLINE}
 
 def read(message: wire.DeviceMessage) -> tuple[Signal, int | None]:
     """The signal of a message and its seq, if it carries one."""
+    if message.dialect is wire.Dialect.UPSTREAM:
+        # Upstream's reports have no seq, and the twin ingest reads none in
+        # them: activity in arrival order, as a report without seq is.
+        return Signal.ACTIVITY, None
     if message.kind != "status":
         return Signal.ACTIVITY, wire.activity_seq(message.payload)
     status, seq = wire.parse_status(message.payload)

@@ -14,6 +14,16 @@ single-publisher ordering still holds. Then the marker is published again.
 
 A marker lost for another reason (deleted by hand) costs one needless
 republish; devices ignore versions they already applied.
+
+The drainer publishes each requeued document on upstream's
+`shadow/desired` topic as well (unless PULSE_UPSTREAM_DESIRED is off), so a
+repair restores both. The marker says whether the retained state includes
+upstream's copies (`"upstream": false` when it was published without them):
+an evaluator that publishes them and finds a marker saying they are missing
+requeues everything too, since the writes made while they were switched
+off left upstream's topics behind. A marker from before upstream's topics
+existed says nothing and is taken as including them: upstream's copies of
+such a fleet appear with each device's next desired write.
 """
 
 from __future__ import annotations
@@ -55,13 +65,16 @@ class RetainedRepair:
         page: int = 500,
         check_timeout_s: float = 10.0,
         poll_s: float = 0.05,
+        upstream: bool = True,
     ) -> None:
+        """`upstream`: the drainer publishes on upstream's topics too."""
         self._db = db
         self._broker = broker
         self._client_id = f"{client_id}-retained-check"
         self._page = page
         self._check_timeout_s = check_timeout_s
         self._poll_s = poll_s
+        self._upstream = upstream
         #: Times the retained store was found empty and desired state requeued.
         self.repairs = 0
         #: Devices queued again by those repairs.
@@ -95,25 +108,40 @@ class RetainedRepair:
         probe = uuid.uuid4().hex.encode()
         await client.subscribe(MARKER_TOPIC, qos=1)
         await client.publish(MARKER_TOPIC, probe, qos=1)
-        present = False
+        marker: bytes | None = None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._check_timeout_s):
                 async for message in client.messages:
                     if message.retain:
-                        present = True
+                        marker = message.payload if isinstance(message.payload, bytes) else b""
                         break
                     if message.payload == probe:
                         break
-        if not present:
+        if marker is None:
             log.info(
                 "no retained marker on the broker (new, or restarted without persistence):"
                 " republishing desired state"
             )
             await self.requeue_all()
-            marker = {"set_by": self._client_id, "at": datetime.now(UTC).isoformat()}
-            await client.publish(MARKER_TOPIC, json.dumps(marker).encode(), qos=1, retain=True)
+            await self._set_marker(client)
+        elif _with_upstream(marker) != self._upstream:
+            if self._upstream:
+                log.info(
+                    "upstream's desired topics were left behind while switched off:"
+                    " republishing desired state"
+                )
+                await self.requeue_all()
+            await self._set_marker(client)
         await client.unsubscribe(MARKER_TOPIC)
         self.checked.set()
+
+    async def _set_marker(self, client: aiomqtt.Client) -> None:
+        marker = {
+            "set_by": self._client_id,
+            "at": datetime.now(UTC).isoformat(),
+            "upstream": self._upstream,
+        }
+        await client.publish(MARKER_TOPIC, json.dumps(marker).encode(), qos=1, retain=True)
 
     async def requeue_all(self) -> int:
         """Queue every device's desired document for publishing again, paced
@@ -162,3 +190,14 @@ class RetainedRepair:
             ):
                 return
             await asyncio.sleep(self._poll_s)
+
+
+def _with_upstream(marker: bytes) -> bool:
+    """Whether the retained state a marker vouches for includes upstream's
+    copies; a marker that does not say (set before there were any, or by
+    hand) is taken to."""
+    try:
+        said = json.loads(marker)
+    except ValueError:
+        return True
+    return not isinstance(said, dict) or said.get("upstream") is not False

@@ -38,6 +38,7 @@ import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from server import mqtt_url, wire
 
@@ -200,6 +201,13 @@ def _nothing() -> None:
     return None
 
 
+def _refused(code: int | ReasonCode) -> bool:
+    """Whether a SUBACK return code (MQTT 3.1.1) or reason code (5) refuses."""
+    if isinstance(code, ReasonCode):
+        return code.is_failure
+    return code >= 0x80
+
+
 class Evaluator:
     def __init__(
         self,
@@ -228,9 +236,10 @@ class Evaluator:
         self._broker = mqtt_url.parse(broker) if isinstance(broker, str) else broker
         self._handlers = list(handlers)
         self._client_id = client_id
-        self._subscription = (
-            f"$share/{shared_group}/{wire.SUBSCRIPTION}" if shared_group else wire.SUBSCRIPTION
-        )
+        share = f"$share/{shared_group}/" if shared_group else ""
+        # Apart, so that a benchmark can narrow ours to its own tenant.
+        self._subscription = share + wire.SUBSCRIPTION
+        self._upstream_subscription = share + wire.UPSTREAM_SUBSCRIPTION
         self._inflight_max = inflight_max
         self._session_expiry_s = session_expiry_s
         self._ack_after_commit = ack_after_commit
@@ -318,7 +327,7 @@ class Evaluator:
             try:
                 client, reading = self._new_client()
                 async with client:
-                    await client.subscribe(self._subscription, qos=1)
+                    await self._subscribe(client)
                     self._window = _AckWindow(client._client, reading)
                     self._client = client
                     self._connected.set()
@@ -352,6 +361,16 @@ class Evaluator:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX_S)
 
+    async def _subscribe(self, client: aiomqtt.Client) -> None:
+        """Both dialects' filters in one SUBSCRIBE. A refused filter (a
+        broker whose ACLs predate upstream's topics) is said loudly, since
+        those devices' messages would otherwise vanish without a trace."""
+        filters = [self._subscription, self._upstream_subscription]
+        codes: Sequence[int | ReasonCode] = await client.subscribe([(f, 1) for f in filters])
+        for topic_filter, code in zip(filters, codes, strict=True):
+            if _refused(code):
+                log.error("the broker refused the evaluator's subscription to %r", topic_filter)
+
     def _try_other_protocol(self) -> bool:
         """Switch between MQTT 5 and 3.1.1; False once both were just tried
         (then the failure is not the protocol's: back off as usual)."""
@@ -370,7 +389,7 @@ class Evaluator:
         self.received += 1
         window = self._window
         try:
-            tenant_id, device_id, kind = wire.parse(message.topic.value)
+            tenant_id, device_id, kind, dialect = wire.parse_topic(message.topic.value)
         except wire.BadTopic as error:
             self.rejected["bad_topic"] += 1
             log.warning("rejected message on %r: %s", message.topic.value[:200], error)
@@ -395,6 +414,7 @@ class Evaluator:
             received_at=datetime.now(UTC),
             retain=message.retain,
             settle=settle,
+            dialect=dialect,
         )
         for handler in handlers:
             await handler.handle(device_message)

@@ -16,6 +16,14 @@ A `SimulatedDevice`, per connection:
   - on `stop()` publishes `offline` (retained) and disconnects cleanly;
     `drop_connection()` instead cuts the TCP connection without a word, so
     the broker fires the will.
+
+With `dialect=wire.Dialect.UPSTREAM` it is a device of the upstream platform
+(docs/upstream-devices.md): it subscribes to
+`tenant/{tenant}/device/{device}/shadow/desired` and reports
+`{"reported": {...}, "version": n}` on `.../shadow/reported`, `{tenant}`
+being `upstream_tenant` (the tenant's external id) or its UUID. It sends
+nothing else, as upstream's twin has no status, will, heartbeat or seq: the
+service hears of it through its reports only.
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ class SimulatedDevice:
         apply_delay_s: float = 0.5,
         client_id: str | None = None,
         keepalive_s: int = 30,
+        dialect: wire.Dialect = wire.Dialect.PULSE,
+        upstream_tenant: str | None = None,
     ) -> None:
         """Args:
         broker: The broker, mqtt://[user:password@]host:port.
@@ -63,6 +73,9 @@ class SimulatedDevice:
             connection with the same id takes the first one over.
         keepalive_s: MQTT keepalive; the broker fires the will when it hears
             nothing for 1.5 times this long.
+        dialect: Whose topics and payloads the device speaks.
+        upstream_tenant: The tenant id in upstream's topics (the tenant's
+            external id); default its UUID.
         """
         address = mqtt_url.parse(broker) if isinstance(broker, str) else broker
         self._broker = address.as_user(*credential) if credential else address
@@ -78,6 +91,8 @@ class SimulatedDevice:
             )
         self.client_id = client_id
         self._keepalive_s = keepalive_s
+        self.dialect = dialect
+        self._upstream_tenant = upstream_tenant or str(tenant_id)
         #: The state the device runs with and the desired version it came from.
         self.state: dict[str, Any] = {}
         self.applied_version = 0
@@ -97,6 +112,16 @@ class SimulatedDevice:
 
     def topic(self, kind: str) -> str:
         return wire.topic(self.tenant_id, self.device_id, kind)
+
+    def twin_topic(self, kind: str) -> str:
+        """Its "twin/reported" or "twin/desired" topic, in its dialect."""
+        if self.dialect is wire.Dialect.UPSTREAM:
+            return wire.upstream_topic(self._upstream_tenant, self.device_id, kind)
+        return self.topic(kind)
+
+    @property
+    def _speaks_pulse(self) -> bool:
+        return self.dialect is wire.Dialect.PULSE
 
     async def start(self, *, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """Connect (in the background, reconnecting as needed) and return once
@@ -118,7 +143,7 @@ class SimulatedDevice:
         """Say `offline` and disconnect cleanly (no will)."""
         self._stopping = True
         client = self._client
-        if client is not None and self.connected.is_set():
+        if client is not None and self.connected.is_set() and self._speaks_pulse:
             with contextlib.suppress(aiomqtt.MqttError):
                 await client.publish(
                     self.topic("status"),
@@ -149,7 +174,7 @@ class SimulatedDevice:
         client = self._client
         if client is None:
             raise RuntimeError(f"{self.device_id} is not connected")
-        await client.publish(self.topic("twin/reported"), self._reported(), qos=1)
+        await client.publish(self.twin_topic("twin/reported"), self._reported(), qos=1)
 
     async def wait_for_version(self, version: int, *, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """Return once the device has applied and reported `version` or later."""
@@ -164,34 +189,39 @@ class SimulatedDevice:
                 await task
 
     def _reported(self) -> bytes:
-        return wire.reported(self.state, self.applied_version, seq=self._seq.next())
+        if self._speaks_pulse:
+            return wire.reported(self.state, self.applied_version, seq=self._seq.next())
+        return wire.upstream_reported(self.state, self.applied_version)
 
     async def _run(self) -> None:
         backoff = 0.2
         while not (self._stopping or self._dropped):
             # The will carries the seq of the session's `online`.
             session = self._seq.next()
-            will = wire.status_payload(wire.LOST, seq=session)
+            lost = wire.status_payload(wire.LOST, seq=session)
+            will = aiomqtt.Will(self.topic("status"), lost, qos=1, retain=True)
             try:
                 async with aiomqtt.Client(
                     **self._broker.client_options(),
                     identifier=self.client_id,
                     clean_session=True,
                     keepalive=self._keepalive_s,
-                    will=aiomqtt.Will(self.topic("status"), will, qos=1, retain=True),
+                    will=will if self._speaks_pulse else None,
                 ) as client:
                     self._client = client
-                    await client.subscribe(self.topic("twin/desired"), qos=1)
-                    await client.publish(
-                        self.topic("status"),
-                        wire.status_payload(wire.ONLINE, seq=session),
-                        qos=1,
-                        retain=True,
-                    )
+                    await client.subscribe(self.twin_topic("twin/desired"), qos=1)
+                    if self._speaks_pulse:
+                        await client.publish(
+                            self.topic("status"),
+                            wire.status_payload(wire.ONLINE, seq=session),
+                            qos=1,
+                            retain=True,
+                        )
                     self.connected.set()
                     backoff = 0.2
                     async with asyncio.TaskGroup() as tasks:
-                        tasks.create_task(self._heartbeat(client))
+                        if self._speaks_pulse:
+                            tasks.create_task(self._heartbeat(client))
                         tasks.create_task(self._apply(client))
                         await self._receive(client)
                         # The broker ended the stream; stop the helpers too.
@@ -208,7 +238,7 @@ class SimulatedDevice:
             backoff = min(backoff * 2, _BACKOFF_MAX_S)
 
     async def _receive(self, client: aiomqtt.Client) -> None:
-        desired_topic = self.topic("twin/desired")
+        desired_topic = self.twin_topic("twin/desired")
         async for message in client.messages:
             # A device trusts no broker to filter for it.
             if message.topic.value != desired_topic:
@@ -217,7 +247,7 @@ class SimulatedDevice:
             if not isinstance(payload, bytes | bytearray) or not payload:
                 continue  # an empty retained message clears the topic
             try:
-                state, version = wire.parse_desired(bytes(payload))
+                state, version = wire.parse_desired(bytes(payload), self.dialect)
             except wire.BadPayload as error:
                 log.warning("%s: ignoring a malformed desired message (%s)", self.device_id, error)
                 continue
@@ -236,7 +266,7 @@ class SimulatedDevice:
             version, state = self._target
             self._target = None
             self.state, self.applied_version = state, version
-            await client.publish(self.topic("twin/reported"), self._reported(), qos=1)
+            await client.publish(self.twin_topic("twin/reported"), self._reported(), qos=1)
             async with self._changed:
                 self._changed.notify_all()
 
@@ -265,10 +295,13 @@ async def running_fleet(
     credentials: Mapping[str, tuple[str, str]] | None = None,
     heartbeat_s: float = 5.0,
     apply_delay_s: float = 0.5,
+    dialect: wire.Dialect = wire.Dialect.PULSE,
+    upstream_tenant: str | None = None,
 ) -> AsyncIterator[list[SimulatedDevice]]:
     """Simulated devices, online for as long as the context lasts and then
     stopped cleanly (`offline`). `credentials` maps a device id to its own
-    (username, secret); devices without one connect as the URL's user."""
+    (username, secret); devices without one connect as the URL's user.
+    `dialect` and `upstream_tenant` are SimulatedDevice's."""
     credentials = credentials or {}
     devices = [
         SimulatedDevice(
@@ -278,6 +311,8 @@ async def running_fleet(
             credential=credentials.get(d),
             heartbeat_s=heartbeat_s,
             apply_delay_s=apply_delay_s,
+            dialect=dialect,
+            upstream_tenant=upstream_tenant,
         )
         for d in device_ids
     ]

@@ -1,13 +1,16 @@
-"""Reported state from devices (`pulse/{tenant}/{device}/twin/reported`) into
+"""Reported state from devices (`pulse/{tenant}/{device}/twin/reported`, or
+upstream's `tenant/{tenant}/device/{device}/shadow/reported`) into
 device_state, in batches.
 
-A message is `{"state": {...}, "desired_version": n}`: the device's whole
-reported document and the desired version it last applied. `handle` checks
-it on arrival (cheap, in the MQTT loop) and queues it; `run` writes whatever
-has queued up, one statement per tenant per batch (`store.ingest_reported`),
-so a burst costs a round trip per tenant rather than per message. While a
-batch is being written the next one accumulates; when the queue is full,
-`handle` waits, which slows the MQTT loop down instead of growing memory.
+A message is `{"state": {...}, "desired_version": n}` (upstream's:
+`{"reported": {...}, "version": n}`): the device's whole reported document
+and the desired version it last applied; both dialects are stored, refused
+and counted alike. `handle` checks it on arrival (cheap, in the MQTT loop)
+and queues it; `run` writes whatever has queued up, one statement per tenant
+per batch (`store.ingest_reported`), so a burst costs a round trip per
+tenant rather than per message. While a batch is being written the next one
+accumulates; when the queue is full, `handle` waits, which slows the MQTT
+loop down instead of growing memory.
 
 A retained report is never applied (counted under `retained`): the broker
 replays it on every resubscription, after newer reports may have landed.
@@ -72,12 +75,12 @@ class _BadMessage(Exception):
         self.detail = detail
 
 
-def parse_report(device_id: str, payload: bytes) -> store.Report:
-    """The report in a message, or _BadMessage saying why not."""
+def parse_report(device_id: str, payload: bytes, dialect: wire.Dialect) -> store.Report:
+    """The report in a message of `dialect`, or _BadMessage saying why not."""
     if len(payload) > RAW_MAX:
         raise _BadMessage(documents.TOO_LARGE, f"payload is {len(payload)} bytes")
     try:
-        state, version, seq = wire.parse_reported_seq(payload)
+        state, version, seq = wire.parse_reported_seq(payload, dialect)
     except wire.BadPayload as bad:
         raise _BadMessage(bad.reason, bad.detail) from None
     text, problem = documents.inspect(state)
@@ -142,7 +145,7 @@ class TwinIngest:
             message.settle()
             return
         try:
-            report = parse_report(message.device_id, message.payload)
+            report = parse_report(message.device_id, message.payload, message.dialect)
         except _BadMessage as bad:
             self._reject(message.tenant_id, message.device_id, bad.reason, bad.detail)
             message.settle()

@@ -1,15 +1,19 @@
 """Desired state to devices: drains the twin outbox to retained MQTT messages
-on `pulse/{tenant}/{device}/twin/desired`.
+on `pulse/{tenant}/{device}/twin/desired` and, unless switched off
+(PULSE_UPSTREAM_DESIRED), on upstream's
+`tenant/{external id or tenant}/device/{device}/shadow/desired` in upstream's
+payload (docs/upstream-devices.md): every device gets both, since nothing
+tells which dialect a device speaks.
 
 Every committed desired write leaves an outbox row (same transaction, see
 migrations/0003_twin.sql), and only committed rows are visible here, so a
 write is never announced before it commits. Rows are deleted only after the
-broker acknowledged the publication (QoS 1), in the transaction that claimed
-them, so a crash, a lost broker or a lost database between commit and
-publication leaves them queued, and the next drain (at the latest the one
-when the evaluator starts again) publishes them. The price is at-least-once:
-a device may see the same version twice and must ignore versions it has
-already applied.
+broker acknowledged the publications (QoS 1, every topic), in the
+transaction that claimed them, so a crash, a lost broker or a lost database
+between commit and publication leaves them queued, and the next drain (at
+the latest the one when the evaluator starts again) publishes them. The
+price is at-least-once: a device may see the same version twice and must
+ignore versions it has already applied.
 
 The drain publishes each device's *current* desired document, once per
 batch however many writes queued it, since a retained topic only keeps the
@@ -50,6 +54,7 @@ class TwinPublisher:
         poll_s: float = 0.1,
         batch: int = 500,
         publish_timeout_s: float = 10.0,
+        upstream: bool = True,
     ) -> None:
         """Args:
         db: The evaluator's pool; the drain needs two connections at once.
@@ -57,12 +62,15 @@ class TwinPublisher:
         batch: Most outbox rows drained per transaction.
         publish_timeout_s: Longest a batch may wait for the broker before its
             transaction is rolled back (and the rows retried later).
+        upstream: Publish on upstream's desired topic too.
         """
         self._db = db
         self._poll_s = poll_s
         self._batch = batch
         self._publish_timeout_s = publish_timeout_s
-        #: Desired messages published (one per device per batch).
+        self._upstream = upstream
+        #: Desired documents published (one per device per batch, whatever
+        #: the number of topics).
         self.published = 0
 
     async def handle(self, message: wire.DeviceMessage) -> None:
@@ -89,19 +97,26 @@ class TwinPublisher:
             by_tenant: dict[uuid.UUID, set[str]] = {}
             for entry in entries:
                 by_tenant.setdefault(entry.tenant_id, set()).add(entry.device_id)
-            messages: list[tuple[str, bytes]] = []
+            documents: list[tuple[uuid.UUID, store.Desired]] = []
             for tenant_id, device_ids in by_tenant.items():
                 async with self._db.tenant(tenant_id, readonly=True) as tenant_con:
-                    for desired in await store.current_desired(
-                        tenant_con, tenant_id, sorted(device_ids)
-                    ):
-                        topic = wire.topic(tenant_id, desired.device_id, "twin/desired")
-                        messages.append((topic, desired.payload()))
+                    found = await store.current_desired(tenant_con, tenant_id, sorted(device_ids))
+                documents.extend((tenant_id, desired) for desired in found)
+            messages = [m for t, desired in documents for m in self._messages(t, desired)]
             async with asyncio.timeout(self._publish_timeout_s):
                 await _publish_all(publisher, messages)
             await store.delete_outbox(con, [entry.id for entry in entries])
-        self.published += len(messages)
+        self.published += len(documents)
         return len(entries)
+
+    def _messages(self, tenant_id: uuid.UUID, desired: store.Desired) -> list[tuple[str, bytes]]:
+        """(topic, payload) of each publication of one desired document."""
+        ours = (wire.topic(tenant_id, desired.device_id, "twin/desired"), desired.payload())
+        if not self._upstream:
+            return [ours]
+        tenant = wire.upstream_tenant(tenant_id, desired.tenant_external_id)
+        topic = wire.upstream_topic(tenant, desired.device_id, "twin/desired")
+        return [ours, (topic, desired.upstream_payload())]
 
 
 async def _publish_all(publisher: Publisher, messages: list[tuple[str, bytes]]) -> None:

@@ -18,7 +18,7 @@ from pulse_client import AsyncPulseClient
 from evaluator.service import mqtt_broker, running_evaluator
 from evaluator.simulator import device_ids, running_fleet
 from launcher import demo_credentials
-from server import config, migrate, mqtt_url
+from server import config, migrate, mqtt_url, wire
 from server.app import SERVICE_NAMES, RunningServer, start, wait_for_signal
 from server.auth import Role, mint_token
 from server.broker_access.authenticator import Authenticator
@@ -241,12 +241,18 @@ async def _simulate(settings: config.Settings, args: argparse.Namespace) -> None
     mqtt_url = args.mqtt_url or settings.mqtt_url
     if not mqtt_url:
         raise SystemExit("pulse simulate: pass --mqtt-url (pulse run prints it) or set MQTT_URL")
+    try:
+        tenant_id = tenant_uuid(args.tenant)
+    except BadTenantId as e:
+        raise SystemExit(f"pulse simulate: {e}") from None
     async with running_fleet(
         mqtt_url,
-        args.tenant,
+        tenant_id,
         device_ids(args.devices, args.prefix),
         heartbeat_s=args.heartbeat,
         apply_delay_s=args.apply_delay,
+        dialect=wire.Dialect.UPSTREAM if args.upstream else wire.Dialect.PULSE,
+        upstream_tenant=args.tenant,
     ):
         await wait_for_signal()
 
@@ -386,11 +392,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     sim.add_argument("--devices", type=int, default=5, help="how many: PREFIX01, PREFIX02, ...")
     sim.add_argument("--prefix", default="DEVICE-", help="device id prefix")
-    sim.add_argument("--tenant", type=uuid.UUID, default=DEMO_TENANT)
+    sim.add_argument(
+        "--tenant",
+        default=str(DEMO_TENANT),
+        help="a tenant UUID, or an id `pulse tenant add` created",
+    )
     sim.add_argument("--mqtt-url", default=None, help="the broker (default: MQTT_URL)")
     sim.add_argument("--heartbeat", type=float, default=5.0, help="seconds between heartbeats")
     sim.add_argument(
         "--apply-delay", type=float, default=0.5, help="seconds to apply a desired change"
+    )
+    sim.add_argument(
+        "--upstream",
+        action="store_true",
+        help="speak the upstream platform's twin topics (docs/upstream-devices.md)",
     )
     gw = sub.add_parser("gateway", help="run only the HTTP gateway against a gRPC server")
     gw.add_argument("--grpc-target", required=True, help="host:port of a pulse gRPC server")

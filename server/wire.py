@@ -5,6 +5,18 @@ in KINDS; the service publishes `twin/desired`, retained. The server builds
 desired messages, the evaluator parses what devices send, and the simulator
 speaks the device side: all of them through this module.
 
+Devices of the upstream platform (OpsConductor-Pulse) speak its dialect
+(`Dialect.UPSTREAM`, docs/upstream-devices.md) for the twin only:
+
+- `tenant/{tenant}/device/{device}/shadow/reported` (device):
+  `{"reported": {...}, "version": n}`, our `twin/reported` with `version` as
+  `desired_version` and no seq;
+- `tenant/{tenant}/device/{device}/shadow/desired` (service, retained):
+  `{"desired": {...}, "version": n, "timestamp": "...Z"}`.
+
+`{tenant}` is the tenant's external id or its UUID (`server.tenants.tenant_uuid`
+maps either to the tenant).
+
 - `status` (device, retained): `online`, `offline`; anything else (the last
   will sends `lost`) is a lost connection; or the JSON form
   `{"status": "online" | "offline" | <will>, "seq": s}`;
@@ -21,20 +33,38 @@ order by several evaluators cannot undo newer ones.
 
 from __future__ import annotations
 
+import enum
 import json
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, NoReturn, TypeGuard
+from datetime import UTC, datetime
+from typing import Any, NamedTuple, NoReturn, TypeGuard
 
+from server.tenants import BadTenantId, tenant_uuid
 from server.validation import ID_PATTERN
 
 PREFIX = "pulse"
 SUBSCRIPTION = f"{PREFIX}/+/+/#"
 KINDS = frozenset({"heartbeat", "status", "twin/reported", "telemetry"})
 OUTBOUND = frozenset({"twin/desired"})
+
+UPSTREAM_PREFIX = "tenant"
+#: What the evaluator subscribes to beside SUBSCRIPTION: upstream's reports.
+UPSTREAM_SUBSCRIPTION = f"{UPSTREAM_PREFIX}/+/device/+/shadow/reported"
+# Upstream's shadow topics and the kinds they are here, both ways.
+_UPSTREAM_KINDS = {"shadow/reported": "twin/reported", "shadow/desired": "twin/desired"}
+_UPSTREAM_SHADOWS = {kind: shadow for shadow, kind in _UPSTREAM_KINDS.items()}
+
+
+class Dialect(enum.Enum):
+    """Whose topics and payloads a message uses."""
+
+    PULSE = "pulse"
+    #: The upstream platform's twin topics (docs/upstream-devices.md).
+    UPSTREAM = "upstream"
+
 
 ONLINE = b"online"
 OFFLINE = b"offline"
@@ -68,6 +98,17 @@ class DeviceMessage:
     #: the message); the evaluator acknowledges it to the broker only once
     #: all of them have.
     settle: Callable[[], None] = _nothing
+    #: The dialect of its topic, and so of its payload.
+    dialect: Dialect = Dialect.PULSE
+
+
+class DeviceTopic(NamedTuple):
+    """A device topic read: whose, which kind (ours), in which dialect."""
+
+    tenant_id: uuid.UUID
+    device_id: str
+    kind: str
+    dialect: Dialect
 
 
 class BadTopic(ValueError):
@@ -82,7 +123,17 @@ class BadPayload(ValueError):
 
 
 def parse(topic: str) -> tuple[uuid.UUID, str, str]:
-    """(tenant_id, device_id, kind) of a device topic, or BadTopic saying why."""
+    """(tenant_id, device_id, kind) of a device topic of either dialect, or
+    BadTopic saying why; `parse_topic` also says which dialect."""
+    tenant_id, device_id, kind, _ = parse_topic(topic)
+    return tenant_id, device_id, kind
+
+
+def parse_topic(topic: str) -> DeviceTopic:
+    """A device topic of either dialect, upstream's shadow topics as our
+    `twin/...` kinds, or BadTopic saying why."""
+    if topic.startswith(UPSTREAM_PREFIX + "/"):
+        return _parse_upstream(topic)
     parts = topic.split("/", 3)
     if len(parts) != 4 or parts[0] != PREFIX:
         raise BadTopic("not pulse/{tenant}/{device}/{kind}")
@@ -91,15 +142,45 @@ def parse(topic: str) -> tuple[uuid.UUID, str, str]:
         tenant_id = uuid.UUID(tenant)
     except ValueError:
         raise BadTopic(f"tenant {tenant[:40]!r} is not a UUID") from None
-    if not ID_PATTERN.fullmatch(device):
-        raise BadTopic(f"device id {device[:40]!r} is not valid")
+    _check_device(device)
     if kind not in KINDS and kind not in OUTBOUND:
         raise BadTopic(f"unknown kind {kind[:40]!r}")
-    return tenant_id, device, kind
+    return DeviceTopic(tenant_id, device, kind, Dialect.PULSE)
+
+
+def _parse_upstream(topic: str) -> DeviceTopic:
+    parts = topic.split("/")
+    kind = _UPSTREAM_KINDS.get("/".join(parts[4:]))
+    if len(parts) != 6 or parts[2] != "device" or kind is None:
+        raise BadTopic("not tenant/{tenant}/device/{device}/shadow/{reported,desired}")
+    tenant, device = parts[1], parts[3]
+    try:
+        tenant_id = tenant_uuid(tenant)
+    except BadTenantId as error:
+        raise BadTopic(str(error)) from None
+    _check_device(device)
+    return DeviceTopic(tenant_id, device, kind, Dialect.UPSTREAM)
+
+
+def _check_device(device: str) -> None:
+    if not ID_PATTERN.fullmatch(device):
+        raise BadTopic(f"device id {device[:40]!r} is not valid")
 
 
 def topic(tenant_id: uuid.UUID, device_id: str, kind: str) -> str:
     return f"{PREFIX}/{tenant_id}/{device_id}/{kind}"
+
+
+def upstream_tenant(tenant_id: uuid.UUID, external_id: str | None) -> str:
+    """The tenant segment the service publishes upstream topics under: the
+    tenant's external id if it has one, else its UUID."""
+    return str(tenant_id) if external_id is None else external_id
+
+
+def upstream_topic(tenant: str, device_id: str, kind: str) -> str:
+    """Upstream's topic for "twin/reported" or "twin/desired"; `tenant` is
+    the tenant's external id or UUID."""
+    return f"{UPSTREAM_PREFIX}/{tenant}/device/{device_id}/{_UPSTREAM_SHADOWS[kind]}"
 
 
 def status(payload: bytes) -> bytes:
@@ -174,8 +255,19 @@ def desired(document: dict[str, Any], version: int) -> bytes:
     return _dumps({"state": document, "version": version})
 
 
+def upstream_desired(document: dict[str, Any], version: int, written_at: datetime) -> bytes:
+    """Upstream's desired message; `written_at` is when that version was
+    written, so a republished version carries the same timestamp."""
+    timestamp = written_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return _dumps({"desired": document, "version": version, "timestamp": timestamp})
+
+
 def reported(state: dict[str, Any], desired_version: int, *, seq: int | None = None) -> bytes:
     return _dumps(_with_seq({"state": state, "desired_version": desired_version}, seq))
+
+
+def upstream_reported(state: dict[str, Any], version: int) -> bytes:
+    return _dumps({"reported": state, "version": version})
 
 
 def heartbeat(uptime_s: float, *, seq: int | None = None) -> bytes:
@@ -233,33 +325,36 @@ def _object(payload: bytes) -> dict[str, Any]:
     return message
 
 
-def _versioned(payload: bytes, version_key: str) -> tuple[dict[str, Any], int]:
-    return _envelope(_object(payload), version_key)
+# Per dialect, the keys of a twin message's document and of its version.
+_REPORTED_KEYS = {
+    Dialect.PULSE: ("state", "desired_version"),
+    Dialect.UPSTREAM: ("reported", "version"),
+}
+_DESIRED_KEYS = {Dialect.PULSE: ("state", "version"), Dialect.UPSTREAM: ("desired", "version")}
 
 
-def _envelope(message: dict[str, Any], version_key: str) -> tuple[dict[str, Any], int]:
-    state = message.get("state")
+def _envelope(message: dict[str, Any], keys: tuple[str, str]) -> tuple[dict[str, Any], int]:
+    state_key, version_key = keys
+    state = message.get(state_key)
     if type(state) is not dict:
-        raise BadPayload(BAD_STATE, '"state" must be a JSON object')
+        raise BadPayload(BAD_STATE, f'"{state_key}" must be a JSON object')
     version = message.get(version_key)
     if type(version) is not int or version < 0 or version >= 2**63:
         raise BadPayload(BAD_VERSION, f'"{version_key}" must be a non-negative integer')
     return state, version
 
 
-def parse_reported(payload: bytes) -> tuple[dict[str, Any], int]:
-    """(state, desired_version) of a twin/reported message, or BadPayload."""
-    return _versioned(payload, "desired_version")
-
-
-def parse_reported_seq(payload: bytes) -> tuple[dict[str, Any], int, int | None]:
-    """(state, desired_version, seq or None) of a twin/reported message, or
-    BadPayload. A seq that is there but not a sequence number refuses the
-    report (BAD_SEQ): applied without its seq, it could roll back a newer
-    report, which is what the seq is there to prevent."""
+def parse_reported_seq(
+    payload: bytes, dialect: Dialect = Dialect.PULSE
+) -> tuple[dict[str, Any], int, int | None]:
+    """(state, desired_version, seq or None) of a twin/reported message of
+    `dialect`, or BadPayload. A seq that is there but not a sequence number
+    refuses the report (BAD_SEQ): applied without its seq, it could roll back
+    a newer report, which is what the seq is there to prevent. Upstream's
+    reports have no seq: a "seq" in one is not read."""
     message = _object(payload)
-    state, version = _envelope(message, "desired_version")
-    if "seq" not in message:
+    state, version = _envelope(message, _REPORTED_KEYS[dialect])
+    if dialect is Dialect.UPSTREAM or "seq" not in message:
         return state, version, None
     seq = message["seq"]
     if not _valid_seq(seq):
@@ -267,6 +362,6 @@ def parse_reported_seq(payload: bytes) -> tuple[dict[str, Any], int, int | None]
     return state, version, seq
 
 
-def parse_desired(payload: bytes) -> tuple[dict[str, Any], int]:
-    """(state, version) of a twin/desired message, or BadPayload."""
-    return _versioned(payload, "version")
+def parse_desired(payload: bytes, dialect: Dialect = Dialect.PULSE) -> tuple[dict[str, Any], int]:
+    """(state, version) of a desired message of `dialect`, or BadPayload."""
+    return _envelope(_object(payload), _DESIRED_KEYS[dialect])

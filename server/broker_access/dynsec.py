@@ -7,10 +7,13 @@ copied into it as it is issued and deleted as it is revoked, through the
 plugin's JSON API on `$CONTROL/dynamic-security/v1`, as the plugin's admin.
 
 - `created`: a role per device (`pulse-device/{tenant}/{device}`) allowing
-  exactly what `rules.allowed` allows a device, and a client per credential:
-  username `{tenant}/{device}/{credential}`, the secret as its password, its
-  client id pinned to `{tenant}/{device}`. Both go in one control message, so
-  the broker applies them together.
+  exactly what `rules.allowed` allows a device (upstream's topics under the
+  tenant's UUID and its external id, read from the database), and a client
+  per credential: username `{tenant}/{device}/{credential}`, the secret as
+  its password, its client id pinned to `{tenant}/{device}`. Both go in one
+  control message, so the broker applies them together; an existing role
+  gets the ACLs it lacks, so a new credential brings a device made under
+  older rules up to date (as `ensure_service` does for services).
 - `revoked`: deleteClient, which in Mosquitto 2.0 also disconnects the
   client's live connections (the plugin kicks by username).
 - `reconcile`: the database is the truth for every username shaped like a
@@ -45,8 +48,10 @@ import aiomqtt
 from server.broker_access.authenticator import Authenticator
 from server.broker_access.rules import (
     DEVICE_PUBLISHES,
+    DEVICE_PUBLISHES_UPSTREAM,
     DEVICE_RECEIVES,
     SERVICE_NAME,
+    SERVICE_ROOTS,
     DeviceIdentity,
     Identity,
     ServiceIdentity,
@@ -59,7 +64,7 @@ from server.errors import BrokerUnavailable, NotFound
 from server.mqtt_url import BrokerAddress
 from server.registry import store as registry
 from server.validation import ID_PATTERN
-from server.wire import PREFIX
+from server.wire import upstream_topic
 
 log = logging.getLogger("pulse.broker_access.dynsec")
 
@@ -113,28 +118,43 @@ def _acl(acltype: str, topic: str) -> dict[str, Any]:
     return {"acltype": acltype, "topic": topic, "allow": True}
 
 
-def device_acls(identity: DeviceIdentity) -> list[dict[str, Any]]:
+def device_acls(identity: DeviceIdentity, external_id: str | None = None) -> list[dict[str, Any]]:
     """What `rules.allowed` allows a device, as dynsec ACLs. Topics are
     literal (device ids cannot hold `+` or `#`), and the subscription is a
     subscribeLiteral: a wildcard filter matches no literal ACL, so it is
-    refused like any other, as the rules want."""
-    desired = identity.topic(DEVICE_RECEIVES)
-    return [
-        *(_acl("publishClientSend", identity.topic(kind)) for kind in sorted(DEVICE_PUBLISHES)),
-        _acl("subscribeLiteral", desired),
-        _acl("publishClientReceive", desired),
-    ]
+    refused like any other, as the rules want.
+
+    The rules allow upstream's topics under any tenant id that maps to the
+    device's tenant; ACLs cannot compute that, so they name the two a tenant
+    has: its UUID and, given, its `external_id`."""
+    device = identity.device_id
+    acls = [_acl("publishClientSend", identity.topic(kind)) for kind in sorted(DEVICE_PUBLISHES)]
+    acls += _receive_acls(identity.topic(DEVICE_RECEIVES))
+    for tenant in [str(identity.tenant_id), *([external_id] if external_id else [])]:
+        acls.append(
+            _acl("publishClientSend", upstream_topic(tenant, device, DEVICE_PUBLISHES_UPSTREAM))
+        )
+        acls += _receive_acls(upstream_topic(tenant, device, DEVICE_RECEIVES))
+    return acls
+
+
+def _receive_acls(topic: str) -> list[dict[str, Any]]:
+    return [_acl("subscribeLiteral", topic), _acl("publishClientReceive", topic)]
 
 
 def service_acls() -> list[dict[str, Any]]:
-    """Everything under `pulse/`. The broker checks a shared subscription
-    with its `$share/{group}/` prefix still on, hence the second pattern."""
-    everything = f"{PREFIX}/#"
+    """Everything under `pulse/` and `tenant/`. The broker checks a shared
+    subscription with its `$share/{group}/` prefix still on, hence the
+    second pattern."""
     return [
-        _acl("publishClientSend", everything),
-        _acl("publishClientReceive", everything),
-        _acl("subscribePattern", everything),
-        _acl("subscribePattern", f"$share/+/{everything}"),
+        acl
+        for root in SERVICE_ROOTS
+        for acl in [
+            _acl("publishClientSend", f"{root}/#"),
+            _acl("publishClientReceive", f"{root}/#"),
+            _acl("subscribePattern", f"{root}/#"),
+            _acl("subscribePattern", f"$share/+/{root}/#"),
+        ]
     ]
 
 
@@ -157,6 +177,24 @@ def _checked(response: dict[str, Any], *, tolerate: Iterable[str] = ()) -> dict[
     if error is not None and error not in tolerate:
         raise DynsecCommandError(str(response.get("command", "?")), str(error))
     return response
+
+
+def _role_commands(rolename: str, acls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Make the role, then add each of its ACLs again: a role made before the
+    rules last changed (upstream's topics, a tenant's external id set later)
+    gets those it lacks; those it has are refused as existing."""
+    return [
+        {"command": "createRole", "rolename": rolename, "acls": acls},
+        *({"command": "addRoleACL", "rolename": rolename, **acl} for acl in acls),
+    ]
+
+
+def _checked_role(responses: Sequence[dict[str, Any]]) -> None:
+    """Check the answers to `_role_commands`."""
+    role_response, *acl_responses = responses
+    _checked(role_response, tolerate=["Role already exists"])
+    for response in acl_responses:
+        _checked(response, tolerate=["ACL with this topic already exists"])
 
 
 @dataclass
@@ -238,10 +276,11 @@ class MosquittoDynsec:
 
     async def created(self, identity: DeviceIdentity, secret: str) -> None:
         role = device_role(identity.tenant_id, identity.device_id)
+        acls = device_acls(identity, await self._external_id(identity.tenant_id))
         try:
-            role_response, client_response = await self._call(
+            *role_responses, client_response = await self._call(
                 [
-                    {"command": "createRole", "rolename": role, "acls": device_acls(identity)},
+                    *_role_commands(role, acls),
                     {
                         "command": "createClient",
                         "username": identity.username,
@@ -251,10 +290,21 @@ class MosquittoDynsec:
                     },
                 ]
             )
-            _checked(role_response, tolerate=["Role already exists"])
+            _checked_role(role_responses)
             _checked(client_response)
         except DynsecCommandError as error:
             raise BrokerUnavailable(f"Mosquitto refused {error}") from error
+
+    async def _external_id(self, tenant_id: uuid.UUID) -> str | None:
+        """The tenant's external id. Without a database, none: the role then
+        grants upstream's topics under the tenant's UUID only."""
+        if self._db is None:
+            return None
+        async with self._db.tenant(tenant_id, readonly=True) as con:
+            found: str | None = await con.fetchval(
+                "SELECT external_id FROM tenants WHERE tenant_id = $1", tenant_id
+            )
+        return found
 
     async def revoked(self, identities: Sequence[DeviceIdentity]) -> None:
         if identities:
@@ -270,9 +320,9 @@ class MosquittoDynsec:
             raise ValueError(f"service name {name!r} is not one a service can have")
         username = service_username(name)
         try:
-            role_response, delete_response, create_response = await self._call(
+            *role_responses, delete_response, create_response = await self._call(
                 [
-                    {"command": "createRole", "rolename": SERVICE_ROLE, "acls": service_acls()},
+                    *_role_commands(SERVICE_ROLE, service_acls()),
                     {"command": "deleteClient", "username": username},
                     {
                         "command": "createClient",
@@ -282,7 +332,7 @@ class MosquittoDynsec:
                     },
                 ]
             )
-            _checked(role_response, tolerate=["Role already exists"])
+            _checked_role(role_responses)
             _checked(delete_response, tolerate=["Client not found"])
             _checked(create_response)
         except DynsecCommandError as error:

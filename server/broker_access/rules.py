@@ -5,11 +5,15 @@ functions; docs/device-identity.md shows the same table.
 - a device connects with username `{tenant}/{device}/{credential}` and client
   id `{tenant}/{device}`; it may publish to
   `pulse/{tenant}/{device}/{heartbeat,status,twin/reported,telemetry}` and
-  subscribe to (and receive) `pulse/{tenant}/{device}/twin/desired`, nothing
-  else;
+  subscribe to (and receive) `pulse/{tenant}/{device}/twin/desired`; in
+  upstream's dialect (docs/upstream-devices.md) it may publish to
+  `tenant/{t}/device/{device}/shadow/reported` and subscribe to (and receive)
+  `tenant/{t}/device/{device}/shadow/desired`, where `{t}` is any tenant id
+  that maps to its tenant (`server.tenants.tenant_uuid`: its UUID or its
+  external id); nothing else;
 - a service (evaluator, simulator, ...) connects with username `pulse-{name}`
   and any client id not shaped like a device's; it may publish, subscribe
-  (shared or not) and receive anything under `pulse/`;
+  (shared or not) and receive anything under `pulse/` and `tenant/`;
 - anyone else, anonymous included, is refused.
 
 A device's client id is fixed so that no device can take another's session
@@ -34,6 +38,10 @@ SERVICE_NAME = re.compile(r"[a-z][a-z0-9-]{0,39}")
 #: The topics a device publishes to; see server/wire.py for their payloads.
 DEVICE_PUBLISHES = wire.KINDS
 DEVICE_RECEIVES = "twin/desired"
+#: What a device publishes in upstream's dialect; it receives DEVICE_RECEIVES.
+DEVICE_PUBLISHES_UPSTREAM = "twin/reported"
+#: The topic trees services may use: both dialects'.
+SERVICE_ROOTS = (wire.PREFIX, wire.UPSTREAM_PREFIX)
 
 
 class Action(enum.Enum):
@@ -147,9 +155,23 @@ def allowed(identity: Identity, action: Action, topic: str) -> bool:
     """Whether `identity` may `action` on `topic` (a topic filter for SUBSCRIBE)."""
     if isinstance(identity, ServiceIdentity):
         target = strip_shared(topic) if action is Action.SUBSCRIBE else topic
-        return target.startswith(wire.PREFIX + "/")
+        return any(target.startswith(root + "/") for root in SERVICE_ROOTS)
     if action is Action.PUBLISH:
-        return any(topic == identity.topic(kind) for kind in DEVICE_PUBLISHES)
+        return any(topic == identity.topic(kind) for kind in DEVICE_PUBLISHES) or _own_upstream(
+            identity, topic, DEVICE_PUBLISHES_UPSTREAM
+        )
     # An exact filter only: a wildcard, even one a broker would narrow, is
     # refused, so what a device can read never depends on broker matching.
-    return topic == identity.topic(DEVICE_RECEIVES)
+    return topic == identity.topic(DEVICE_RECEIVES) or _own_upstream(
+        identity, topic, DEVICE_RECEIVES
+    )
+
+
+def _own_upstream(identity: DeviceIdentity, topic: str, kind: str) -> bool:
+    """Whether `topic` is the device's own upstream topic for `kind`. A
+    wildcard is no tenant id or device id, so a filter with one is not."""
+    try:
+        found = wire.parse_topic(topic)
+    except wire.BadTopic:
+        return False
+    return found == (identity.tenant_id, identity.device_id, kind, wire.Dialect.UPSTREAM)

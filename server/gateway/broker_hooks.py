@@ -20,7 +20,7 @@ starting with a UUID (a tenant). They are not ours to refuse, so a broker can
 chain to its other authenticators and authorizers (EMQX's dashboard users,
 say). Everything inside our namespace, anonymous included, gets a decision:
 "deny" for a malformed, unknown, wrong, revoked or expired credential. Nobody
-is a superuser: services too are held to `pulse/`.
+is a superuser: services too are held to `pulse/` and `tenant/`.
 
 Every call must carry the shared secret, `Authorization: Bearer <secret>`;
 `Basic` with the secret as password is accepted too, because

@@ -472,10 +472,18 @@ class Desired:
     device_id: str
     document: dict[str, Any]
     version: int
+    #: When this version was written.
+    written_at: datetime
+    #: The tenant's id at the edge (tenants.external_id), if it has one.
+    tenant_external_id: str | None
 
     def payload(self) -> bytes:
         """The MQTT message devices receive on their twin/desired topic."""
         return wire.desired(self.document, self.version)
+
+    def upstream_payload(self) -> bytes:
+        """The message upstream's devices receive on their shadow/desired topic."""
+        return wire.upstream_desired(self.document, self.version, self.written_at)
 
 
 async def current_desired(
@@ -484,11 +492,19 @@ async def current_desired(
     """The desired documents of those of `device_ids` still active."""
     rows = await con.fetch(
         """
-        SELECT s.device_id, s.desired, s.desired_version
-        FROM device_state s JOIN devices d USING (tenant_id, device_id)
+        SELECT s.device_id, s.desired, s.desired_version,
+               coalesce(s.desired_updated_at, now()) AS written_at, t.external_id
+        FROM device_state s
+        JOIN devices d USING (tenant_id, device_id)
+        JOIN tenants t USING (tenant_id)
         WHERE s.tenant_id = $1 AND s.device_id = any($2::text[]) AND d.lifecycle = 'ACTIVE'
         """,
         tenant_id,
         list(device_ids),
     )
-    return [Desired(r["device_id"], r["desired"], r["desired_version"]) for r in rows]
+    return [
+        Desired(
+            r["device_id"], r["desired"], r["desired_version"], r["written_at"], r["external_id"]
+        )
+        for r in rows
+    ]

@@ -52,6 +52,7 @@ def _domain_errors() -> list[errors.DomainError]:
         ),
         errors.ServerShuttingDown("cursor-1"),
         errors.BrokerUnavailable("no answer within 5 s"),
+        errors.IdentityProviderUnavailable("connection refused"),
     ]
 
 

@@ -36,9 +36,10 @@ async def mqtt_client(mqtt_url: str, **kwargs: object) -> AsyncIterator[aiomqtt.
 
 @pytest.fixture
 async def retained_cleanup(mqtt_url: str, tenant: Tenant) -> AsyncIterator[None]:
-    """Clears the tenant's retained topics after the test."""
+    """Clears the tenant's retained topics (ours and upstream's) after the test."""
     yield
     await clear_retained(mqtt_url, f"pulse/{tenant.tenant_id}")
+    await clear_retained(mqtt_url, f"tenant/{tenant.tenant_id}")
 
 
 @pytest.fixture
