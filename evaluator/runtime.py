@@ -112,6 +112,10 @@ class _Reading:
     queue took in. Unread, the rest stays in TCP buffers and the broker.
     This replaces aiomqtt's reader (registered by its `_on_socket_open`,
     which offers no way to pause it) with the same loop.
+
+    It pauses only once armed, after the SUBSCRIBE was answered: a resumed
+    session's queued messages may come before the SUBACK, and with reading
+    paused the SUBACK would never be read (nothing is consumed until then).
     """
 
     def __init__(self, client: aiomqtt.Client, limit: int) -> None:
@@ -120,6 +124,7 @@ class _Reading:
         self._fd = -1
         self._limit = limit
         self.held = 0
+        self.armed = False
         self.paused = False
         #: How often reading was paused (the broker sent past the window).
         self.pauses = 0
@@ -137,7 +142,7 @@ class _Reading:
 
         def on_message(paho_client: Any, userdata: Any, message: Any) -> None:
             self.held += 1
-            if self.held > self._limit:
+            if self.held > self._limit and self.armed:
                 self._pause()
             aiomqtt_message(paho_client, userdata, message)
 
@@ -160,6 +165,11 @@ class _Reading:
             disconnected = self._client._disconnected
             if not disconnected.done():
                 disconnected.set_exception(exc)
+
+    def arm(self) -> None:
+        self.armed = True
+        if self.held > self._limit:
+            self._pause()
 
     def _pause(self) -> None:
         if not self.paused and self._fd >= 0:
@@ -328,6 +338,7 @@ class Evaluator:
                 client, reading = self._new_client()
                 async with client:
                     await self._subscribe(client)
+                    reading.arm()
                     self._window = _AckWindow(client._client, reading)
                     self._client = client
                     self._connected.set()
