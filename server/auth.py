@@ -36,6 +36,10 @@ _CACHE_SIZE = 10_000
 _REQUIRED = ["exp", "aud", "sub"]
 # A token's role names quoted in a refusal: enough to see what it carried.
 _ROLES_SHOWN = 8
+# Values of a `typ` claim that mean an access token (Keycloak's, RFC 9068's).
+# Keycloak's ID and refresh tokens carry the same audience but say `ID` or
+# `Refresh`; they must not pass for access tokens. Ours carry no `typ`.
+_ACCESS_TOKEN_TYPES = frozenset({"bearer", "at+jwt"})
 
 
 class Role(enum.IntEnum):
@@ -262,6 +266,9 @@ class TokenVerifier:
             raise Unauthenticated("token signature is invalid") from e
         except jwt.InvalidTokenError as e:
             raise Unauthenticated(f"token is invalid: {e}") from e
+        kind = claims.get("typ")
+        if kind is not None and str(kind).lower() not in _ACCESS_TOKEN_TYPES:
+            raise Unauthenticated(f"token is a {str(kind)[:20]!r} token, not an access token")
         principal = Principal(
             subject=str(claims["sub"]),
             tenant_id=self._claims.tenant_of(claims),

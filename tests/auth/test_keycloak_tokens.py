@@ -201,3 +201,19 @@ async def test_an_unreachable_identity_provider_is_unavailable_not_a_bad_token(
     with pytest.raises(IdentityProviderUnavailable) as info:
         await verifier.verify(idp.token(tenant="acme", roles=["customer"]))
     assert "retry" in str(info.value)
+
+
+async def test_id_and_refresh_tokens_do_not_pass_for_access_tokens(
+    idp: IdentityProvider, keycloak_client: KeycloakClients, external_tenant: str
+) -> None:
+    # Keycloak's ID token for the app has the same issuer, audience and roles.
+    for kind in ("ID", "Refresh"):
+        token = idp.token(tenant=external_tenant, roles=["customer"], typ=kind)
+        error = await _refused(keycloak_client, token)
+        assert isinstance(error, pc.Unauthenticated)
+        assert "not an access token" in error.message
+    # RFC 9068's access-token type passes, as Keycloak's "Bearer" does.
+    client = await keycloak_client(
+        idp.token(tenant=external_tenant, roles=["customer"], typ="at+jwt")
+    )
+    await client.devices.create("KC-TYP")
