@@ -11,8 +11,9 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
+import asyncpg
 from pulse_client import AsyncPulseClient
 
 from evaluator.service import mqtt_broker, running_evaluator
@@ -53,9 +54,37 @@ def _run_async(settings: config.Settings, main: Coroutine[Any, Any, None]) -> No
 
 async def _database_url(settings: config.Settings) -> tuple[str, EmbeddedPostgres | None]:
     if settings.database_url:
+        await _reachable(settings.database_url)
         return settings.database_url, None
     embedded = EmbeddedPostgres(settings.data_dir / "postgres")
     return await embedded.start(), embedded
+
+
+# Long enough for a database on another host, short enough that a typo in
+# DATABASE_URL is said before an operator gives up waiting.
+_CONNECT_TIMEOUT_S = 10.0
+
+
+async def _reachable(dsn: str) -> None:
+    """Exit with a message, not a traceback, when the database cannot be
+    reached at start: the usual cause is configuration, not a bug."""
+    try:
+        con = await asyncpg.connect(dsn, timeout=_CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        reason = str(error) or type(error).__name__
+        raise SystemExit(
+            f"pulse: cannot reach the database at {_safe_dsn(dsn)}: {reason}"
+        ) from None
+    await con.close()
+
+
+def _safe_dsn(dsn: str) -> str:
+    """DATABASE_URL without its password, for the message."""
+    parts = urlsplit(dsn)
+    if not parts.scheme or parts.password is None:
+        return dsn if parts.scheme else "DATABASE_URL"
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _port_is_free(host: str, port: int) -> bool:

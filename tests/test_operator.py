@@ -132,6 +132,27 @@ def _check_printed_mosquitto_pub(banner: list[str]) -> None:
     assert "not authori" in refused.stderr.lower() or "bad user" in refused.stderr.lower()
 
 
+@pytest.mark.parametrize("command", ["run", "evaluator", "migrate"])
+def test_an_unreachable_database_is_said_plainly_at_start(command: str, tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on once released
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "PULSE_DATA_DIR": str(tmp_path),
+        "DATABASE_URL": f"postgresql://pulse:hunter2@127.0.0.1:{port}/pulse",
+        "MQTT_URL": "mqtt://127.0.0.1:1",
+    }
+    out = subprocess.run(
+        [str(BIN / "pulse"), command], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode != 0
+    assert f"cannot reach the database at postgresql://pulse:***@127.0.0.1:{port}/pulse" in (
+        out.stderr
+    )
+    assert "Traceback" not in out.stderr and "hunter2" not in out.stderr
+
+
 def test_pulse_token_mints_a_verifiable_token(tmp_path: Path) -> None:
     env = {**os.environ, "PULSE_DATA_DIR": str(tmp_path)}
     out = subprocess.run(
