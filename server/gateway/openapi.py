@@ -104,11 +104,14 @@ def _version_headers(route: Route, operation: dict[str, Any]) -> None:
             "description": "The resource changed since that version (reason VERSION_MISMATCH).",
             "content": _ERROR_CONTENT,
         }
-        responses["428"] = {
-            "description": "A version is required and neither If-Match nor "
-            f"`{if_match.name}` gave one (reason PRECONDITION_REQUIRED).",
-            "content": _ERROR_CONTENT,
-        }
+        # A version is required only where the request can waive it with
+        # `force` (the twin's writes); group edits take it optionally.
+        if "force" in request.fields_by_name:
+            responses["428"] = {
+                "description": "A version is required and neither If-Match nor "
+                f"`{if_match.name}` gave one (reason PRECONDITION_REQUIRED).",
+                "content": _ERROR_CONTENT,
+            }
     versioned = marked_field(response, http_options_pb2.etag) is not None
     if versioned and not route.streaming:
         for answer in responses.values():
