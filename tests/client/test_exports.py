@@ -26,6 +26,7 @@ PUBLIC = [
     "ErrorReason",
     "FailedPrecondition",
     "FieldViolation",
+    "FilterFields",
     "FilterLike",
     "Groups",
     "Internal",
@@ -45,14 +46,20 @@ PUBLIC = [
     "Sites",
     "Stream",
     "Token",
+    "TwinPath",
     "Twins",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
     "Unknown",
     "VersionConflict",
+    "desired",
     "from_rpc_error",
+    "key",
+    "reported",
     "struct_to_dict",
+    "version_range",
+    "where",
 ]
 
 

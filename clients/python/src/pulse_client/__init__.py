@@ -31,6 +31,7 @@ from ._errors import (
     VersionConflict,
     from_rpc_error,
 )
+from ._filters import FilterFields, TwinPath, desired, key, reported, version_range, where
 from ._groups import AsyncGroups, FilterLike, Groups
 from ._pages import AsyncPager, Page, Pager
 from ._rpc import AsyncStream, Stream, Token
@@ -56,6 +57,7 @@ __all__ = [
     "ErrorReason",
     "FailedPrecondition",
     "FieldViolation",
+    "FilterFields",
     "FilterLike",
     "Groups",
     "Internal",
@@ -75,12 +77,18 @@ __all__ = [
     "Sites",
     "Stream",
     "Token",
+    "TwinPath",
     "Twins",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
     "Unknown",
     "VersionConflict",
+    "desired",
     "from_rpc_error",
+    "key",
+    "reported",
     "struct_to_dict",
+    "version_range",
+    "where",
 ]
