@@ -157,7 +157,9 @@ async def start(
     try:
         await listener.start()
         tokens = PageTokens(settings.secret)
-        watches = WatchHub(db, listener, tokens)
+        watches = WatchHub(
+            db, listener, tokens, stale_after=timedelta(seconds=settings.twin_stale_after_s)
+        )
         notifier = ChangeNotifier(db)
         admission = AdmissionInterceptor(
             verifier_for(settings),
@@ -172,10 +174,16 @@ async def start(
         health = HealthServicer()
         target: Any = _GenericHandlersOnly(server)
         devices_pb2_grpc.add_DeviceRegistryServiceServicer_to_server(
-            DeviceRegistryService(db, tokens, mirror), target
+            DeviceRegistryService(
+                db, tokens, mirror, stale_after=timedelta(seconds=settings.twin_stale_after_s)
+            ),
+            target,
         )
         groups_pb2_grpc.add_DeviceGroupServiceServicer_to_server(
-            DeviceGroupService(db, tokens), target
+            DeviceGroupService(
+                db, tokens, stale_after=timedelta(seconds=settings.twin_stale_after_s)
+            ),
+            target,
         )
         twin_pb2_grpc.add_TwinServiceServicer_to_server(
             TwinService(

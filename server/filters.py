@@ -19,15 +19,21 @@ no I/O and no database driver, so it can be used (and fuzzed) anywhere.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from enum import StrEnum
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
+
+from server.twin.delta import values_equal
+from server.twin.sync import sync_status
 
 __all__ = [
     "DECOMMISSIONED",
+    "DEFAULT_TWIN_STALE_AFTER",
     "FIELDS",
     "MAX_ID_LENGTH",
     "MAX_LIST_ITEMS",
@@ -36,6 +42,10 @@ __all__ = [
     "MAX_TAG_KEY_LENGTH",
     "MAX_TAG_SELECTORS",
     "MAX_TAG_VALUE_LENGTH",
+    "MAX_TWIN_CONDITIONS",
+    "MAX_TWIN_PATH_LENGTH",
+    "MAX_TWIN_PATH_SEGMENTS",
+    "MAX_TWIN_VALUE_LENGTH",
     "CompiledFilter",
     "ConnectivityStatus",
     "DeviceFilter",
@@ -44,14 +54,22 @@ __all__ = [
     "FilterError",
     "TagOperator",
     "TagSelector",
+    "TwinCondition",
+    "TwinDocument",
+    "TwinOperator",
+    "TwinSyncStatus",
+    "VersionRange",
     "canonical_json",
     "canonical_text",
     "compile_filter",
     "format_timestamp",
+    "join_twin_path",
     "matches",
     "normalise_filter",
     "parse_filter",
     "prefix_upper_bound",
+    "split_twin_path",
+    "twin_sync_status",
 ]
 
 # Limits are counted in Unicode code points. They bound the work one stored
@@ -65,8 +83,20 @@ MAX_TAG_KEY_LENGTH = 128
 MAX_TAG_VALUE_LENGTH = 256
 MAX_LIST_ITEMS = 100
 MAX_TAG_SELECTORS = 32
+MAX_TWIN_CONDITIONS = 32
+# A twin document is at most 10 levels deep (server/validation.py), so no
+# longer path can name anything.
+MAX_TWIN_PATH_SEGMENTS = 10
+MAX_TWIN_PATH_LENGTH = 512
+MAX_TWIN_VALUE_LENGTH = 1024
+# Versions are bigint columns.
+_MAX_VERSION = 2**63 - 1
 
 DECOMMISSIONED = "DECOMMISSIONED"
+
+#: The twin's sync rule's default (PULSE_TWIN_STALE_AFTER_S); callers pass the
+#: configured value.
+DEFAULT_TWIN_STALE_AFTER = timedelta(seconds=300)
 
 
 class ConnectivityStatus(StrEnum):
@@ -84,6 +114,37 @@ class TagOperator(StrEnum):
     IN = "IN"
     NOT_IN = "NOT_IN"
 
+
+class TwinDocument(StrEnum):
+    DESIRED = "DESIRED"
+    REPORTED = "REPORTED"
+
+
+class TwinOperator(StrEnum):
+    EXISTS = "EXISTS"
+    DOES_NOT_EXIST = "DOES_NOT_EXIST"
+    EQUALS = "EQUALS"
+    NOT_EQUALS = "NOT_EQUALS"
+    LESS = "LESS"
+    LESS_OR_EQUAL = "LESS_OR_EQUAL"
+    GREATER = "GREATER"
+    GREATER_OR_EQUAL = "GREATER_OR_EQUAL"
+    IN = "IN"
+
+
+class TwinSyncStatus(StrEnum):
+    SYNCED = "SYNCED"
+    PENDING = "PENDING"
+    STALE = "STALE"
+
+
+_TWIN_NO_VALUES = frozenset({TwinOperator.EXISTS, TwinOperator.DOES_NOT_EXIST})
+_TWIN_ORDERING = {
+    TwinOperator.LESS: "<",
+    TwinOperator.LESS_OR_EQUAL: "<=",
+    TwinOperator.GREATER: ">",
+    TwinOperator.GREATER_OR_EQUAL: ">=",
+}
 
 _NO_VALUES = frozenset({TagOperator.EXISTS, TagOperator.DOES_NOT_EXIST})
 _ONE_VALUE = frozenset({TagOperator.EQUALS, TagOperator.NOT_EQUALS})
@@ -103,8 +164,14 @@ FIELDS = (
     "last_seen_before",
     "last_seen_after",
     "models",
+    "twin_conditions",
+    "sync_statuses",
+    "desired_version",
+    "reported_version",
 )
 _SELECTOR_FIELDS = ("key", "operator", "values")
+_TWIN_CONDITION_FIELDS = ("document", "path", "operator", "values")
+_RANGE_FIELDS = ("min", "max")
 
 
 class FieldViolation(NamedTuple):
@@ -135,6 +202,43 @@ class TagSelector:
     values: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, order=True)
+class TwinCondition:
+    """A condition on the value at ``path`` in one of the twin's documents.
+
+    ``path`` holds the keys, unescaped. ``values`` hold each value as compact
+    JSON text with integral numbers written as integers, so that equal
+    values are equal strings (``True`` and ``1`` are equal in Python, and
+    ``1.0`` and ``1`` are one number here) and conditions sort and hash
+    whatever the values' types.
+    """
+
+    document: TwinDocument
+    path: tuple[str, ...]
+    operator: TwinOperator
+    values: tuple[str, ...] = ()
+
+    def decoded_values(self) -> list[Any]:
+        return [json.loads(v) for v in self.values]
+
+
+@dataclass(frozen=True)
+class VersionRange:
+    """Inclusive bounds on a version; ``None`` is unbounded."""
+
+    min: int | None = None
+    max: int | None = None
+
+    @property
+    def unbounded(self) -> bool:
+        return self.min is None and self.max is None
+
+    def holds(self, version: int) -> bool:
+        return (self.min is None or version >= self.min) and (
+            self.max is None or version <= self.max
+        )
+
+
 @dataclass(frozen=True)
 class DeviceFilter:
     """A parsed filter. Conditions AND; the values of one list condition OR.
@@ -155,6 +259,20 @@ class DeviceFilter:
     last_seen_before: datetime | None = None
     last_seen_after: datetime | None = None
     models: tuple[str, ...] = ()
+    twin_conditions: tuple[TwinCondition, ...] = ()
+    sync_statuses: tuple[TwinSyncStatus, ...] = ()
+    desired_version: VersionRange = VersionRange()
+    reported_version: VersionRange = VersionRange()
+
+    @property
+    def reads_twin(self) -> bool:
+        """Whether evaluating it needs the twin's documents and versions."""
+        return bool(
+            self.twin_conditions
+            or self.sync_statuses
+            or not self.desired_version.unbounded
+            or not self.reported_version.unbounded
+        )
 
 
 @dataclass(frozen=True)
@@ -169,6 +287,12 @@ class DeviceRow:
     lifecycle: str
     status: str
     last_seen_at: datetime | None
+    desired: Mapping[str, Any] = field(default_factory=dict)
+    reported: Mapping[str, Any] = field(default_factory=dict)
+    desired_version: int = 0
+    reported_version: int = 0
+    desired_updated_at: datetime | None = None
+    reported_updated_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -199,7 +323,7 @@ _RFC3339 = re.compile(
     re.ASCII,
 )
 
-_E = TypeVar("_E", ConnectivityStatus, TagOperator)
+_E = TypeVar("_E", ConnectivityStatus, TagOperator, TwinDocument, TwinOperator, TwinSyncStatus)
 
 
 def _json_type(value: object) -> str:
@@ -337,6 +461,109 @@ class _Checker:
             return None
         return TagSelector(key, operator, tuple(values))
 
+    def twin_condition(self, value: object, path: str) -> TwinCondition | None:
+        if not isinstance(value, Mapping):
+            self.add(path, f"must be an object, got {_json_type(value)}")
+            return None
+        before = len(self.violations)
+        self.unknown_keys(value, path, _TWIN_CONDITION_FIELDS)
+        document = operator = None
+        raw = value.get("document")
+        if raw is None:
+            self.add(_join(path, "document"), "is required")
+        else:
+            document = self.enum(raw, _join(path, "document"), TwinDocument, "document")
+        raw = value.get("operator")
+        if raw is None:
+            self.add(_join(path, "operator"), "is required")
+        else:
+            operator = self.enum(raw, _join(path, "operator"), TwinOperator, "operator")
+        keys: tuple[str, ...] | None = None
+        raw = value.get("path")
+        if raw is None:
+            self.add(_join(path, "path"), "is required")
+        else:
+            text = self.string(
+                raw, _join(path, "path"), max_length=MAX_TWIN_PATH_LENGTH, allow_empty=False
+            )
+            if text is not None:
+                try:
+                    keys = split_twin_path(text)
+                except ValueError as exc:
+                    self.add(_join(path, "path"), str(exc))
+        values_path = _join(path, "values")
+        raw_values = value.get("values")
+        values: list[str] = []
+        if raw_values is not None:
+            items = self.array(raw_values, values_path, max_items=MAX_LIST_ITEMS)
+            if items is None:
+                operator = None  # already reported; a count would only repeat it
+            for i, item in enumerate(items or []):
+                text = self.twin_value(item, f"{values_path}[{i}]", operator)
+                if text is not None:
+                    values.append(text)
+            given = len(items or [])
+        else:
+            given = 0
+        if operator in _TWIN_NO_VALUES and given:
+            self.add(values_path, f"must be empty for {operator}, got {given}")
+        elif operator is TwinOperator.IN and not given:
+            self.add(values_path, "IN needs at least one value, got none")
+        elif (
+            operator is not None
+            and operator not in _TWIN_NO_VALUES
+            and operator is not (TwinOperator.IN)
+            and given != 1
+        ):
+            self.add(values_path, f"{operator} takes exactly one value, got {given}")
+        if len(self.violations) > before or document is None or operator is None or not keys:
+            return None
+        return TwinCondition(document, keys, operator, tuple(values))
+
+    def twin_value(self, value: object, path: str, operator: TwinOperator | None) -> str | None:
+        """The value as canonical JSON text, if the operator can compare it."""
+        ordered = operator in _TWIN_ORDERING
+        allowed = "a number or a string" if ordered else "a string, number, boolean or null"
+        if isinstance(value, bool) or value is None:
+            if ordered:
+                self.add(path, f"{operator} compares {allowed}, got {_json_type(value)}")
+                return None
+            return json.dumps(value)
+        if isinstance(value, int | float):
+            if not math.isfinite(value):
+                self.add(path, "must be a finite number")
+                return None
+            return _number_json(value)
+        if isinstance(value, str):
+            text = self.string(value, path, max_length=MAX_TWIN_VALUE_LENGTH, allow_empty=True)
+            return None if text is None else json.dumps(text, ensure_ascii=False)
+        self.add(path, f"must be {allowed}, got {_json_type(value)}")
+        return None
+
+    def version_range(self, value: object, path: str) -> VersionRange:
+        if not isinstance(value, Mapping):
+            self.add(path, f"must be an object, got {_json_type(value)}")
+            return VersionRange()
+        self.unknown_keys(value, path, _RANGE_FIELDS)
+        bounds: dict[str, int] = {}
+        for name in _RANGE_FIELDS:
+            raw = value.get(name)
+            if raw is None:
+                continue
+            # proto3 JSON writes int64 as a string; accept both.
+            number: int | None = None
+            if isinstance(raw, str) and re.fullmatch("[0-9]{1,19}", raw, re.ASCII):
+                number = int(raw)
+            elif isinstance(raw, int) and not isinstance(raw, bool):
+                number = raw
+            elif isinstance(raw, float) and raw.is_integer():
+                number = int(raw)
+            if number is None or not 0 <= number <= _MAX_VERSION:
+                self.add(_join(path, name), f"must be an integer from 0 to {_MAX_VERSION}")
+            else:
+                bounds[name] = number
+        return VersionRange(bounds.get("min"), bounds.get("max"))
+
     def unknown_keys(self, keys: Iterable[object], path: str, known: tuple[str, ...]) -> None:
         for key in keys:
             if isinstance(key, str) and key in known:
@@ -382,6 +609,51 @@ def _parse_timestamp(text: str, *, round_up: bool) -> datetime:
         return moment + timedelta(microseconds=micros) - offset
     except OverflowError:
         raise ValueError("is outside the supported range (years 0001 to 9999 UTC)") from None
+
+
+def split_twin_path(text: str) -> tuple[str, ...]:
+    """The keys of a dotted path; ``\\.`` is a literal dot, ``\\\\`` a backslash.
+
+    Raises ValueError saying what is wrong.
+    """
+    keys: list[str] = []
+    current: list[str] = []
+    chars = iter(enumerate(text))
+    for i, ch in chars:
+        if ch == "\\":
+            nxt = next(chars, None)
+            if nxt is None or nxt[1] not in ".\\":
+                raise ValueError(
+                    f"unknown escape at index {i}: only \\. (a dot) and \\\\ (a backslash)"
+                    " are escapes"
+                )
+            current.append(nxt[1])
+        elif ch == ".":
+            if not current:
+                raise ValueError(f"empty key before index {i}; keys are separated by one dot")
+            keys.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    if not current:
+        raise ValueError("must not end with a dot" if keys else "must not be empty")
+    keys.append("".join(current))
+    if len(keys) > MAX_TWIN_PATH_SEGMENTS:
+        raise ValueError(f"must have at most {MAX_TWIN_PATH_SEGMENTS} keys, got {len(keys)}")
+    return tuple(keys)
+
+
+def join_twin_path(keys: Iterable[str]) -> str:
+    """Inverse of ``split_twin_path``."""
+    return ".".join(k.replace("\\", "\\\\").replace(".", "\\.") for k in keys)
+
+
+def _number_json(value: int | float) -> str:
+    # Integral doubles (gRPC sends every number as one) are written as
+    # integers, so 2.0 and 2 are one canonical value.
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return str(int(value))
+    return json.dumps(value)
 
 
 def parse_filter(data: Mapping[str, object], *, field_prefix: str = "filter") -> DeviceFilter:
@@ -472,10 +744,37 @@ def parse_filter(data: Mapping[str, object], *, field_prefix: str = "filter") ->
             data["models"], path("models"), max_length=MAX_MODEL_LENGTH, allow_empty=True
         )
 
+    twin_conditions: list[TwinCondition] = []
+    if data.get("twin_conditions") is not None:
+        items = check.array(
+            data["twin_conditions"], path("twin_conditions"), max_items=MAX_TWIN_CONDITIONS
+        )
+        for i, item in enumerate(items or []):
+            condition = check.twin_condition(item, f"{path('twin_conditions')}[{i}]")
+            if condition is not None:
+                twin_conditions.append(condition)
+
+    sync_statuses: list[TwinSyncStatus] = []
+    if data.get("sync_statuses") is not None:
+        items = check.array(data["sync_statuses"], path("sync_statuses"), max_items=MAX_LIST_ITEMS)
+        for i, item in enumerate(items or []):
+            sync = check.enum(item, f"{path('sync_statuses')}[{i}]", TwinSyncStatus, "sync status")
+            if sync is not None:
+                sync_statuses.append(sync)
+
+    ranges: dict[str, VersionRange] = {}
+    for name in ("desired_version", "reported_version"):
+        if data.get(name) is not None:
+            ranges[name] = check.version_range(data[name], path(name))
+
     if check.violations:
         raise FilterError(check.violations)
     return normalise_filter(
         DeviceFilter(
+            twin_conditions=tuple(twin_conditions),
+            sync_statuses=tuple(sync_statuses),
+            desired_version=ranges.get("desired_version", VersionRange()),
+            reported_version=ranges.get("reported_version", VersionRange()),
             statuses=tuple(statuses),
             site_ids=tuple(site_ids),
             any_tag_keys=tuple(any_tag_keys),
@@ -519,6 +818,43 @@ def _normalise_selector(selector: TagSelector) -> TagSelector:
     return TagSelector(selector.key, op, unique)
 
 
+def _twin_value_key(text: str) -> tuple[int, object]:
+    """A total order over canonical JSON scalars: null, false, true, numbers, strings."""
+    value = json.loads(text)
+    if value is None:
+        return (0, 0)
+    if isinstance(value, bool):
+        return (1, int(value))
+    if isinstance(value, int | float):
+        return (2, Decimal(text))
+    return (3, value)
+
+
+def _normalise_twin_condition(c: TwinCondition) -> TwinCondition:
+    op = TwinOperator(c.operator)
+    document = TwinDocument(c.document)
+    values = tuple(_canonical_value(v) for v in c.values)
+    if op is TwinOperator.IN:
+        unique = tuple(sorted(set(values), key=_twin_value_key))
+        if not unique:
+            raise ValueError(f"IN condition on {join_twin_path(c.path)!r} needs a value")
+        # One value in a set is an equality; folding makes the spellings alike.
+        return TwinCondition(
+            document, c.path, TwinOperator.EQUALS if len(unique) == 1 else op, unique
+        )
+    expected = 0 if op in _TWIN_NO_VALUES else 1
+    if len(values) != expected:
+        raise ValueError(f"{op} condition on {join_twin_path(c.path)!r} needs {expected} values")
+    return TwinCondition(document, c.path, op, values)
+
+
+def _canonical_value(text: str) -> str:
+    value = json.loads(text)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return _number_json(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
 def normalise_filter(f: DeviceFilter) -> DeviceFilter:
     """The canonical representative of ``f``'s spelling.
 
@@ -543,6 +879,8 @@ def normalise_filter(f: DeviceFilter) -> DeviceFilter:
         last_seen_before=_to_utc(f.last_seen_before),
         last_seen_after=_to_utc(f.last_seen_after),
         models=_sorted_unique(f.models),
+        twin_conditions=tuple(sorted({_normalise_twin_condition(c) for c in f.twin_conditions})),
+        sync_statuses=tuple(sorted({TwinSyncStatus(s) for s in f.sync_statuses})),
     )
 
 
@@ -601,6 +939,28 @@ def canonical_json(f: DeviceFilter) -> dict[str, object]:
         out["last_seen_after"] = format_timestamp(n.last_seen_after)
     if n.models:
         out["models"] = list(n.models)
+    if n.twin_conditions:
+        conditions: list[dict[str, object]] = []
+        for c in n.twin_conditions:
+            condition: dict[str, object] = {
+                "document": c.document.value,
+                "path": join_twin_path(c.path),
+                "operator": c.operator.value,
+            }
+            if c.values:
+                condition["values"] = c.decoded_values()
+            conditions.append(condition)
+        out["twin_conditions"] = conditions
+    if n.sync_statuses:
+        out["sync_statuses"] = [s.value for s in n.sync_statuses]
+    for name, bounds in (
+        ("desired_version", n.desired_version),
+        ("reported_version", n.reported_version),
+    ):
+        if not bounds.unbounded:
+            out[name] = {
+                k: v for k, v in (("min", bounds.min), ("max", bounds.max)) if v is not None
+            }
     return out
 
 
@@ -659,17 +1019,98 @@ class _Compiler:
             return f"d.tags @> ANY({self.bind(pairs)}::text[]::jsonb[])"
         return f"NOT (d.tags @> ANY({self.bind(pairs)}::text[]::jsonb[]))"
 
+    def twin_term(self, c: TwinCondition) -> str:
+        # Keys are walked with `jsonb -> text`, which reads object keys only
+        # (`#>` would also index arrays by a numeric key). The state row may
+        # be missing under the groups' outer join: every term is written to be
+        # false then, never NULL.
+        doc = "s.desired" if c.document is TwinDocument.DESIRED else "s.reported"
+        op = c.operator
+        if op in (TwinOperator.EQUALS, TwinOperator.NOT_EQUALS, TwinOperator.IN):
+            # Containment of {"k1": {"k2": value}}: typed, numbers by value,
+            # and the GIN jsonb_path_ops opclass would serve it.
+            probes = [_nest(c.path, text) for text in c.values]
+            if op is TwinOperator.IN:
+                test = f"{doc} @> ANY({self.bind(probes)}::text[]::jsonb[])"
+            else:
+                test = f"{doc} @> {self.bind(probes[0])}::text::jsonb"
+            term = f"{doc} IS NOT NULL AND {test}"
+            return f"NOT ({term})" if op is TwinOperator.NOT_EQUALS else term
+
+        def value() -> str:
+            # Bound afresh at each use: every parameter appears once.
+            return doc + "".join(f" -> {self.bind(key)}::text" for key in c.path)
+
+        if op is TwinOperator.EXISTS:
+            return f"({value()}) IS NOT NULL"
+        if op is TwinOperator.DOES_NOT_EXIST:
+            return f"({value()}) IS NULL"
+        # CASE, not AND: PostgreSQL may evaluate AND's operands in any order,
+        # and casting a string to numeric raises an error.
+        bound = c.decoded_values()[0]
+        sign = _TWIN_ORDERING[op]
+        if isinstance(bound, str):
+            kind = self.bind("string")
+            extracted = f"({value()}) #>> {self.bind([])}::text[]"
+            compare = f'({extracted}) COLLATE "C" {sign} {self.bind(bound)}::text'
+        else:
+            kind = self.bind("number")
+            compare = f"({value()})::numeric {sign} {self.bind(c.values[0])}::text::numeric"
+        return f"CASE WHEN jsonb_typeof({value()}) = {kind}::text THEN {compare} ELSE false END"
+
+    def sync_term(self, wanted: tuple[TwinSyncStatus, ...], stale_after: timedelta) -> str:
+        # server/twin/sync.py's rule; jsonb equality compares as the delta
+        # does (objects by key, arrays in order, numbers by value).
+        synced = "(s.reported_version = s.desired_version AND s.reported = s.desired)"
+
+        def late() -> str:
+            since = "coalesce(s.desired_updated_at, s.reported_updated_at)"
+            return f"coalesce({since} < now() - {self.bind(stale_after)}::interval, false)"
+
+        cases = []
+        if TwinSyncStatus.SYNCED in wanted:
+            cases.append(synced)
+        if TwinSyncStatus.PENDING in wanted:
+            online = f"s.status = {self.bind(ConnectivityStatus.ONLINE.value)}::text"
+            cases.append(f"(NOT {synced} AND {online} AND NOT {late()})")
+        if TwinSyncStatus.STALE in wanted:
+            offline = f"s.status <> {self.bind(ConnectivityStatus.ONLINE.value)}::text"
+            cases.append(f"(NOT {synced} AND ({offline} OR {late()}))")
+        return f"s.status IS NOT NULL AND ({' OR '.join(cases)})"
+
+    def range_term(self, column: str, bounds: VersionRange) -> str:
+        parts = [f"{column} IS NOT NULL"]
+        if bounds.min is not None:
+            parts.append(f"{column} >= {self.bind(bounds.min)}::bigint")
+        if bounds.max is not None:
+            parts.append(f"{column} <= {self.bind(bounds.max)}::bigint")
+        return " AND ".join(parts)
+
+
+def _nest(path: tuple[str, ...], value_json: str) -> str:
+    text = value_json
+    for key in reversed(path):
+        text = "{" + json.dumps(key, ensure_ascii=False) + ":" + text + "}"
+    return text
+
 
 def _tag_json(key: str, value: str) -> str:
     return json.dumps({key: value}, ensure_ascii=False, separators=(",", ":"))
 
 
-def compile_filter(f: DeviceFilter, *, first_param: int) -> CompiledFilter:
+def compile_filter(
+    f: DeviceFilter,
+    *,
+    first_param: int,
+    stale_after: timedelta = DEFAULT_TWIN_STALE_AFTER,
+) -> CompiledFilter:
     """Compile to SQL over ``devices d`` joined with ``device_state s``.
 
     The SQL text is built only from fixed column names, operators and ``$n``
     placeholders; every value travels in ``params``, each bound exactly once,
     numbered consecutively from ``first_param``. Tenancy is not handled here.
+    ``stale_after`` is the twin sync rule's threshold, measured from the
+    transaction's ``now()``.
     """
     if first_param < 1:
         raise ValueError("first_param must be at least 1")
@@ -715,6 +1156,14 @@ def compile_filter(f: DeviceFilter, *, first_param: int) -> CompiledFilter:
     if n.last_seen_before is not None:
         before = c.bind(n.last_seen_before)
         terms.append(f"s.last_seen_at IS NOT NULL AND s.last_seen_at < {before}::timestamptz")
+    for condition in n.twin_conditions:
+        terms.append(c.twin_term(condition))
+    if n.sync_statuses:
+        terms.append(c.sync_term(n.sync_statuses, stale_after))
+    if not n.desired_version.unbounded:
+        terms.append(c.range_term("s.desired_version", n.desired_version))
+    if not n.reported_version.unbounded:
+        terms.append(c.range_term("s.reported_version", n.reported_version))
     if not terms:
         return CompiledFilter("TRUE", [])
     if len(terms) == 1 and " AND " not in terms[0]:
@@ -740,14 +1189,103 @@ def _selector_matches(selector: TagSelector, tags: Mapping[str, str]) -> bool:
     return not hit
 
 
-def matches(f: DeviceFilter, device: DeviceRow) -> bool:
+_MISSING = object()
+
+
+def _twin_lookup(document: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    value: Any = document
+    for key in path:
+        if not isinstance(value, Mapping) or key not in value:
+            return _MISSING
+        value = value[key]
+    return value
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _json_equal(a: Any, b: Any) -> bool:
+    # Numbers compare as the decimal numbers their JSON text writes, which is
+    # what jsonb stores and compares; booleans are not numbers.
+    if _is_number(a) and _is_number(b):
+        return bool(Decimal(json.dumps(a)) == Decimal(json.dumps(b)))
+    if type(a) is not type(b):
+        return False
+    return bool(a == b)
+
+
+def _twin_matches(c: TwinCondition, device: DeviceRow) -> bool:
+    document = device.desired if c.document is TwinDocument.DESIRED else device.reported
+    value = _twin_lookup(document, c.path)
+    op = TwinOperator(c.operator)
+    if op is TwinOperator.EXISTS:
+        return value is not _MISSING
+    if op is TwinOperator.DOES_NOT_EXIST:
+        return value is _MISSING
+    wanted = c.decoded_values()
+    if op in (TwinOperator.EQUALS, TwinOperator.IN):
+        return value is not _MISSING and any(_json_equal(value, w) for w in wanted)
+    if op is TwinOperator.NOT_EQUALS:
+        return value is _MISSING or not _json_equal(value, wanted[0])
+    bound = wanted[0]
+    left: Any
+    right: Any
+    if isinstance(bound, str) and isinstance(value, str):
+        left, right = value, bound
+    elif _is_number(bound) and _is_number(value):
+        left, right = Decimal(json.dumps(value)), Decimal(json.dumps(bound))
+    else:
+        return False
+    if op is TwinOperator.LESS:
+        return bool(left < right)
+    if op is TwinOperator.LESS_OR_EQUAL:
+        return bool(left <= right)
+    if op is TwinOperator.GREATER:
+        return bool(left > right)
+    return bool(left >= right)
+
+
+def twin_sync_status(device: DeviceRow, *, now: datetime, stale_after: timedelta) -> str:
+    """The device's twin sync status, by the rule GetTwin reports."""
+    return sync_status(
+        desired_version=device.desired_version,
+        reported_version=device.reported_version,
+        in_sync=values_equal(dict(device.desired), dict(device.reported)),
+        connectivity=device.status,
+        desired_updated_at=device.desired_updated_at,
+        reported_updated_at=device.reported_updated_at,
+        now=now,
+        stale_after=stale_after,
+    ).value
+
+
+def matches(
+    f: DeviceFilter,
+    device: DeviceRow,
+    *,
+    now: datetime | None = None,
+    stale_after: timedelta = DEFAULT_TWIN_STALE_AFTER,
+) -> bool:
     """Whether ``device`` is in the group; the semantics ``compile_filter`` must match.
 
     The filter is evaluated as written, without normalising it first, so
     comparing this with the compiled (normalised) SQL also checks that
-    normalisation keeps the meaning.
+    normalisation keeps the meaning. ``now`` (default: the current time) and
+    ``stale_after`` decide between PENDING and STALE.
     """
     n = f
+    if not all(_twin_matches(c, device) for c in n.twin_conditions):
+        return False
+    if not n.desired_version.holds(device.desired_version):
+        return False
+    if not n.reported_version.holds(device.reported_version):
+        return False
+    if n.sync_statuses:
+        moment = now if now is not None else datetime.now(UTC)
+        status = twin_sync_status(device, now=moment, stale_after=stale_after)
+        if status not in n.sync_statuses:
+            return False
     if not n.include_decommissioned and device.lifecycle == DECOMMISSIONED:
         return False
     if n.statuses and device.status not in n.statuses:

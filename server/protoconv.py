@@ -4,6 +4,7 @@ shared by every service; no rules beyond what the types themselves need, no I/O.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any
 
@@ -113,6 +114,15 @@ def parse_request_filter(
     for name in ("last_seen_after", "last_seen_before"):
         if message.HasField(name):
             check_timestamp(f"{field}.{name}", getattr(message, name), out)
+    # protobuf's JSON printer refuses NaN and infinities in a Value.
+    for i, condition in enumerate(message.twin_conditions):
+        for j, item in enumerate(condition.values):
+            if item.WhichOneof("kind") == "number_value" and not math.isfinite(item.number_value):
+                out.append(
+                    FieldViolation(
+                        f"{field}.twin_conditions[{i}].values[{j}]", "must be a finite number"
+                    )
+                )
     if len(out) > before:
         return None
     data = json_format.MessageToDict(message, preserving_proto_field_name=True)

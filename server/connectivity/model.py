@@ -59,6 +59,9 @@ class DeviceFacts:
     last_seen_at: datetime | None
     #: Of the static groups the reader asked about, those the device is in.
     static_groups: frozenset[str] = frozenset()
+    #: The twin's documents, versions and times, keyed as filters.DeviceRow's
+    #: fields; read only for group filters with twin conditions.
+    twin: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

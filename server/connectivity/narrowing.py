@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 
 from server import filters
 from server.connectivity.model import EventRecord
@@ -24,10 +25,17 @@ class GroupView:
 
     group_id: str
     filter: filters.DeviceFilter | None
+    #: The twin sync rule's threshold, for filters on sync status.
+    stale_after: timedelta = filters.DEFAULT_TWIN_STALE_AFTER
 
     @property
     def static(self) -> bool:
         return self.filter is None
+
+    @property
+    def reads_twin(self) -> bool:
+        """Whether evaluating it needs the devices' twins read with the events."""
+        return self.filter is not None and self.filter.reads_twin
 
     def contains(self, event: EventRecord) -> bool:
         device = event.device
@@ -48,17 +56,25 @@ class GroupView:
                 # devices" sees the event that took a device offline.
                 status=event.status,
                 last_seen_at=device.last_seen_at,
+                **(device.twin or {}),
             ),
+            stale_after=self.stale_after,
         )
 
 
-async def load_group(con: Connection, tenant_id: uuid.UUID, group_id: str) -> GroupView:
+async def load_group(
+    con: Connection,
+    tenant_id: uuid.UUID,
+    group_id: str,
+    *,
+    stale_after: timedelta = filters.DEFAULT_TWIN_STALE_AFTER,
+) -> GroupView:
     """The group's current definition; NotFound if it does not exist (any more)."""
     record = await groups_store.get_group(con, tenant_id, group_id)
     if record.query_filter is None:
         return GroupView(group_id, None)
     # The stored filter is canonical_json output, hence valid parse input.
-    return GroupView(group_id, filters.parse_filter(record.query_filter))
+    return GroupView(group_id, filters.parse_filter(record.query_filter), stale_after)
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,15 +35,31 @@ _STATIC_GROUPS = """,
           WHERE m.tenant_id = e.tenant_id AND m.device_id = e.device_id
             AND m.group_id = ANY({}::text[])) AS d_groups
 """
+_TWIN_COLUMNS = """,
+    s.desired AS t_desired, s.reported AS t_reported, s.desired_version AS t_desired_version,
+    s.reported_version AS t_reported_version, s.desired_updated_at AS t_desired_updated_at,
+    s.reported_updated_at AS t_reported_updated_at
+"""
+_TWIN_FIELDS = (
+    "desired",
+    "reported",
+    "desired_version",
+    "reported_version",
+    "desired_updated_at",
+    "reported_updated_at",
+)
 _DEVICE_JOIN = """
     LEFT JOIN devices d ON d.tenant_id = e.tenant_id AND d.device_id = e.device_id
     LEFT JOIN device_state s ON s.tenant_id = e.tenant_id AND s.device_id = e.device_id
 """
 
 
-def _record(row: asyncpg.Record, *, with_device: bool = False) -> EventRecord:
+def _record(
+    row: asyncpg.Record, *, with_device: bool = False, with_twin: bool = False
+) -> EventRecord:
     device = None
     if with_device and row["d_lifecycle"] is not None:
+        twin = {name: row[f"t_{name}"] for name in _TWIN_FIELDS} if with_twin else None
         device = DeviceFacts(
             name=row["d_name"],
             site_id=row["d_site_id"],
@@ -52,6 +68,7 @@ def _record(row: asyncpg.Record, *, with_device: bool = False) -> EventRecord:
             lifecycle=row["d_lifecycle"],
             last_seen_at=row["d_last_seen_at"],
             static_groups=frozenset(row["d_groups"] or ()),
+            twin=twin,
         )
     return EventRecord(
         event_id=row["event_id"],
@@ -219,6 +236,7 @@ async def read_after(
     event_types: Sequence[str] = (),
     with_devices: bool = False,
     static_groups: Sequence[str] = (),
+    with_twins: bool = False,
 ) -> Batch:
     """The tenant's final events after `after`, in (xact, event_id) order.
 
@@ -226,7 +244,7 @@ async def read_after(
     first, then the horizon and the events, from one later snapshot.
 
     `with_devices` adds each device's current columns (for group filters) and
-    its membership among `static_groups`.
+    its membership among `static_groups`; `with_twins` also its twin.
     """
     bound, writers = await _writers(con)
     p = _Params(bound, writers, tenant_id, after.xact, after.event_id, limit)
@@ -238,6 +256,8 @@ async def read_after(
     device_columns = ""
     if with_devices:
         device_columns = _DEVICE_COLUMNS + _STATIC_GROUPS.format(p.add(list(static_groups)))
+        if with_twins:
+            device_columns += _TWIN_COLUMNS
     rows = await con.fetch(
         f"""
         SELECT h.horizon,
@@ -257,7 +277,11 @@ async def read_after(
         *p.values,
     )
     first = rows[0]
-    events = [_record(r, with_device=with_devices) for r in rows if r["event_id"] is not None]
+    events = [
+        _record(r, with_device=with_devices, with_twin=with_devices and with_twins)
+        for r in rows
+        if r["event_id"] is not None
+    ]
     return Batch(events=events, horizon=first["horizon"], pending=first["pending"], limit=limit)
 
 

@@ -37,12 +37,14 @@ import logging
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import NamedTuple
 
 import grpc
 from pulse.device.v1 import connectivity_pb2
 from pulse.device.v1.error_reason_pb2 import ErrorReason
 
+from server import filters
 from server.connectivity import convert, cursor, store
 from server.connectivity.model import CHANNEL, EventRecord, Position
 from server.connectivity.narrowing import GroupView, Narrowing, load_group
@@ -252,7 +254,9 @@ class _Feed:
         async with self.hub.db.tenant(self.tenant_id, readonly=True) as con:
             for group_id in group_ids:
                 try:
-                    views[group_id] = await load_group(con, self.tenant_id, group_id)
+                    views[group_id] = await load_group(
+                        con, self.tenant_id, group_id, stale_after=self.hub.stale_after
+                    )
                 except NotFound as error:
                     missing[group_id] = error
             batch = await store.read_after(
@@ -262,6 +266,7 @@ class _Feed:
                 limit=self.hub.batch_size,
                 with_devices=bool(group_ids),
                 static_groups=[g for g, v in views.items() if v.static],
+                with_twins=any(v.reads_twin for v in views.values()),
             )
         return batch, views, missing
 
@@ -302,9 +307,12 @@ class WatchHub:
         *,
         queue_size: int = QUEUE_SIZE,
         batch_size: int = BATCH_SIZE,
+        stale_after: timedelta = filters.DEFAULT_TWIN_STALE_AFTER,
     ) -> None:
         self.db = db
         self.batch_size = batch_size
+        #: The twin sync rule's threshold, for group filters on sync status.
+        self.stale_after = stale_after
         self._listener = listener
         self._tokens = tokens
         self._queue_size = queue_size
@@ -507,7 +515,9 @@ class WatchHub:
                 ):
                     view = None
                     if narrowing.group_id is not None:
-                        view = await load_group(con, feed.tenant_id, narrowing.group_id)
+                        view = await load_group(
+                            con, feed.tenant_id, narrowing.group_id, stale_after=self.stale_after
+                        )
                     batch = await store.read_after(
                         con,
                         feed.tenant_id,
@@ -517,6 +527,7 @@ class WatchHub:
                         event_types=sorted(narrowing.event_types),
                         with_devices=view is not None,
                         static_groups=[view.group_id] if view is not None and view.static else [],
+                        with_twins=view is not None and view.reads_twin,
                     )
                 self.recovered(watcher)
                 return batch, view

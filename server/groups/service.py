@@ -8,6 +8,7 @@ inside the tenant transaction, which then rolls back.
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -140,9 +141,18 @@ def _static_only(group: store.GroupRecord) -> None:
 
 
 class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
-    def __init__(self, db: Database, tokens: PageTokens) -> None:
+    def __init__(
+        self,
+        db: Database,
+        tokens: PageTokens,
+        *,
+        stale_after: timedelta = filters.DEFAULT_TWIN_STALE_AFTER,
+    ) -> None:
         self._db = db
         self._tokens = tokens
+        # The twin sync rule's threshold (PULSE_TWIN_STALE_AFTER_S), for
+        # filters on sync status.
+        self._stale_after = stale_after
 
     async def CreateGroup(
         self, request: groups_pb2.CreateGroupRequest, context: Context
@@ -151,7 +161,9 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
         fields = _new_group_fields(request.group)
         async with self._db.tenant(tenant) as con:
             record = await store.create_group(con, tenant, **fields)
-            record = await store.with_member_count(con, tenant, record)
+            record = await store.with_member_count(
+                con, tenant, record, stale_after=self._stale_after
+            )
         return convert.group(record)
 
     async def GetGroup(
@@ -161,7 +173,9 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
         group_id = v.require_id("group_id", request.group_id)
         async with self._db.tenant(tenant, readonly=True) as con:
             record = await store.get_group(con, tenant, group_id)
-            record = await store.with_member_count(con, tenant, record)
+            record = await store.with_member_count(
+                con, tenant, record, stale_after=self._stale_after
+            )
         return convert.group(record)
 
     async def ListGroups(
@@ -175,7 +189,10 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
         async with self._db.tenant(tenant, readonly=True) as con:
             rows = await store.list_groups(con, tenant, after=after, limit=size + 1)
             rows, token = listing.page(rows, size, key=lambda g: [g.name, g.group_id])
-            records = [await store.with_member_count(con, tenant, r) for r in rows]
+            records = [
+                await store.with_member_count(con, tenant, r, stale_after=self._stale_after)
+                for r in rows
+            ]
             total = await store.count_groups(con, tenant)
         return groups_pb2.ListGroupsResponse(
             groups=[convert.group(r) for r in records],
@@ -208,7 +225,9 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
                 ),
                 changes=changes,
             )
-            record = await store.with_member_count(con, tenant, record)
+            record = await store.with_member_count(
+                con, tenant, record, stale_after=self._stale_after
+            )
         return convert.group(record)
 
     async def DeleteGroup(
@@ -237,8 +256,14 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
         after = _after_device(listing.start(request.page_token))
         async with self._db.tenant(tenant, readonly=True) as con:
             group = await store.get_group(con, tenant, group_id)
-            rows = await store.list_members(con, tenant, group, after=after, limit=size + 1)
-            total = await store.count_members(con, tenant, group) if request.include_total else None
+            rows = await store.list_members(
+                con, tenant, group, after=after, limit=size + 1, stale_after=self._stale_after
+            )
+            total = (
+                await store.count_members(con, tenant, group, stale_after=self._stale_after)
+                if request.include_total
+                else None
+            )
         members, token = listing.page(rows, size, key=lambda m: [m.device_id])
         response = groups_pb2.ListGroupMembersResponse(
             group_id=group.group_id,
@@ -260,7 +285,7 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
             group = await store.get_group(con, tenant, group_id, lock=True)
             _static_only(group)
             await store.add_members(con, tenant, group_id, device_ids)
-            group = await store.with_member_count(con, tenant, group)
+            group = await store.with_member_count(con, tenant, group, stale_after=self._stale_after)
         return convert.group(group)
 
     async def RemoveGroupMembers(
@@ -273,7 +298,7 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
             group = await store.get_group(con, tenant, group_id, lock=True)
             _static_only(group)
             await store.remove_members(con, tenant, group_id, device_ids)
-            group = await store.with_member_count(con, tenant, group)
+            group = await store.with_member_count(con, tenant, group, stale_after=self._stale_after)
         return convert.group(group)
 
     async def PreviewFilter(
@@ -296,9 +321,11 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
         listing = self._tokens.listing("filter-preview", tenant, filters.canonical_text(parsed))
         after = _after_device(listing.start(request.page_token))
         async with self._db.tenant(tenant, readonly=True) as con:
-            rows = await store.list_filter_members(con, tenant, parsed, after=after, limit=size + 1)
+            rows = await store.list_filter_members(
+                con, tenant, parsed, after=after, limit=size + 1, stale_after=self._stale_after
+            )
             total = (
-                await store.count_filter_members(con, tenant, parsed)
+                await store.count_filter_members(con, tenant, parsed, stale_after=self._stale_after)
                 if request.include_total
                 else None
             )
@@ -311,6 +338,29 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
         if total is not None:
             response.total = convert.count(total)
         return response
+
+    async def ListDeviceGroups(
+        self, request: groups_pb2.ListDeviceGroupsRequest, context: Context
+    ) -> groups_pb2.ListDeviceGroupsResponse:
+        tenant = current_principal().tenant_id
+        device_id = v.require_id("device_id", request.device_id)
+        # One read-only transaction, two statements: the device with its state,
+        # then the dynamic groups and the static groups listing it. The filters
+        # are evaluated in Python by filters.matches, the reference the SQL
+        # compiler is property-tested against, so a dynamic group is reported
+        # exactly when its member listing (with the same stale_after) would
+        # list the device; and it costs one read of the device and the
+        # tenant's groups instead of one query per group (store.device_groups).
+        async with self._db.tenant(tenant, readonly=True) as con:
+            records = await store.device_groups(
+                con, tenant, device_id, stale_after=self._stale_after
+            )
+        return groups_pb2.ListDeviceGroupsResponse(
+            device_id=device_id,
+            # member_count stays 0: counting every group would cost a count
+            # per group, which this call exists to avoid.
+            groups=[convert.group(r) for r in records],
+        )
 
 
 def _after_device(start: list[object] | None) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -315,7 +315,12 @@ _BULK_COUNT = "SET LOCAL enable_nestloop = off; SET LOCAL work_mem = '32MB'"
 _END_BULK_COUNT = "SET LOCAL enable_nestloop = DEFAULT; SET LOCAL work_mem = DEFAULT"
 
 
-def compile_members_filter(f: filters.DeviceFilter, *, first_param: int) -> filters.CompiledFilter:
+def compile_members_filter(
+    f: filters.DeviceFilter,
+    *,
+    first_param: int,
+    stale_after: timedelta = filters.DEFAULT_TWIN_STALE_AFTER,
+) -> filters.CompiledFilter:
     """``compile_filter``, with a one-value site or status as a plain equality.
 
     ``col = ANY('{v}')`` selects what ``col = 'v'`` does, but PostgreSQL
@@ -332,7 +337,9 @@ def compile_members_filter(f: filters.DeviceFilter, *, first_param: int) -> filt
     if len(f.statuses) == 1:
         eq.append(("s.status", f.statuses[0].value))
         rest = replace(rest, statuses=())
-    compiled = filters.compile_filter(rest, first_param=first_param + len(eq))
+    compiled = filters.compile_filter(
+        rest, first_param=first_param + len(eq), stale_after=stale_after
+    )
     if not eq:
         return compiled
     terms = [f"{column} = ${first_param + i}::text" for i, (column, _) in enumerate(eq)]
@@ -375,13 +382,26 @@ def count_sql(compiled: filters.CompiledFilter, *, limit: int | None = None) -> 
     return f"SELECT count(*) FROM ({matches}) m"
 
 
+_STALE_AFTER = filters.DEFAULT_TWIN_STALE_AFTER
+
+
 async def list_members(
-    con: Connection, tenant_id: uuid.UUID, group: GroupRecord, *, after: str, limit: int
+    con: Connection,
+    tenant_id: uuid.UUID,
+    group: GroupRecord,
+    *,
+    after: str,
+    limit: int,
+    stale_after: timedelta = _STALE_AFTER,
 ) -> list[MemberRecord]:
-    """Up to `limit` members with device_id > `after`, in device_id order."""
+    """Up to `limit` members with device_id > `after`, in device_id order.
+
+    `stale_after` is the twin sync rule's threshold (PULSE_TWIN_STALE_AFTER_S),
+    for filters on sync status.
+    """
     if group.group_type == DYNAMIC:
         return await list_filter_members(
-            con, tenant_id, stored_filter(group), after=after, limit=limit
+            con, tenant_id, stored_filter(group), after=after, limit=limit, stale_after=stale_after
         )
     rows = await con.fetch(
         f"""
@@ -402,18 +422,32 @@ async def list_members(
 
 
 async def list_filter_members(
-    con: Connection, tenant_id: uuid.UUID, f: filters.DeviceFilter, *, after: str, limit: int
+    con: Connection,
+    tenant_id: uuid.UUID,
+    f: filters.DeviceFilter,
+    *,
+    after: str,
+    limit: int,
+    stale_after: timedelta = _STALE_AFTER,
 ) -> list[MemberRecord]:
     """Up to `limit` of the devices `f` selects, after `after` in device_id order."""
-    compiled = compile_members_filter(f, first_param=4)
+    compiled = compile_members_filter(f, first_param=4, stale_after=stale_after)
     await con.execute(_CUSTOM_PLANS)
     rows = await con.fetch(members_sql(compiled), tenant_id, after, limit, *compiled.params)
     return [_member(r) for r in rows]
 
 
-async def count_members(con: Connection, tenant_id: uuid.UUID, group: GroupRecord) -> int:
+async def count_members(
+    con: Connection,
+    tenant_id: uuid.UUID,
+    group: GroupRecord,
+    *,
+    stale_after: timedelta = _STALE_AFTER,
+) -> int:
     if group.group_type == DYNAMIC:
-        return await count_filter_members(con, tenant_id, stored_filter(group))
+        return await count_filter_members(
+            con, tenant_id, stored_filter(group), stale_after=stale_after
+        )
     count = await con.fetchval(
         "SELECT count(*) FROM device_group_members WHERE tenant_id = $1 AND group_id = $2",
         tenant_id,
@@ -423,17 +457,23 @@ async def count_members(con: Connection, tenant_id: uuid.UUID, group: GroupRecor
 
 
 def _estimates_are_blind(f: filters.DeviceFilter) -> bool:
-    """Whether a count of `f` joins device_state on a blindly estimated device set."""
+    """Whether a count of `f` joins devices and device_state on a blind estimate."""
     has_tags = bool(f.any_tag_keys or f.tag_selectors)
-    reads_state = bool(f.statuses or f.last_seen_before or f.last_seen_after)
-    return has_tags and reads_state
+    reads_state = bool(f.statuses or f.last_seen_before or f.last_seen_after or f.reads_twin)
+    # Twin conditions are jsonb operators on device_state: blind themselves,
+    # and a device_state row always joins its devices row (lifecycle).
+    return (has_tags and reads_state) or bool(f.twin_conditions)
 
 
 async def count_filter_members(
-    con: Connection, tenant_id: uuid.UUID, f: filters.DeviceFilter
+    con: Connection,
+    tenant_id: uuid.UUID,
+    f: filters.DeviceFilter,
+    *,
+    stale_after: timedelta = _STALE_AFTER,
 ) -> int:
     """How many devices `f` selects."""
-    compiled = compile_members_filter(f, first_param=2)
+    compiled = compile_members_filter(f, first_param=2, stale_after=stale_after)
     await con.execute(_CUSTOM_PLANS)
     if _estimates_are_blind(f):
         probe = await con.fetchval(
@@ -450,6 +490,83 @@ async def count_filter_members(
 
 
 async def with_member_count(
-    con: Connection, tenant_id: uuid.UUID, group: GroupRecord
+    con: Connection,
+    tenant_id: uuid.UUID,
+    group: GroupRecord,
+    *,
+    stale_after: timedelta = _STALE_AFTER,
 ) -> GroupRecord:
-    return replace(group, member_count=await count_members(con, tenant_id, group))
+    count = await count_members(con, tenant_id, group, stale_after=stale_after)
+    return replace(group, member_count=count)
+
+
+# --------------------------------------------------------------------------
+# The groups of one device
+
+# The columns filters.DeviceRow holds, and the transaction's now(): the time
+# the compiled SQL's sync-status term measures from.
+_DEVICE_ROW_COLUMNS = """
+    d.device_id, d.name, d.site_id, d.model, d.tags, d.lifecycle,
+    s.status, s.last_seen_at, s.desired, s.reported, s.desired_version,
+    s.reported_version, s.desired_updated_at, s.reported_updated_at
+"""
+
+
+async def device_groups(
+    con: Connection,
+    tenant_id: uuid.UUID,
+    device_id: str,
+    *,
+    stale_after: timedelta = _STALE_AFTER,
+) -> list[GroupRecord]:
+    """The groups `device_id` is in right now, in ListGroups' (name, group_id) order.
+
+    Static groups whose member rows list the device, whatever its lifecycle,
+    and dynamic groups whose filter selects it. NotFound for an unknown device
+    (another tenant's devices do not exist here). member_count is left 0.
+
+    Dynamic groups are evaluated here in Python with `filters.matches`, not
+    with one compiled query per group: `matches` is the reference the SQL
+    compiler is property-tested against (tests/groups/test_membership.py), so
+    it selects exactly what ListGroupMembers selects, and it costs one read of
+    the device and one of the tenant's groups, however many groups there are.
+    It is evaluated at the transaction's now(), the moment the SQL's
+    `now()` would use, with the same `stale_after`.
+    """
+    found = await con.fetchrow(
+        f"""
+        SELECT {_DEVICE_ROW_COLUMNS}, now() AS now
+        FROM devices d
+        JOIN device_state s ON s.tenant_id = d.tenant_id AND s.device_id = d.device_id
+        WHERE d.tenant_id = $1 AND d.device_id = $2
+        """,
+        tenant_id,
+        device_id,
+    )
+    if found is None:
+        raise NotFound("device", device_id)
+    values = dict(found.items())
+    now: datetime = values.pop("now")
+    device = filters.DeviceRow(**values)
+    # Every dynamic group, and the static groups listing the device (through
+    # device_group_members (tenant_id, device_id)), already in ListGroups'
+    # order: sorted by the database, in the "C" collation of name.
+    rows = await con.fetch(
+        f"""
+        SELECT {_GROUP_COLUMNS} FROM device_groups g
+        WHERE g.tenant_id = $1
+          AND (g.group_type = '{DYNAMIC}' OR g.group_id IN (
+                SELECT m.group_id FROM device_group_members m
+                WHERE m.tenant_id = $1 AND m.device_id = $2))
+        ORDER BY g.name, g.group_id
+        """,
+        tenant_id,
+        device_id,
+    )
+    groups = [_group(r) for r in rows]
+    return [
+        g
+        for g in groups
+        if g.group_type == STATIC
+        or filters.matches(stored_filter(g), device, now=now, stale_after=stale_after)
+    ]

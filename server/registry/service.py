@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC
+from datetime import UTC, timedelta
 from typing import Any
 
 import grpc
@@ -62,11 +62,18 @@ def parse_device_filter(message: filter_pb2.DeviceFilter) -> filters.DeviceFilte
 
 class DeviceRegistryService(devices_pb2_grpc.DeviceRegistryServiceServicer):
     def __init__(
-        self, db: Database, tokens: PageTokens, mirror: AccessMirror | None = None
+        self,
+        db: Database,
+        tokens: PageTokens,
+        mirror: AccessMirror | None = None,
+        *,
+        stale_after: timedelta = filters.DEFAULT_TWIN_STALE_AFTER,
     ) -> None:
         self._db = db
         self._tokens = tokens
         self._mirror = mirror or NoMirror()
+        # The twin sync rule's threshold, for filters on sync status.
+        self._stale_after = stale_after
 
     async def CreateDevice(
         self, request: devices_pb2.CreateDeviceRequest, context: Context
@@ -102,6 +109,7 @@ class DeviceRegistryService(devices_pb2_grpc.DeviceRegistryServiceServicer):
                 after=str(start[0]) if start is not None else None,
                 limit=size + 1,
                 device_filter=device_filter,
+                stale_after=self._stale_after,
             )
         records, token = listing.page(rows, size, key=lambda d: [d.device_id])
         return devices_pb2.ListDevicesResponse(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -122,10 +122,13 @@ async def list_devices(
     after: str | None,
     limit: int,
     device_filter: filters.DeviceFilter | None = None,
+    stale_after: timedelta = filters.DEFAULT_TWIN_STALE_AFTER,
 ) -> list[DeviceRecord]:
     """Up to `limit` devices after `after` in device_id order, of those
-    `device_filter` selects."""
-    compiled = filters.compile_filter(device_filter or filters.DeviceFilter(), first_param=4)
+    `device_filter` selects (`stale_after`: the twin sync rule's threshold)."""
+    compiled = filters.compile_filter(
+        device_filter or filters.DeviceFilter(), first_param=4, stale_after=stale_after
+    )
     rows = await con.fetch(
         f"""
         SELECT {_DEVICE_COLUMNS}

@@ -334,3 +334,58 @@ async def test_an_unrelated_long_transaction_does_not_hold_streams_back(
         await watch.wait_events(2)
         assert watch.ids == [t.event_id for t in sent]
     await watch.stop()
+
+
+async def test_a_group_narrowing_by_twin_conditions_reads_the_current_twin(
+    client: pc.AsyncPulseClient, tenant: Tenant, fleet_db: Database, db: Database
+) -> None:
+    for device_id in ("T-OLD", "T-NEW", "T-NONE"):
+        await client.devices.create(device_id)
+    async with db.tenant(tenant.tenant_id) as con:
+        await con.execute(
+            """
+            UPDATE device_state SET reported = $2::text::jsonb
+            WHERE tenant_id = $1 AND device_id = $3
+            """,
+            tenant.tenant_id,
+            '{"fw": {"version": "2.3.1"}}',
+            "T-OLD",
+        )
+        await con.execute(
+            """
+            UPDATE device_state SET reported = $2::text::jsonb
+            WHERE tenant_id = $1 AND device_id = $3
+            """,
+            tenant.tenant_id,
+            '{"fw": {"version": "2.4.0"}}',
+            "T-NEW",
+        )
+        old_firmware = filters.canonical_json(
+            filters.parse_filter(
+                {
+                    "twin_conditions": [
+                        {
+                            "document": "REPORTED",
+                            "path": "fw.version",
+                            "operator": "LESS",
+                            "values": ["2.4"],
+                        }
+                    ]
+                }
+            )
+        )
+        await groups_store.create_group(
+            con,
+            tenant.tenant_id,
+            group_id="old-fw",
+            name="Old firmware",
+            description="",
+            group_type=groups_store.DYNAMIC,
+            query_filter=old_firmware,
+        )
+    narrowed = Collector.start(client.connectivity.watch(group_id="old-fw"))
+    await narrowed.wait_ready()
+    sent = await emit(fleet_db, tenant.tenant_id, ["T-OLD", "T-NEW", "T-NONE"], Signal.ONLINE)
+    await narrowed.wait_events(1)
+    assert narrowed.ids == [t.event_id for t in sent if t.device_id == "T-OLD"]
+    await narrowed.stop()

@@ -34,10 +34,26 @@ async def insert_rows(db: Database, tenant_id: uuid.UUID, rows: Sequence[DeviceR
         )
         await con.executemany(
             """
-            INSERT INTO device_state (tenant_id, device_id, status, last_seen_at)
-            VALUES ($1, $2, $3, $4)
+            INSERT INTO device_state (tenant_id, device_id, status, last_seen_at,
+                desired, reported, desired_version, reported_version,
+                desired_updated_at, reported_updated_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
             """,
-            [(tenant_id, r.device_id, r.status, r.last_seen_at) for r in rows],
+            [
+                (
+                    tenant_id,
+                    r.device_id,
+                    r.status,
+                    r.last_seen_at,
+                    dict(r.desired),
+                    dict(r.reported),
+                    r.desired_version,
+                    r.reported_version,
+                    r.desired_updated_at,
+                    r.reported_updated_at,
+                )
+                for r in rows
+            ],
         )
 
 

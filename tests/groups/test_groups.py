@@ -296,4 +296,5 @@ def test_http_paths_keep_the_upstream_routes() -> None:
         "AddGroupMembers",
         "RemoveGroupMembers",
         "PreviewFilter",
+        "ListDeviceGroups",
     }

@@ -32,6 +32,9 @@ from server.filters import (
     DeviceFilter,
     DeviceRow,
     TagOperator,
+    TwinOperator,
+    TwinSyncStatus,
+    join_twin_path,
     parse_filter,
 )
 
@@ -99,6 +102,37 @@ MODELS: tuple[str, ...] = ("", "m1", "m2", "M1", "m%")
 TAG_KEYS: tuple[str, ...] = ("env", "production", "tier", "Env", "k%", "a.b", "über")
 TAG_VALUES: tuple[str, ...] = ("", "prod", "staging", "PROD", "x'y", "%")
 LIFECYCLES: tuple[str, ...] = ("ACTIVE", "DECOMMISSIONED")
+# Twin documents: keys with dots, backslashes, digits (which `#>` would read
+# as array indexes) and SQL metacharacters; values of every JSON type, with
+# numbers that are equal in another spelling (1, 1.0) and look-alikes across
+# types (1, "1", true).
+TWIN_KEYS: tuple[str, ...] = ("fw", "version", "mode", "a.b", "x\\y", "0", "temp", "'k")
+TWIN_SCALARS: tuple[object, ...] = (
+    "2.3",
+    "2.4",
+    "2.10",
+    "eco",
+    "",
+    "1",
+    "'; DROP TABLE devices; --",
+    1,
+    1.0,
+    2.5,
+    -3,
+    0,
+    2**53 + 1,
+    1e-7,
+    True,
+    False,
+    None,
+)
+# Far from now, so that sync status (PENDING or STALE after 300 s) does not
+# depend on when the test runs.
+TWIN_TIMES: tuple[datetime | None, ...] = (
+    None,
+    datetime(2020, 1, 1, tzinfo=UTC),
+    datetime(2100, 1, 1, tzinfo=UTC),
+)
 STATUSES: tuple[str, ...] = tuple(s.value for s in ConnectivityStatus)
 
 # Instants a microsecond apart, so strict bounds are exercised at equality.
@@ -151,6 +185,14 @@ class SelectorSpec:
 
 
 @dataclass(frozen=True)
+class TwinSpec:
+    document: str
+    path: tuple[str, ...]
+    operator: TwinOperator
+    values: tuple[object, ...]
+
+
+@dataclass(frozen=True)
 class FilterSpec:
     """What a filter means, independent of spelling."""
 
@@ -164,6 +206,10 @@ class FilterSpec:
     last_seen_before: datetime | None = None
     last_seen_after: datetime | None = None
     models: frozenset[str] = frozenset()
+    twin_conditions: tuple[TwinSpec, ...] = ()
+    sync_statuses: frozenset[str] = frozenset()
+    desired_version: tuple[int | None, int | None] = (None, None)
+    reported_version: tuple[int | None, int | None] = (None, None)
 
 
 def _maybe(strategy: st.SearchStrategy[T], default: T) -> st.SearchStrategy[T]:
@@ -188,9 +234,47 @@ def selector_specs(draw: st.DrawFn, text: st.SearchStrategy[str] = default_text)
     return SelectorSpec(key, operator, values)
 
 
+_ORDERED = (
+    TwinOperator.LESS,
+    TwinOperator.LESS_OR_EQUAL,
+    TwinOperator.GREATER,
+    TwinOperator.GREATER_OR_EQUAL,
+)
+
+
+@st.composite
+def twin_specs(draw: st.DrawFn, text: st.SearchStrategy[str] = default_text) -> TwinSpec:
+    path = tuple(draw(st.lists(mixed(TWIN_KEYS, text), min_size=1, max_size=3)))
+    operator = draw(st.sampled_from(list(TwinOperator)))
+    values: tuple[object, ...] = ()
+    if operator in _ORDERED:
+        values = (
+            draw(
+                st.one_of(
+                    st.sampled_from([v for v in TWIN_SCALARS if not isinstance(v, bool | None)]),
+                    text,
+                )
+            ),
+        )
+    elif operator is TwinOperator.IN:
+        values = tuple(draw(st.lists(st.sampled_from(TWIN_SCALARS), min_size=1, max_size=4)))
+    elif operator in (TwinOperator.EQUALS, TwinOperator.NOT_EQUALS):
+        values = (draw(st.one_of(st.sampled_from(TWIN_SCALARS), text)),)
+    return TwinSpec(draw(st.sampled_from(["DESIRED", "REPORTED"])), path, operator, values)
+
+
+def _version_range() -> st.SearchStrategy[tuple[int | None, int | None]]:
+    bound = st.one_of(st.none(), st.integers(0, 3))
+    return _maybe(st.tuples(bound, bound), (None, None))
+
+
 @st.composite
 def filter_specs(draw: st.DrawFn, text: st.SearchStrategy[str] = default_text) -> FilterSpec:
     return FilterSpec(
+        twin_conditions=tuple(draw(_maybe(st.lists(twin_specs(text), min_size=1, max_size=3), []))),
+        sync_statuses=draw(_small_set(st.sampled_from([s.value for s in TwinSyncStatus]))),
+        desired_version=draw(_version_range()),
+        reported_version=draw(_version_range()),
         statuses=draw(_small_set(st.sampled_from(STATUSES))),
         site_ids=draw(_small_set(mixed(SITE_IDS, text))),
         any_tag_keys=draw(_small_set(mixed(TAG_KEYS, text))),
@@ -266,6 +350,44 @@ def _selector_dict(draw: st.DrawFn, spec: SelectorSpec) -> dict[str, object]:
         return {"key": spec.key, "operator": op.value, "values": _scrambled(draw, spec.values)}
     out: dict[str, object] = {"key": spec.key, "operator": op.value}
     _absent(draw, out, "values", [])
+    return out
+
+
+def _twin_value(draw: st.DrawFn, value: object) -> object:
+    # gRPC sends every number as a double: 2 and 2.0 spell one value.
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**53:
+        return draw(st.sampled_from([value, float(value)]))
+    return value
+
+
+def _twin_dict(draw: st.DrawFn, spec: TwinSpec) -> dict[str, object]:
+    op = spec.operator
+    values = [_twin_value(draw, v) for v in spec.values]
+    if op is TwinOperator.EQUALS and draw(st.booleans()):
+        op = TwinOperator.IN  # EQUALS v is IN [v], repeats allowed
+        values = values * draw(st.integers(1, 3))
+    elif op is TwinOperator.IN:
+        values = draw(st.permutations(values + draw(st.lists(st.sampled_from(values), max_size=2))))
+    out: dict[str, object] = {
+        "document": spec.document,
+        "path": join_twin_path(spec.path),
+        "operator": op.value,
+    }
+    if values:
+        out["values"] = values
+    else:
+        _absent(draw, out, "values", [])
+    return out
+
+
+def _range_dict(draw: st.DrawFn, bounds: tuple[int | None, int | None]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for name, bound in zip(("min", "max"), bounds, strict=True):
+        if bound is not None:
+            # proto3 JSON writes int64 as a string.
+            out[name] = draw(st.sampled_from([bound, str(bound)]))
+        elif draw(st.booleans()):
+            out[name] = None
     return out
 
 
@@ -353,6 +475,22 @@ def render(draw: st.DrawFn, spec: FilterSpec) -> dict[str, object]:
         out["models"] = _scrambled(draw, spec.models)
     else:
         _absent(draw, out, "models", [])
+    conditions = [_twin_dict(draw, c) for c in spec.twin_conditions]
+    if conditions:
+        conditions += draw(st.lists(st.sampled_from(conditions), max_size=2))
+        out["twin_conditions"] = draw(st.permutations(conditions))
+    else:
+        _absent(draw, out, "twin_conditions", [])
+    if spec.sync_statuses:
+        out["sync_statuses"] = _scrambled(draw, spec.sync_statuses)
+    else:
+        _absent(draw, out, "sync_statuses", [])
+    for name, bounds in (
+        ("desired_version", spec.desired_version),
+        ("reported_version", spec.reported_version),
+    ):
+        if bounds != (None, None) or draw(st.booleans()):
+            out[name] = _range_dict(draw, bounds)
     order = draw(st.permutations(list(out)))
     return {k: out[k] for k in order}
 
@@ -379,6 +517,7 @@ def device_filters(text: st.SearchStrategy[str] = default_text) -> st.SearchStra
 @st.composite
 def device_rows(draw: st.DrawFn, text: st.SearchStrategy[str] = safe_text) -> DeviceRow:
     """Devices over the filters' vocabulary; ``site_id`` only from SITE_IDS."""
+    desired = draw(twin_documents(text))
     return DeviceRow(
         device_id=draw(mixed(DEVICE_IDS, text)),
         name=draw(st.one_of(st.sampled_from(NAMES), text)),
@@ -388,7 +527,30 @@ def device_rows(draw: st.DrawFn, text: st.SearchStrategy[str] = safe_text) -> De
         lifecycle=draw(st.sampled_from(("ACTIVE", *LIFECYCLES))),
         status=draw(st.sampled_from(STATUSES)),
         last_seen_at=draw(st.one_of(st.none(), instants)),
+        desired=desired,
+        # Often the same document, so that some twins are in sync.
+        reported=draw(st.one_of(st.just(desired), twin_documents(text))),
+        desired_version=draw(st.integers(0, 3)),
+        reported_version=draw(st.integers(0, 3)),
+        desired_updated_at=draw(st.sampled_from(TWIN_TIMES)),
+        reported_updated_at=draw(st.sampled_from(TWIN_TIMES)),
     )
+
+
+def twin_documents(
+    text: st.SearchStrategy[str] = safe_text,
+) -> st.SearchStrategy[dict[str, object]]:
+    """Small twin documents over TWIN_KEYS, with nested objects and arrays."""
+    scalars = st.one_of(st.sampled_from(TWIN_SCALARS), text)
+    values = st.recursive(
+        scalars,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=2),
+            st.dictionaries(mixed(TWIN_KEYS, text), inner, max_size=3),
+        ),
+        max_leaves=6,
+    )
+    return st.dictionaries(mixed(TWIN_KEYS, text), values, max_size=4)
 
 
 def json_values(keys: Sequence[str]) -> st.SearchStrategy[object]:

@@ -33,6 +33,9 @@ from server.filters import (
     FilterError,
     TagOperator,
     TagSelector,
+    TwinCondition,
+    TwinDocument,
+    TwinOperator,
     canonical_json,
     canonical_text,
     compile_filter,
@@ -41,6 +44,7 @@ from server.filters import (
     normalise_filter,
     parse_filter,
     prefix_upper_bound,
+    split_twin_path,
 )
 from tests.unit.filter_strategies import (
     INJECTION_STRINGS,
@@ -540,11 +544,15 @@ SQL_TOKEN = re.compile(
     r"""
     \s+
     | \$[1-9][0-9]*
-    | ::text\[\]::jsonb\[\] | ::text::jsonb | ::text\[\] | ::timestamptz | ::text
-    | d\.(?:lifecycle|site_id|model|device_id|name|tags) | s\.(?:status|last_seen_at)
+    | ::text\[\]::jsonb\[\] | ::text::jsonb | ::text::numeric | ::text\[\] | ::timestamptz
+    | ::text | ::numeric | ::interval | ::bigint
+    | d\.(?:lifecycle|site_id|model|device_id|name|tags)
+    | s\.(?:status|last_seen_at|desired_version|reported_version|desired_updated_at
+           |reported_updated_at|desired|reported)
     | COLLATE\ "C"
-    | (?:AND|NOT|IS|NULL|ANY|TRUE|starts_with)\b
-    | <> | >= | = | < | > | \?\| | \? | @> | \( | \) | ,
+    | (?:AND|OR|NOT|IS|NULL|ANY|TRUE|CASE|WHEN|THEN|ELSE|END|false|starts_with|jsonb_typeof
+         |coalesce|now)\b
+    | <> | >= | <= | = | < | > | - | \?\| | \? | @> | -> | \#>> | \( | \) | ,
     """,
     re.VERBOSE,
 )
@@ -559,18 +567,25 @@ def assert_sql_is_only_fixed_tokens(sql: str) -> None:
 
 
 def param_atoms(params: list[object]) -> set[str]:
-    """Every string the parameters carry, looking inside tag JSON."""
+    """Every string the parameters carry, looking inside tag and twin JSON."""
     atoms: set[str] = set()
+
+    def walk(value: object) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                atoms.add(key)
+                walk(inner)
+        elif isinstance(value, str):
+            atoms.add(value)
+
     for param in params:
         for item in param if isinstance(param, list) else [param]:
             if isinstance(item, str):
                 atoms.add(item)
                 try:
-                    decoded = json.loads(item)
+                    walk(json.loads(item))
                 except json.JSONDecodeError:
                     continue
-                if isinstance(decoded, dict):
-                    atoms.update(*decoded.items())
     return atoms
 
 
@@ -579,6 +594,9 @@ def filter_strings(parsed: DeviceFilter) -> set[str]:
     strings |= {parsed.device_id_prefix, parsed.name_prefix} - {""}
     for selector in parsed.tag_selectors:
         strings |= {selector.key, *selector.values}
+    for condition in parsed.twin_conditions:
+        strings |= set(condition.path)
+        strings |= {v for v in condition.decoded_values() if isinstance(v, str)}
     return strings
 
 
@@ -880,7 +898,22 @@ def _as_written(data: dict[str, object]) -> DeviceFilter:
     )
     raw_tags = data.get("tags") or []
     assert isinstance(raw_tags, list)
+    raw_conditions = data.get("twin_conditions") or []
+    assert isinstance(raw_conditions, list)
+    conditions = tuple(
+        TwinCondition(
+            TwinDocument(c["document"]),
+            split_twin_path(c["path"]),
+            TwinOperator(c["operator"]),
+            tuple(json.dumps(v) for v in c.get("values") or ()),
+        )
+        for c in raw_conditions
+    )
     return DeviceFilter(
+        twin_conditions=conditions,
+        sync_statuses=parsed.sync_statuses,
+        desired_version=parsed.desired_version,
+        reported_version=parsed.reported_version,
         statuses=parsed.statuses,
         site_ids=parsed.site_ids,
         any_tag_keys=tuple(raw_tags),

@@ -8,6 +8,7 @@ wrappers, which differ only in how they call the RPC helper.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeAlias
 
@@ -262,6 +263,20 @@ class AsyncGroups:
         """One raw PreviewFilter call (e.g. with ``include_total``)."""
         return await self._rpc.unary(self._stub.PreviewFilter, request)
 
+    async def device_groups(self, device_id: str) -> builtins.list[groups_pb2.Group]:
+        """The groups a device is in right now, in name order (then group_id).
+
+        Static groups that list it and dynamic groups whose filter selects it,
+        evaluated against the device's current state. ``member_count`` is not
+        computed here and is 0.
+
+        Raises:
+            NotFound: No such device.
+        """
+        request = groups_pb2.ListDeviceGroupsRequest(device_id=device_id)
+        response = await self._rpc.unary(self._stub.ListDeviceGroups, request)
+        return list(response.groups)
+
 
 class Groups:
     """Blocking twin of :class:`AsyncGroups` (``PulseClient.groups``)."""
@@ -376,3 +391,9 @@ class Groups:
     ) -> groups_pb2.PreviewFilterResponse:
         """One raw PreviewFilter call."""
         return self._rpc.unary(self._stub.PreviewFilter, request)
+
+    def device_groups(self, device_id: str) -> builtins.list[groups_pb2.Group]:
+        """The groups a device is in right now; see :meth:`AsyncGroups.device_groups`."""
+        request = groups_pb2.ListDeviceGroupsRequest(device_id=device_id)
+        response = self._rpc.unary(self._stub.ListDeviceGroups, request)
+        return list(response.groups)

@@ -22,21 +22,31 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from pulse.device.v1 import status_pb2 as pulse_dot_device_dot_v1_dot_status__pb2
+from pulse.device.v1 import twin_pb2 as pulse_dot_device_dot_v1_dot_twin__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpulse/device/v1/filter.proto\x12\x0fpulse.device.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cpulse/device/v1/status.proto\"\xaa\x03\n\x0c\x44\x65viceFilter\x12\x33\n\x06status\x18\x01 \x01(\x0e\x32#.pulse.device.v1.ConnectivityStatus\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\x0f\n\x07site_id\x18\x03 \x01(\t\x12\x35\n\x08statuses\x18\x04 \x03(\x0e\x32#.pulse.device.v1.ConnectivityStatus\x12\x10\n\x08site_ids\x18\x05 \x03(\t\x12\x1e\n\x16include_decommissioned\x18\x06 \x01(\x08\x12\x18\n\x10\x64\x65vice_id_prefix\x18\x07 \x01(\t\x12\x13\n\x0bname_prefix\x18\x08 \x01(\t\x12\x34\n\x10last_seen_before\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_seen_after\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06models\x18\x0b \x03(\t\x12\x33\n\rtag_selectors\x18\x0c \x03(\x0b\x32\x1c.pulse.device.v1.TagSelector\"\xd9\x01\n\x0bTagSelector\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x37\n\x08operator\x18\x02 \x01(\x0e\x32%.pulse.device.v1.TagSelector.Operator\x12\x0e\n\x06values\x18\x03 \x03(\t\"t\n\x08Operator\x12\x18\n\x14OPERATOR_UNSPECIFIED\x10\x00\x12\n\n\x06\x45XISTS\x10\x01\x12\x12\n\x0e\x44OES_NOT_EXIST\x10\x02\x12\n\n\x06\x45QUALS\x10\x03\x12\x0e\n\nNOT_EQUALS\x10\x04\x12\x06\n\x02IN\x10\x05\x12\n\n\x06NOT_IN\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpulse/device/v1/filter.proto\x12\x0fpulse.device.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cpulse/device/v1/status.proto\x1a\x1apulse/device/v1/twin.proto\"\x8d\x05\n\x0c\x44\x65viceFilter\x12\x33\n\x06status\x18\x01 \x01(\x0e\x32#.pulse.device.v1.ConnectivityStatus\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\x0f\n\x07site_id\x18\x03 \x01(\t\x12\x35\n\x08statuses\x18\x04 \x03(\x0e\x32#.pulse.device.v1.ConnectivityStatus\x12\x10\n\x08site_ids\x18\x05 \x03(\t\x12\x1e\n\x16include_decommissioned\x18\x06 \x01(\x08\x12\x18\n\x10\x64\x65vice_id_prefix\x18\x07 \x01(\t\x12\x13\n\x0bname_prefix\x18\x08 \x01(\t\x12\x34\n\x10last_seen_before\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_seen_after\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06models\x18\x0b \x03(\t\x12\x33\n\rtag_selectors\x18\x0c \x03(\x0b\x32\x1c.pulse.device.v1.TagSelector\x12\x37\n\x0ftwin_conditions\x18\r \x03(\x0b\x32\x1e.pulse.device.v1.TwinCondition\x12\x37\n\rsync_statuses\x18\x0e \x03(\x0e\x32 .pulse.device.v1.Twin.SyncStatus\x12\x36\n\x0f\x64\x65sired_version\x18\x0f \x01(\x0b\x32\x1d.pulse.device.v1.VersionRange\x12\x37\n\x10reported_version\x18\x10 \x01(\x0b\x32\x1d.pulse.device.v1.VersionRange\"\xa7\x03\n\rTwinCondition\x12\x39\n\x08\x64ocument\x18\x01 \x01(\x0e\x32\'.pulse.device.v1.TwinCondition.Document\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x39\n\x08operator\x18\x03 \x01(\x0e\x32\'.pulse.device.v1.TwinCondition.Operator\x12&\n\x06values\x18\x04 \x03(\x0b\x32\x16.google.protobuf.Value\"?\n\x08\x44ocument\x12\x18\n\x14\x44OCUMENT_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x44\x45SIRED\x10\x01\x12\x0c\n\x08REPORTED\x10\x02\"\xa8\x01\n\x08Operator\x12\x18\n\x14OPERATOR_UNSPECIFIED\x10\x00\x12\n\n\x06\x45XISTS\x10\x01\x12\x12\n\x0e\x44OES_NOT_EXIST\x10\x02\x12\n\n\x06\x45QUALS\x10\x03\x12\x0e\n\nNOT_EQUALS\x10\x04\x12\x08\n\x04LESS\x10\x05\x12\x11\n\rLESS_OR_EQUAL\x10\x06\x12\x0b\n\x07GREATER\x10\x07\x12\x14\n\x10GREATER_OR_EQUAL\x10\x08\x12\x06\n\x02IN\x10\t\"B\n\x0cVersionRange\x12\x10\n\x03min\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x10\n\x03max\x18\x02 \x01(\x03H\x01\x88\x01\x01\x42\x06\n\x04_minB\x06\n\x04_max\"\xd9\x01\n\x0bTagSelector\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x37\n\x08operator\x18\x02 \x01(\x0e\x32%.pulse.device.v1.TagSelector.Operator\x12\x0e\n\x06values\x18\x03 \x03(\t\"t\n\x08Operator\x12\x18\n\x14OPERATOR_UNSPECIFIED\x10\x00\x12\n\n\x06\x45XISTS\x10\x01\x12\x12\n\x0e\x44OES_NOT_EXIST\x10\x02\x12\n\n\x06\x45QUALS\x10\x03\x12\x0e\n\nNOT_EQUALS\x10\x04\x12\x06\n\x02IN\x10\x05\x12\n\n\x06NOT_IN\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pulse.device.v1.filter_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DEVICEFILTER']._serialized_start=113
-  _globals['_DEVICEFILTER']._serialized_end=539
-  _globals['_TAGSELECTOR']._serialized_start=542
-  _globals['_TAGSELECTOR']._serialized_end=759
-  _globals['_TAGSELECTOR_OPERATOR']._serialized_start=643
-  _globals['_TAGSELECTOR_OPERATOR']._serialized_end=759
+  _globals['_DEVICEFILTER']._serialized_start=171
+  _globals['_DEVICEFILTER']._serialized_end=824
+  _globals['_TWINCONDITION']._serialized_start=827
+  _globals['_TWINCONDITION']._serialized_end=1250
+  _globals['_TWINCONDITION_DOCUMENT']._serialized_start=1016
+  _globals['_TWINCONDITION_DOCUMENT']._serialized_end=1079
+  _globals['_TWINCONDITION_OPERATOR']._serialized_start=1082
+  _globals['_TWINCONDITION_OPERATOR']._serialized_end=1250
+  _globals['_VERSIONRANGE']._serialized_start=1252
+  _globals['_VERSIONRANGE']._serialized_end=1318
+  _globals['_TAGSELECTOR']._serialized_start=1321
+  _globals['_TAGSELECTOR']._serialized_end=1538
+  _globals['_TAGSELECTOR_OPERATOR']._serialized_start=1422
+  _globals['_TAGSELECTOR_OPERATOR']._serialized_end=1538
 # @@protoc_insertion_point(module_scope)

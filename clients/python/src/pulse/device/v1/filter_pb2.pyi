@@ -6,10 +6,12 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from pulse.device.v1 import status_pb2 as _status_pb2
+from pulse.device.v1 import twin_pb2 as _twin_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -42,6 +44,10 @@ class DeviceFilter(_message.Message):
     LAST_SEEN_AFTER_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     TAG_SELECTORS_FIELD_NUMBER: _builtins.int
+    TWIN_CONDITIONS_FIELD_NUMBER: _builtins.int
+    SYNC_STATUSES_FIELD_NUMBER: _builtins.int
+    DESIRED_VERSION_FIELD_NUMBER: _builtins.int
+    REPORTED_VERSION_FIELD_NUMBER: _builtins.int
     status: _status_pb2.ConnectivityStatus.ValueType
     """Upstream shorthand for statuses = [status]."""
     site_id: _builtins.str
@@ -80,6 +86,24 @@ class DeviceFilter(_message.Message):
     def tag_selectors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TagSelector]:
         """Tag conditions with Kubernetes label-selector semantics; all must hold."""
 
+    @_builtins.property
+    def twin_conditions(self) -> _containers.RepeatedCompositeFieldContainer[Global___TwinCondition]:
+        """Conditions on the device's twin documents; all must hold. Evaluated
+        against the documents as stored at read time, never an index that lags.
+        """
+
+    @_builtins.property
+    def sync_statuses(self) -> _containers.RepeatedScalarFieldContainer[_twin_pb2.Twin.SyncStatus.ValueType]:
+        """The twin's sync status (Twin.sync_status) is any of these."""
+
+    @_builtins.property
+    def desired_version(self) -> Global___VersionRange:
+        """The twin's desired_version is in this range."""
+
+    @_builtins.property
+    def reported_version(self) -> Global___VersionRange:
+        """The twin's reported_version is in this range."""
+
     def __init__(
         self,
         *,
@@ -95,14 +119,175 @@ class DeviceFilter(_message.Message):
         last_seen_after: _timestamp_pb2.Timestamp | None = ...,
         models: _abc.Iterable[_builtins.str] | None = ...,
         tag_selectors: _abc.Iterable[Global___TagSelector] | None = ...,
+        twin_conditions: _abc.Iterable[Global___TwinCondition] | None = ...,
+        sync_statuses: _abc.Iterable[_twin_pb2.Twin.SyncStatus.ValueType] | None = ...,
+        desired_version: Global___VersionRange | None = ...,
+        reported_version: Global___VersionRange | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen_after", b"last_seen_after", "last_seen_before", b"last_seen_before"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["desired_version", b"desired_version", "last_seen_after", b"last_seen_after", "last_seen_before", b"last_seen_before", "reported_version", b"reported_version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id_prefix", b"device_id_prefix", "include_decommissioned", b"include_decommissioned", "last_seen_after", b"last_seen_after", "last_seen_before", b"last_seen_before", "models", b"models", "name_prefix", b"name_prefix", "site_id", b"site_id", "site_ids", b"site_ids", "status", b"status", "statuses", b"statuses", "tag_selectors", b"tag_selectors", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["desired_version", b"desired_version", "device_id_prefix", b"device_id_prefix", "include_decommissioned", b"include_decommissioned", "last_seen_after", b"last_seen_after", "last_seen_before", b"last_seen_before", "models", b"models", "name_prefix", b"name_prefix", "reported_version", b"reported_version", "site_id", b"site_id", "site_ids", b"site_ids", "status", b"status", "statuses", b"statuses", "sync_statuses", b"sync_statuses", "tag_selectors", b"tag_selectors", "tags", b"tags", "twin_conditions", b"twin_conditions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeviceFilter: _TypeAlias = DeviceFilter  # noqa: Y015
+
+@_typing.final
+class TwinCondition(_message.Message):
+    """TwinCondition is one condition on a value inside a twin document."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Document:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _DocumentEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[TwinCondition._Document.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        DOCUMENT_UNSPECIFIED: TwinCondition._Document.ValueType  # 0
+        """Not set; invalid."""
+        DESIRED: TwinCondition._Document.ValueType  # 1
+        """What the operator asked for (Twin.desired)."""
+        REPORTED: TwinCondition._Document.ValueType  # 2
+        """What the device last reported (Twin.reported)."""
+
+    class Document(_Document, metaclass=_DocumentEnumTypeWrapper):
+        """Document names the twin document a condition reads."""
+
+    DOCUMENT_UNSPECIFIED: TwinCondition.Document.ValueType  # 0
+    """Not set; invalid."""
+    DESIRED: TwinCondition.Document.ValueType  # 1
+    """What the operator asked for (Twin.desired)."""
+    REPORTED: TwinCondition.Document.ValueType  # 2
+    """What the device last reported (Twin.reported)."""
+
+    class _Operator:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _OperatorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[TwinCondition._Operator.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        OPERATOR_UNSPECIFIED: TwinCondition._Operator.ValueType  # 0
+        """Not set; invalid."""
+        EXISTS: TwinCondition._Operator.ValueType  # 1
+        """The path exists (its value may be null)."""
+        DOES_NOT_EXIST: TwinCondition._Operator.ValueType  # 2
+        """The path does not exist."""
+        EQUALS: TwinCondition._Operator.ValueType  # 3
+        """The value equals the one value given (a string, number, boolean or null)."""
+        NOT_EQUALS: TwinCondition._Operator.ValueType  # 4
+        """The path is missing or its value differs from the one value given."""
+        LESS: TwinCondition._Operator.ValueType  # 5
+        """The value is a number below the one number given, or a string before
+        the one string given (by Unicode code point).
+        """
+        LESS_OR_EQUAL: TwinCondition._Operator.ValueType  # 6
+        """As LESS, or equal."""
+        GREATER: TwinCondition._Operator.ValueType  # 7
+        """The value is a number above the one number given, or a string after
+        the one string given.
+        """
+        GREATER_OR_EQUAL: TwinCondition._Operator.ValueType  # 8
+        """As GREATER, or equal."""
+        IN: TwinCondition._Operator.ValueType  # 9
+        """The value equals any of the values given (1 to 100)."""
+
+    class Operator(_Operator, metaclass=_OperatorEnumTypeWrapper):
+        """Operator says how the value at the path is compared. Values are typed:
+        the number 1 never equals the string "1", numbers compare by value
+        (1 equals 1.0), and true is not 1.
+        """
+
+    OPERATOR_UNSPECIFIED: TwinCondition.Operator.ValueType  # 0
+    """Not set; invalid."""
+    EXISTS: TwinCondition.Operator.ValueType  # 1
+    """The path exists (its value may be null)."""
+    DOES_NOT_EXIST: TwinCondition.Operator.ValueType  # 2
+    """The path does not exist."""
+    EQUALS: TwinCondition.Operator.ValueType  # 3
+    """The value equals the one value given (a string, number, boolean or null)."""
+    NOT_EQUALS: TwinCondition.Operator.ValueType  # 4
+    """The path is missing or its value differs from the one value given."""
+    LESS: TwinCondition.Operator.ValueType  # 5
+    """The value is a number below the one number given, or a string before
+    the one string given (by Unicode code point).
+    """
+    LESS_OR_EQUAL: TwinCondition.Operator.ValueType  # 6
+    """As LESS, or equal."""
+    GREATER: TwinCondition.Operator.ValueType  # 7
+    """The value is a number above the one number given, or a string after
+    the one string given.
+    """
+    GREATER_OR_EQUAL: TwinCondition.Operator.ValueType  # 8
+    """As GREATER, or equal."""
+    IN: TwinCondition.Operator.ValueType  # 9
+    """The value equals any of the values given (1 to 100)."""
+
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    OPERATOR_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    document: Global___TwinCondition.Document.ValueType
+    """Which document to read."""
+    path: _builtins.str
+    """Dotted object keys from the top of the document, e.g. `fw.version`. A
+    literal dot in a key is written `\\.`, a backslash `\\\\`. Arrays are not
+    entered: a key never indexes into an array.
+    """
+    operator: Global___TwinCondition.Operator.ValueType
+    """How to compare."""
+    @_builtins.property
+    def values(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Value]:
+        """The values to compare with, as the operator requires."""
+
+    def __init__(
+        self,
+        *,
+        document: Global___TwinCondition.Document.ValueType = ...,
+        path: _builtins.str = ...,
+        operator: Global___TwinCondition.Operator.ValueType = ...,
+        values: _abc.Iterable[_struct_pb2.Value] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "operator", b"operator", "path", b"path", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TwinCondition: _TypeAlias = TwinCondition  # noqa: Y015
+
+@_typing.final
+class VersionRange(_message.Message):
+    """VersionRange bounds a version; both bounds are inclusive and optional."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIN_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    min: _builtins.int
+    """The version is at least this."""
+    max: _builtins.int
+    """The version is at most this."""
+    def __init__(
+        self,
+        *,
+        min: _builtins.int | None = ...,
+        max: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max", b"_max", "_min", b"_min", "max", b"max", "min", b"min"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max", b"_max", "_min", b"_min", "max", b"max", "min", b"min"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max: _TypeAlias = _typing.Literal["max"]  # noqa: Y015
+    _WhichOneofArgType__max: _TypeAlias = _typing.Literal["_max", b"_max"]  # noqa: Y015
+    _WhichOneofReturnType__min: _TypeAlias = _typing.Literal["min"]  # noqa: Y015
+    _WhichOneofArgType__min: _TypeAlias = _typing.Literal["_min", b"_min"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max) -> _WhichOneofReturnType__max | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min) -> _WhichOneofReturnType__min | None: ...
+
+Global___VersionRange: _TypeAlias = VersionRange  # noqa: Y015
 
 @_typing.final
 class TagSelector(_message.Message):

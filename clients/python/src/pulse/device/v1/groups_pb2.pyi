@@ -546,3 +546,55 @@ class PreviewFilterResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__total) -> _WhichOneofReturnType__total | None: ...
 
 Global___PreviewFilterResponse: _TypeAlias = PreviewFilterResponse  # noqa: Y015
+
+@_typing.final
+class ListDeviceGroupsRequest(_message.Message):
+    """ListDeviceGroupsRequest names the device."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    """The device's id."""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeviceGroupsRequest: _TypeAlias = ListDeviceGroupsRequest  # noqa: Y015
+
+@_typing.final
+class ListDeviceGroupsResponse(_message.Message):
+    """ListDeviceGroupsResponse lists every group the device is in."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    """The device's id."""
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___Group]:
+        """The groups, in name order (then group_id). member_count is not computed
+        here and is always 0.
+        """
+
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        groups: _abc.Iterable[Global___Group] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "groups", b"groups"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeviceGroupsResponse: _TypeAlias = ListDeviceGroupsResponse  # noqa: Y015

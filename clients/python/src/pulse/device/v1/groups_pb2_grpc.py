@@ -84,6 +84,11 @@ class DeviceGroupServiceStub:
                 request_serializer=pulse_dot_device_dot_v1_dot_groups__pb2.PreviewFilterRequest.SerializeToString,
                 response_deserializer=pulse_dot_device_dot_v1_dot_groups__pb2.PreviewFilterResponse.FromString,
                 _registered_method=True)
+        self.ListDeviceGroups = channel.unary_unary(
+                '/pulse.device.v1.DeviceGroupService/ListDeviceGroups',
+                request_serializer=pulse_dot_device_dot_v1_dot_groups__pb2.ListDeviceGroupsRequest.SerializeToString,
+                response_deserializer=pulse_dot_device_dot_v1_dot_groups__pb2.ListDeviceGroupsResponse.FromString,
+                _registered_method=True)
 
 
 class DeviceGroupServiceServicer:
@@ -177,6 +182,16 @@ class DeviceGroupServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDeviceGroups(self, request, context):
+        """ListDeviceGroups says which groups a device is in right now: the static
+        groups that list it and the dynamic groups whose filter selects it, each
+        evaluated against the device's current state. Unknown devices are
+        NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceGroupServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -224,6 +239,11 @@ def add_DeviceGroupServiceServicer_to_server(servicer, server):
                     servicer.PreviewFilter,
                     request_deserializer=pulse_dot_device_dot_v1_dot_groups__pb2.PreviewFilterRequest.FromString,
                     response_serializer=pulse_dot_device_dot_v1_dot_groups__pb2.PreviewFilterResponse.SerializeToString,
+            ),
+            'ListDeviceGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeviceGroups,
+                    request_deserializer=pulse_dot_device_dot_v1_dot_groups__pb2.ListDeviceGroupsRequest.FromString,
+                    response_serializer=pulse_dot_device_dot_v1_dot_groups__pb2.ListDeviceGroupsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -473,6 +493,33 @@ class DeviceGroupService:
             '/pulse.device.v1.DeviceGroupService/PreviewFilter',
             pulse_dot_device_dot_v1_dot_groups__pb2.PreviewFilterRequest.SerializeToString,
             pulse_dot_device_dot_v1_dot_groups__pb2.PreviewFilterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeviceGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pulse.device.v1.DeviceGroupService/ListDeviceGroups',
+            pulse_dot_device_dot_v1_dot_groups__pb2.ListDeviceGroupsRequest.SerializeToString,
+            pulse_dot_device_dot_v1_dot_groups__pb2.ListDeviceGroupsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -86,6 +86,12 @@ class DeviceGroupServiceStub:
     paging and optional total as ListGroupMembers, so a filter builder can
     show results as the user types.
     """
+    ListDeviceGroups: _grpc.UnaryUnaryMultiCallable[_groups_pb2.ListDeviceGroupsRequest, _groups_pb2.ListDeviceGroupsResponse]
+    """ListDeviceGroups says which groups a device is in right now: the static
+    groups that list it and the dynamic groups whose filter selects it, each
+    evaluated against the device's current state. Unknown devices are
+    NOT_FOUND.
+    """
 
 @_typing.type_check_only
 class DeviceGroupServiceAsyncStub(DeviceGroupServiceStub):
@@ -143,6 +149,12 @@ class DeviceGroupServiceAsyncStub(DeviceGroupServiceStub):
     """PreviewFilter lists the devices an unsaved filter selects, with the same
     paging and optional total as ListGroupMembers, so a filter builder can
     show results as the user types.
+    """
+    ListDeviceGroups: _aio.UnaryUnaryMultiCallable[_groups_pb2.ListDeviceGroupsRequest, _groups_pb2.ListDeviceGroupsResponse]  # type: ignore[assignment]
+    """ListDeviceGroups says which groups a device is in right now: the static
+    groups that list it and the dynamic groups whose filter selects it, each
+    evaluated against the device's current state. Unknown devices are
+    NOT_FOUND.
     """
 
 class DeviceGroupServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -252,6 +264,18 @@ class DeviceGroupServiceServicer(metaclass=_abc_1.ABCMeta):
         """PreviewFilter lists the devices an unsaved filter selects, with the same
         paging and optional total as ListGroupMembers, so a filter builder can
         show results as the user types.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDeviceGroups(
+        self,
+        request: _groups_pb2.ListDeviceGroupsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_groups_pb2.ListDeviceGroupsResponse, _abc.Awaitable[_groups_pb2.ListDeviceGroupsResponse]]:
+        """ListDeviceGroups says which groups a device is in right now: the static
+        groups that list it and the dynamic groups whose filter selects it, each
+        evaluated against the device's current state. Unknown devices are
+        NOT_FOUND.
         """
 
 def add_DeviceGroupServiceServicer_to_server(servicer: DeviceGroupServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
