@@ -69,6 +69,7 @@ __all__ = [
     "parse_filter",
     "prefix_upper_bound",
     "split_twin_path",
+    "twin_paths",
     "twin_sync_status",
 ]
 
@@ -646,6 +647,24 @@ def split_twin_path(text: str) -> tuple[str, ...]:
 def join_twin_path(keys: Iterable[str]) -> str:
     """Inverse of ``split_twin_path``."""
     return ".".join(k.replace("\\", "\\\\").replace(".", "\\.") for k in keys)
+
+
+def twin_paths(documents: Iterable[Mapping[str, Any]], *, limit: int) -> list[str]:
+    """The sorted paths (as ``join_twin_path`` writes them) to every
+    non-object value in ``documents``, at most ``limit`` of them."""
+    found: set[str] = set()
+
+    def walk(value: Mapping[str, Any], keys: tuple[str, ...]) -> None:
+        for key, inner in value.items():
+            here = (*keys, key)
+            if isinstance(inner, Mapping) and inner and len(here) < MAX_TWIN_PATH_SEGMENTS:
+                walk(inner, here)
+            else:
+                found.add(join_twin_path(here))
+
+    for document in documents:
+        walk(document, ())
+    return sorted(found)[:limit]
 
 
 def _number_json(value: int | float) -> str:

@@ -29,6 +29,7 @@ GroupType = groups_pb2.Group.GroupType
 
 DESCRIPTION_MAX = 1024
 MAX_DEVICE_IDS = 1000
+MAX_TWIN_PATHS = 1000
 
 
 def _check_name(field: str, value: str, out: list[FieldViolation]) -> None:
@@ -344,13 +345,6 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
     ) -> groups_pb2.ListDeviceGroupsResponse:
         tenant = current_principal().tenant_id
         device_id = v.require_id("device_id", request.device_id)
-        # One read-only transaction, two statements: the device with its state,
-        # then the dynamic groups and the static groups listing it. The filters
-        # are evaluated in Python by filters.matches, the reference the SQL
-        # compiler is property-tested against, so a dynamic group is reported
-        # exactly when its member listing (with the same stale_after) would
-        # list the device; and it costs one read of the device and the
-        # tenant's groups instead of one query per group (store.device_groups).
         async with self._db.tenant(tenant, readonly=True) as con:
             records = await store.device_groups(
                 con, tenant, device_id, stale_after=self._stale_after
@@ -360,6 +354,25 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
             # member_count stays 0: counting every group would cost a count
             # per group, which this call exists to avoid.
             groups=[convert.group(r) for r in records],
+        )
+
+    async def ListTwinPaths(
+        self, request: groups_pb2.ListTwinPathsRequest, context: Context
+    ) -> groups_pb2.ListTwinPathsResponse:
+        tenant = current_principal().tenant_id
+        if request.document not in (
+            filter_pb2.TwinCondition.DESIRED,
+            filter_pb2.TwinCondition.REPORTED,
+        ):
+            raise InvalidArgument.single("document", "is required: DESIRED or REPORTED")
+        document = filter_pb2.TwinCondition.Document.Name(request.document)
+        async with self._db.tenant(tenant, readonly=True) as con:
+            documents = await store.sample_twin_documents(
+                con, tenant, filters.TwinDocument(document)
+            )
+        return groups_pb2.ListTwinPathsResponse(
+            document=request.document,
+            paths=filters.twin_paths(documents, limit=MAX_TWIN_PATHS),
         )
 
 

@@ -570,3 +570,26 @@ async def device_groups(
         if g.group_type == STATIC
         or filters.matches(stored_filter(g), device, now=now, stale_after=stale_after)
     ]
+
+
+# A path picker needs the shape of the fleet's documents, not every device:
+# the first devices with a non-empty document are read, a bounded cost at
+# any fleet size.
+TWIN_PATH_SAMPLE = 500
+_TWIN_COLUMNS = {filters.TwinDocument.DESIRED: "desired", filters.TwinDocument.REPORTED: "reported"}
+
+
+async def sample_twin_documents(
+    con: Connection, tenant_id: uuid.UUID, document: filters.TwinDocument
+) -> list[dict[str, Any]]:
+    """Up to TWIN_PATH_SAMPLE non-empty `document`s of the tenant's devices."""
+    column = _TWIN_COLUMNS[document]
+    rows = await con.fetch(
+        f"""
+        SELECT s.{column} AS doc FROM device_state s
+        WHERE s.tenant_id = $1 AND s.{column} <> '{{}}'::jsonb
+        LIMIT {TWIN_PATH_SAMPLE}
+        """,
+        tenant_id,
+    )
+    return [r["doc"] for r in rows]

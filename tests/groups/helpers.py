@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from typing import Any
 
 from server.db import Database
 from server.filters import DeviceRow
@@ -88,6 +89,8 @@ def row(
     model: str = "",
     lifecycle: str = "ACTIVE",
     last_seen_at: datetime | None = None,
+    reported: dict[str, Any] | None = None,
+    desired: dict[str, Any] | None = None,
 ) -> DeviceRow:
     return DeviceRow(
         device_id=device_id,
@@ -98,4 +101,6 @@ def row(
         lifecycle=lifecycle,
         status=status,
         last_seen_at=last_seen_at,
+        reported=reported or {},
+        desired=desired or {},
     )

@@ -297,4 +297,5 @@ def test_http_paths_keep_the_upstream_routes() -> None:
         "RemoveGroupMembers",
         "PreviewFilter",
         "ListDeviceGroups",
+        "ListTwinPaths",
     }

@@ -99,3 +99,64 @@ async def test_upstream_routes(http: httpx.AsyncClient, tenant: Tenant, db: Data
     assert r.status_code == 404
     r = await http.get("/customer/device-groups", headers=h)
     assert r.json()["groups"] == []
+
+
+async def test_twin_filters_over_http(
+    http: httpx.AsyncClient, tenant: Tenant, db: Database
+) -> None:
+    h = _auth(tenant)
+    await insert_rows(
+        db,
+        tenant.tenant_id,
+        [
+            # Offline and behind: STALE.
+            row("FW-OLD", status="OFFLINE", reported={"fw": {"version": "2.3.1"}, "temp": 41}),
+            row("FW-NEW", status="OFFLINE", reported={"fw": {"version": "2.4.0"}, "temp": 39}),
+        ],
+    )
+    query_filter = {
+        "twin_conditions": [
+            {"document": "REPORTED", "path": "fw.version", "operator": "LESS", "values": ["2.4"]},
+            {"document": "REPORTED", "path": "temp", "operator": "GREATER", "values": [40.0]},
+        ],
+        # The spelling Twin.sync_status has in HTTP JSON is accepted too.
+        "sync_statuses": ["stale", "SYNCED"],
+        "desired_version": {"min": 0},
+    }
+    r = await http.post(
+        "/customer/device-groups/dynamic",
+        json={"name": "old and hot", "query_filter": query_filter},
+        headers=h,
+    )
+    assert r.status_code == 201, r.text
+    group = r.json()
+    assert group["member_count"] == 1
+    canonical = {k: group["query_filter"][k] for k in query_filter}
+    assert canonical == {
+        "twin_conditions": [
+            {"document": "REPORTED", "path": "fw.version", "operator": "LESS", "values": ["2.4"]},
+            {"document": "REPORTED", "path": "temp", "operator": "GREATER", "values": [40]},
+        ],
+        "sync_statuses": ["stale", "synced"],
+        "desired_version": {"min": 0},
+    }
+    r = await http.get(f"/customer/device-groups/{group['group_id']}/members", headers=h)
+    assert [m["device_id"] for m in r.json()["members"]] == ["FW-OLD"]
+    r = await http.get("/customer/twin-paths", params={"document": "REPORTED"}, headers=h)
+    assert r.json() == {"document": "REPORTED", "paths": ["fw.version", "temp"]}
+    r = await http.get("/customer/devices/FW-OLD/groups", headers=h)
+    assert [g["group_id"] for g in r.json()["groups"]] == [group["group_id"]]
+
+    r = await http.post(
+        "/customer/device-groups:preview",
+        json={"query_filter": {"twin_conditions": [{"document": "REPORTED", "path": "a..b"}]}},
+        headers=h,
+    )
+    assert r.status_code == 400, r.text
+    fields = [
+        v["field"] for d in r.json()["error"]["details"] for v in d.get("field_violations", [])
+    ]
+    assert fields == [
+        "query_filter.twin_conditions[0].operator",
+        "query_filter.twin_conditions[0].path",
+    ]

@@ -22,7 +22,7 @@ from server.auth import Role, mint_token
 from server.db import Database
 from server.tenants import ensure_tenant
 from tests.conftest import Tenant
-from tests.groups.helpers import insert_rows, insert_sites
+from tests.groups.helpers import insert_rows, insert_sites, row
 from tests.unit.filter_strategies import (
     SITE_IDS,
     TwinSpec,
@@ -208,3 +208,28 @@ async def test_bad_twin_conditions_are_field_violations_and_create_nothing(
         f"{prefix}[1].values": "EQUALS takes exactly one value, got 2",
     }
     assert [g async for g in client.groups.list()] == []
+
+
+async def test_twin_paths_list_what_the_fleet_reports(
+    client: pc.AsyncPulseClient, tenant: Tenant, db: Database
+) -> None:
+    await insert_rows(
+        db,
+        tenant.tenant_id,
+        [
+            row("A", reported={"fw": {"version": "2.4"}, "list": [{"x": 1}], "a.b": 1}),
+            row("B", reported={"fw": {"build": 7, "empty": {}}, "mode": "eco"}),
+            row("C", desired={"fw": {"target": "2.5"}}),
+        ],
+    )
+    assert await client.groups.twin_paths("REPORTED") == [
+        "a\\.b",
+        "fw.build",
+        "fw.empty",
+        "fw.version",
+        "list",
+        "mode",
+    ]
+    assert await client.groups.twin_paths("DESIRED") == ["fw.target"]
+    with pytest.raises(pc.InvalidArgument):
+        await client.groups.twin_paths("DOCUMENT_UNSPECIFIED")

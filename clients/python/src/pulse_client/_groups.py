@@ -277,6 +277,15 @@ class AsyncGroups:
         response = await self._rpc.unary(self._stub.ListDeviceGroups, request)
         return list(response.groups)
 
+    async def twin_paths(self, document: str = "REPORTED") -> builtins.list[str]:
+        """Paths to the values the fleet's ``document`` (``"REPORTED"`` or
+        ``"DESIRED"``) holds, from a sample of devices, for a path picker."""
+        request = groups_pb2.ListTwinPathsRequest(
+            document=filter_pb2.TwinCondition.Document.Value(document)
+        )
+        response = await self._rpc.unary(self._stub.ListTwinPaths, request)
+        return list(response.paths)
+
 
 class Groups:
     """Blocking twin of :class:`AsyncGroups` (``PulseClient.groups``)."""
@@ -397,3 +406,11 @@ class Groups:
         request = groups_pb2.ListDeviceGroupsRequest(device_id=device_id)
         response = self._rpc.unary(self._stub.ListDeviceGroups, request)
         return list(response.groups)
+
+    def twin_paths(self, document: str = "REPORTED") -> builtins.list[str]:
+        """Paths in the fleet's twin documents; see :meth:`AsyncGroups.twin_paths`."""
+        request = groups_pb2.ListTwinPathsRequest(
+            document=filter_pb2.TwinCondition.Document.Value(document)
+        )
+        response = self._rpc.unary(self._stub.ListTwinPaths, request)
+        return list(response.paths)

@@ -598,3 +598,53 @@ class ListDeviceGroupsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListDeviceGroupsResponse: _TypeAlias = ListDeviceGroupsResponse  # noqa: Y015
+
+@_typing.final
+class ListTwinPathsRequest(_message.Message):
+    """ListTwinPathsRequest names the document whose paths to list."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    document: _filter_pb2.TwinCondition.Document.ValueType
+    """DESIRED or REPORTED; required."""
+    def __init__(
+        self,
+        *,
+        document: _filter_pb2.TwinCondition.Document.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTwinPathsRequest: _TypeAlias = ListTwinPathsRequest  # noqa: Y015
+
+@_typing.final
+class ListTwinPathsResponse(_message.Message):
+    """ListTwinPathsResponse lists the paths found."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    PATHS_FIELD_NUMBER: _builtins.int
+    document: _filter_pb2.TwinCondition.Document.ValueType
+    """The document the paths are in."""
+    @_builtins.property
+    def paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Dotted paths to every non-object value found (at most 1000), sorted."""
+
+    def __init__(
+        self,
+        *,
+        document: _filter_pb2.TwinCondition.Document.ValueType = ...,
+        paths: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "paths", b"paths"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTwinPathsResponse: _TypeAlias = ListTwinPathsResponse  # noqa: Y015

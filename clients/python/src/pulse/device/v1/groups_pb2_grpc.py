@@ -89,6 +89,11 @@ class DeviceGroupServiceStub:
                 request_serializer=pulse_dot_device_dot_v1_dot_groups__pb2.ListDeviceGroupsRequest.SerializeToString,
                 response_deserializer=pulse_dot_device_dot_v1_dot_groups__pb2.ListDeviceGroupsResponse.FromString,
                 _registered_method=True)
+        self.ListTwinPaths = channel.unary_unary(
+                '/pulse.device.v1.DeviceGroupService/ListTwinPaths',
+                request_serializer=pulse_dot_device_dot_v1_dot_groups__pb2.ListTwinPathsRequest.SerializeToString,
+                response_deserializer=pulse_dot_device_dot_v1_dot_groups__pb2.ListTwinPathsResponse.FromString,
+                _registered_method=True)
 
 
 class DeviceGroupServiceServicer:
@@ -192,6 +197,15 @@ class DeviceGroupServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTwinPaths(self, request, context):
+        """ListTwinPaths lists the paths to values in the fleet's twin documents,
+        read from a sample of up to 500 devices, for a filter builder's path
+        picker. The paths are written as TwinCondition.path expects them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceGroupServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -244,6 +258,11 @@ def add_DeviceGroupServiceServicer_to_server(servicer, server):
                     servicer.ListDeviceGroups,
                     request_deserializer=pulse_dot_device_dot_v1_dot_groups__pb2.ListDeviceGroupsRequest.FromString,
                     response_serializer=pulse_dot_device_dot_v1_dot_groups__pb2.ListDeviceGroupsResponse.SerializeToString,
+            ),
+            'ListTwinPaths': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTwinPaths,
+                    request_deserializer=pulse_dot_device_dot_v1_dot_groups__pb2.ListTwinPathsRequest.FromString,
+                    response_serializer=pulse_dot_device_dot_v1_dot_groups__pb2.ListTwinPathsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -520,6 +539,33 @@ class DeviceGroupService:
             '/pulse.device.v1.DeviceGroupService/ListDeviceGroups',
             pulse_dot_device_dot_v1_dot_groups__pb2.ListDeviceGroupsRequest.SerializeToString,
             pulse_dot_device_dot_v1_dot_groups__pb2.ListDeviceGroupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTwinPaths(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pulse.device.v1.DeviceGroupService/ListTwinPaths',
+            pulse_dot_device_dot_v1_dot_groups__pb2.ListTwinPathsRequest.SerializeToString,
+            pulse_dot_device_dot_v1_dot_groups__pb2.ListTwinPathsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -92,6 +92,11 @@ class DeviceGroupServiceStub:
     evaluated against the device's current state. Unknown devices are
     NOT_FOUND.
     """
+    ListTwinPaths: _grpc.UnaryUnaryMultiCallable[_groups_pb2.ListTwinPathsRequest, _groups_pb2.ListTwinPathsResponse]
+    """ListTwinPaths lists the paths to values in the fleet's twin documents,
+    read from a sample of up to 500 devices, for a filter builder's path
+    picker. The paths are written as TwinCondition.path expects them.
+    """
 
 @_typing.type_check_only
 class DeviceGroupServiceAsyncStub(DeviceGroupServiceStub):
@@ -155,6 +160,11 @@ class DeviceGroupServiceAsyncStub(DeviceGroupServiceStub):
     groups that list it and the dynamic groups whose filter selects it, each
     evaluated against the device's current state. Unknown devices are
     NOT_FOUND.
+    """
+    ListTwinPaths: _aio.UnaryUnaryMultiCallable[_groups_pb2.ListTwinPathsRequest, _groups_pb2.ListTwinPathsResponse]  # type: ignore[assignment]
+    """ListTwinPaths lists the paths to values in the fleet's twin documents,
+    read from a sample of up to 500 devices, for a filter builder's path
+    picker. The paths are written as TwinCondition.path expects them.
     """
 
 class DeviceGroupServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -276,6 +286,17 @@ class DeviceGroupServiceServicer(metaclass=_abc_1.ABCMeta):
         groups that list it and the dynamic groups whose filter selects it, each
         evaluated against the device's current state. Unknown devices are
         NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTwinPaths(
+        self,
+        request: _groups_pb2.ListTwinPathsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_groups_pb2.ListTwinPathsResponse, _abc.Awaitable[_groups_pb2.ListTwinPathsResponse]]:
+        """ListTwinPaths lists the paths to values in the fleet's twin documents,
+        read from a sample of up to 500 devices, for a filter builder's path
+        picker. The paths are written as TwinCondition.path expects them.
         """
 
 def add_DeviceGroupServiceServicer_to_server(servicer: DeviceGroupServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
