@@ -140,6 +140,7 @@ class TwinSyncStatus(StrEnum):
 
 
 _TWIN_NO_VALUES = frozenset({TwinOperator.EXISTS, TwinOperator.DOES_NOT_EXIST})
+_TWIN_ONE_VALUE = frozenset({TwinOperator.EQUALS, TwinOperator.NOT_EQUALS})
 _TWIN_ORDERING = {
     TwinOperator.LESS: "<",
     TwinOperator.LESS_OR_EQUAL: "<=",
@@ -510,12 +511,7 @@ class _Checker:
             self.add(values_path, f"must be empty for {operator}, got {given}")
         elif operator is TwinOperator.IN and not given:
             self.add(values_path, "IN needs at least one value, got none")
-        elif (
-            operator is not None
-            and operator not in _TWIN_NO_VALUES
-            and operator is not (TwinOperator.IN)
-            and given != 1
-        ):
+        elif (operator in _TWIN_ORDERING or operator in _TWIN_ONE_VALUE) and given != 1:
             self.add(values_path, f"{operator} takes exactly one value, got {given}")
         if len(self.violations) > before or document is None or operator is None or not keys:
             return None
@@ -651,11 +647,14 @@ def join_twin_path(keys: Iterable[str]) -> str:
 
 def twin_paths(documents: Iterable[Mapping[str, Any]], *, limit: int) -> list[str]:
     """The sorted paths (as ``join_twin_path`` writes them) to every
-    non-object value in ``documents``, at most ``limit`` of them."""
+    non-object value in ``documents``, at most ``limit`` of them. Keys a
+    filter cannot name (empty, or with control characters) are left out."""
     found: set[str] = set()
 
     def walk(value: Mapping[str, Any], keys: tuple[str, ...]) -> None:
         for key, inner in value.items():
+            if not key or _FORBIDDEN_CHARS.search(key):
+                continue
             here = (*keys, key)
             if isinstance(inner, Mapping) and inner and len(here) < MAX_TWIN_PATH_SEGMENTS:
                 walk(inner, here)

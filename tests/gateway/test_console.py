@@ -13,6 +13,7 @@ import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 
+import httpx
 import pulse_client as pc
 import pytest
 
@@ -64,6 +65,72 @@ async def test_filter_builder_previews_and_creates_a_dynamic_group(
     await page.get_by_role("link", name="Online prod pumps").click()
     await expect(page.get_by_text("2 member(s)")).to_be_visible()
     await shot(page, "group-members")
+
+
+async def test_filter_builder_takes_twin_conditions_and_sync_status(
+    page: Page, client: pc.AsyncPulseClient, db: Database, tenant: Tenant, http: httpx.AsyncClient
+) -> None:
+    reported = {
+        "FW-OLD": {"fw": {"version": 2.3}},
+        "FW-NEW": {"fw": {"version": 2.4}},
+        "FW-TEXT": {"fw": {"version": "2.3"}},  # a string never compares with a number
+        "FW-NONE": {},
+    }
+    for device_id in reported:
+        await client.devices.create(device_id)
+    async with db.tenant(tenant.tenant_id) as con:
+        for device_id, document in reported.items():
+            await con.execute(
+                "UPDATE device_state SET reported = $2 WHERE tenant_id = $1 AND device_id = $3",
+                tenant.tenant_id,
+                document,
+                device_id,
+            )
+    await page.goto(page.url.split("#")[0] + "#/groups")
+    count = page.locator("#preview-count")
+    await expect(count).to_have_text("4")
+    await page.get_by_label("Name").fill("Old firmware")
+    await page.get_by_role("button", name="Add twin condition").click()
+    path = page.get_by_label("Twin path")
+    await expect(path).to_have_attribute("list", "twin-paths-REPORTED")
+    # The picker offers the fleet's reported paths.
+    await expect(page.locator("#twin-paths-REPORTED option[value='fw.version']")).to_have_count(1)
+    await path.fill("fw.version")
+    await page.get_by_label("Twin operator").select_option("LESS")
+    await page.get_by_label("Twin value").fill("2.4")
+    await expect(count).to_have_text("1")
+    await expect(page.locator("#preview tr")).to_have_count(1)
+    await expect(page.locator("#preview")).to_contain_text("FW-OLD")
+    # "2.4" is the string: only the string version before it matches.
+    await page.get_by_label("Twin value").fill('"2.4"')
+    await expect(page.locator("#preview")).to_contain_text("FW-TEXT")
+    await expect(count).to_have_text("1")
+    await page.get_by_label("Twin value").fill("2.4")
+    await expect(page.locator("#preview")).to_contain_text("FW-OLD")
+    # Reported without desired, and not online: behind and STALE.
+    await page.get_by_label("Sync status SYNCED").check()
+    await expect(count).to_have_text("0")
+    await page.get_by_label("Sync status STALE").check()
+    await expect(count).to_have_text("1")
+    await page.get_by_label("Twin document").select_option("DESIRED")
+    await expect(path).to_have_attribute("list", "twin-paths-DESIRED")
+    await expect(count).to_have_text("0")
+    await page.get_by_label("Twin document").select_option("REPORTED")
+    await expect(count).to_have_text("1")
+    await shot(page, "groups-builder-twin")
+    await page.get_by_role("button", name="Create dynamic group").click()
+    await expect(page.get_by_role("link", name="Old firmware")).to_be_visible()
+    headers = {"Authorization": f"Bearer {tenant.token()}"}
+    r = await http.get("/customer/device-groups", headers=headers)
+    (group,) = [g for g in r.json()["groups"] if g["name"] == "Old firmware"]
+    r = await http.get(f"/customer/device-groups/{group['group_id']}", headers=headers)
+    query_filter = r.json()["query_filter"]
+    assert query_filter["twin_conditions"] == [
+        {"document": "REPORTED", "path": "fw.version", "operator": "LESS", "values": [2.4]}
+    ]
+    assert query_filter["sync_statuses"] == ["stale", "synced"]  # Twin.sync_status's spelling
+    await page.get_by_role("link", name="Old firmware").click()
+    await expect(page.get_by_text("1 member(s)")).to_be_visible()
 
 
 async def test_a_conflicting_desired_edit_is_shown_and_never_overwrites(

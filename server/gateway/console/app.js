@@ -8,6 +8,10 @@ const view = document.getElementById("view");
 const flash = document.getElementById("flash");
 const STATUSES = ["ONLINE", "STALE", "OFFLINE", "UNKNOWN"];
 const OPERATORS = ["EXISTS", "DOES_NOT_EXIST", "EQUALS", "NOT_EQUALS", "IN", "NOT_IN"];
+const DOCUMENTS = ["REPORTED", "DESIRED"];
+const TWIN_OPERATORS = ["EQUALS", "NOT_EQUALS", "LESS", "LESS_OR_EQUAL", "GREATER", "GREATER_OR_EQUAL", "IN",
+  "EXISTS", "DOES_NOT_EXIST"];
+const SYNC_STATUSES = ["SYNCED", "PENDING", "STALE"];
 let cleanup = () => {};
 
 function h(tag, attrs = {}, ...children) {
@@ -416,8 +420,40 @@ async function credentialsPanel(deviceId, panel) {
 
 // ---- groups -----------------------------------------------------------------
 
+// A twin value as typed: JSON null, true, false, a number or a "string" is
+// that value; any other text is the string itself (2.4 is a number, "2.4" and
+// v2.4 are strings).
+function twinValue(text) {
+  const item = text.trim();
+  try {
+    const parsed = JSON.parse(item);
+    if (parsed === null || typeof parsed === "boolean" || typeof parsed === "string") return parsed;
+    if (typeof parsed === "number" && Number.isFinite(parsed)) return parsed;
+  } catch { /* not JSON: the text itself */ }
+  return item;
+}
+
+// Splits IN's values at commas outside "double-quoted" strings, so "a,b" is one item.
+function twinItems(text) {
+  const items = [];
+  let item = "", quoted = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i];
+    if (quoted && c === "\\" && i + 1 < text.length) { item += c + text[++i]; continue; }
+    if (c === '"') quoted = !quoted;
+    if (c === "," && !quoted) { items.push(item); item = ""; } else item += c;
+  }
+  items.push(item);
+  return items.filter((s) => s.trim()).map(twinValue);
+}
+
+const TWIN_VALUE_HELP = 'JSON null, true, false or a number is that value; "quoted" text is a string; ' +
+  "anything else is a string as typed (2.4 is a number, \"2.4\" and v2.4 are strings). IN: comma separated.";
+
 function filterBuilder(onChange) {
   const statuses = STATUSES.map((s) => h("label", {}, h("input", { type: "checkbox", value: s, onchange: onChange }), ` ${s} `));
+  const syncs = SYNC_STATUSES.map((s) => h("label", {},
+    h("input", { type: "checkbox", value: s, "aria-label": `Sync status ${s}`, onchange: onChange }), ` ${s} `));
   const sites = h("input", { id: "f-sites", placeholder: "site-01, site-02", oninput: onChange });
   const prefix = h("input", { id: "f-prefix", placeholder: "DEVICE-", oninput: onChange });
   const rows = h("div", {});
@@ -430,13 +466,55 @@ function filterBuilder(onChange) {
     remove.addEventListener("click", () => { row.remove(); onChange(); });
     rows.append(row);
   }
+
+  // Path suggestions from the fleet, one <datalist> per document, fetched
+  // once each; without them (an error, an older server) paths are typed.
+  const pathLists = Object.fromEntries(DOCUMENTS.map((d) => [d, h("datalist", { id: `twin-paths-${d}` })]));
+  const fetched = {};
+  function suggestPaths(doc) {
+    if (fetched[doc]) return;
+    fetched[doc] = call("GET", "/customer/twin-paths", { query: { document: doc } })
+      .then(({ data }) => pathLists[doc].replaceChildren(...(data.paths || []).map((p) => h("option", { value: p }))))
+      .catch(() => { delete fetched[doc]; });
+  }
+  const twinRows = h("div", {});
+  function addTwinCondition() {
+    const doc = h("select", { "aria-label": "Twin document" }, DOCUMENTS.map((d) => h("option", { value: d }, d)));
+    const path = h("input", { placeholder: "path, e.g. fw.version", "aria-label": "Twin path", list: "twin-paths-REPORTED",
+      title: "Object keys separated by dots; a literal dot in a key is \\., a backslash \\\\", oninput: onChange });
+    const op = h("select", { "aria-label": "Twin operator" }, TWIN_OPERATORS.map((o) => h("option", { value: o }, o)));
+    const values = h("input", { "aria-label": "Twin value", title: TWIN_VALUE_HELP, oninput: onChange });
+    const remove = h("button", { type: "button", "aria-label": "Remove twin condition" }, "×");
+    function shape() {
+      const none = op.value === "EXISTS" || op.value === "DOES_NOT_EXIST";
+      values.disabled = none;
+      values.placeholder = none ? "no value" : op.value === "IN" ? 'values, comma separated: 1, true, "a,b"' : 'value: 2.4 or "2.4"';
+    }
+    doc.addEventListener("change", () => {
+      path.setAttribute("list", `twin-paths-${doc.value}`);
+      suggestPaths(doc.value);
+      onChange();
+    });
+    op.addEventListener("change", () => { shape(); onChange(); });
+    shape();
+    const row = h("div", { class: "selector twin" }, doc, path, op, values, remove);
+    remove.addEventListener("click", () => { row.remove(); onChange(); });
+    twinRows.append(row);
+    path.focus();
+  }
+  suggestPaths("REPORTED");
+
   const node = h("fieldset", { class: "panel" }, h("legend", {}, "Filter"),
     h("div", { class: "field" }, h("span", { class: "muted" }, "Connectivity: "), statuses),
     h("div", { class: "toolbar" },
       h("div", {}, h("label", { for: "f-sites" }, "Sites (any of)"), sites),
       h("div", {}, h("label", { for: "f-prefix" }, "Device id starts with"), prefix)),
     h("div", {}, h("span", { class: "muted" }, "Tag selectors (all must hold)"), rows,
-      h("button", { type: "button", onclick: addSelector }, "Add tag selector")));
+      h("button", { type: "button", onclick: addSelector }, "Add tag selector")),
+    h("div", { class: "twin-conditions" }, h("span", { class: "muted" }, "Twin conditions (all must hold)"), twinRows,
+      h("button", { type: "button", onclick: addTwinCondition }, "Add twin condition"),
+      Object.values(pathLists)),
+    h("div", { class: "field" }, h("span", { class: "muted" }, "Twin sync status: "), syncs));
   function value() {
     const list = (text) => text.split(",").map((s) => s.trim()).filter(Boolean);
     const filter = {};
@@ -451,6 +529,17 @@ function filterBuilder(onChange) {
       return s;
     }).filter((s) => s.key);
     if (selectors.length) filter.tag_selectors = selectors;
+    const conditions = [...twinRows.children].map((row) => {
+      const [doc, path, op, values] = row.querySelectorAll("input, select");
+      const c = { document: doc.value, path: path.value.trim(), operator: op.value };
+      if (!values.disabled && values.value.trim()) {
+        c.values = op.value === "IN" ? twinItems(values.value) : [twinValue(values.value)];
+      }
+      return c;
+    }).filter((c) => c.path);
+    if (conditions.length) filter.twin_conditions = conditions;
+    const sync = syncs.map((l) => l.querySelector("input")).filter((i) => i.checked).map((i) => i.value);
+    if (sync.length) filter.sync_statuses = sync;
     return filter;
   }
   return { node, value };
