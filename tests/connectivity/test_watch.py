@@ -342,24 +342,13 @@ async def test_a_group_narrowing_by_twin_conditions_reads_the_current_twin(
     for device_id in ("T-OLD", "T-NEW", "T-NONE"):
         await client.devices.create(device_id)
     async with db.tenant(tenant.tenant_id) as con:
-        await con.execute(
-            """
-            UPDATE device_state SET reported = $2::text::jsonb
-            WHERE tenant_id = $1 AND device_id = $3
-            """,
-            tenant.tenant_id,
-            '{"fw": {"version": "2.3.1"}}',
-            "T-OLD",
-        )
-        await con.execute(
-            """
-            UPDATE device_state SET reported = $2::text::jsonb
-            WHERE tenant_id = $1 AND device_id = $3
-            """,
-            tenant.tenant_id,
-            '{"fw": {"version": "2.4.0"}}',
-            "T-NEW",
-        )
+        for device_id, version in (("T-OLD", "2.3.1"), ("T-NEW", "2.4.0")):
+            await con.execute(
+                "UPDATE device_state SET reported = $2 WHERE tenant_id = $1 AND device_id = $3",
+                tenant.tenant_id,
+                {"fw": {"version": version}},
+                device_id,
+            )
         old_firmware = filters.canonical_json(
             filters.parse_filter(
                 {

@@ -8,6 +8,10 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
+import pulse_client as pc
+from google.protobuf import json_format
+from pulse.device.v1 import filter_pb2
+
 from server.db import Database
 from server.filters import DeviceRow
 
@@ -104,3 +108,28 @@ def row(
         reported=reported or {},
         desired=desired or {},
     )
+
+
+def twin_condition(document: str, path: str, operator: str, *values: Any) -> dict[str, Any]:
+    """A twin condition in its protobuf-JSON form."""
+    out: dict[str, Any] = {"document": document, "path": path, "operator": operator}
+    if values:
+        out["values"] = list(values)
+    return out
+
+
+def filter_message(data: dict[str, Any]) -> filter_pb2.DeviceFilter:
+    """A filter's protobuf-JSON form as a message."""
+    # protobuf's ParseDict fails on null for a repeated Value field, which
+    # proto3 JSON reads as empty; leave such keys out instead.
+    conditions = [
+        {k: v for k, v in c.items() if not (k == "values" and v is None)}
+        for c in data.get("twin_conditions") or []
+    ]
+    return json_format.ParseDict({**data, "twin_conditions": conditions}, filter_pb2.DeviceFilter())
+
+
+async def preview_ids(client: pc.AsyncPulseClient, data: dict[str, Any]) -> list[str]:
+    """The device ids PreviewFilter selects for a filter in protobuf-JSON form."""
+    message = filter_message(data)
+    return [m.device_id async for m in client.groups.preview(message, page_size=1000)]

@@ -12,7 +12,6 @@ from typing import Any, cast
 import grpc
 import pulse_client as pc
 import pytest
-from google.protobuf import json_format
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pulse.device.v1 import filter_pb2, groups_pb2, groups_pb2_grpc
@@ -22,7 +21,14 @@ from server.auth import Role, mint_token
 from server.db import Database
 from server.tenants import ensure_tenant
 from tests.conftest import Tenant
-from tests.groups.helpers import insert_rows, insert_sites, row
+from tests.groups.helpers import (
+    filter_message,
+    insert_rows,
+    insert_sites,
+    preview_ids,
+    row,
+    twin_condition,
+)
 from tests.unit.filter_strategies import (
     SITE_IDS,
     TwinSpec,
@@ -30,27 +36,6 @@ from tests.unit.filter_strategies import (
     device_rows,
     twin_specs,
 )
-
-
-def _message(data: dict[str, Any]) -> filter_pb2.DeviceFilter:
-    # protobuf's ParseDict fails on null for a repeated Value field, which
-    # proto3 JSON reads as empty; leave such keys out instead.
-    conditions = [
-        {k: v for k, v in c.items() if not (k == "values" and v is None)}
-        for c in data.get("twin_conditions") or []
-    ]
-    return json_format.ParseDict({**data, "twin_conditions": conditions}, filter_pb2.DeviceFilter())
-
-
-def _condition(document: str, path: str, operator: str, *values: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"document": document, "path": path, "operator": operator}
-    if values:
-        out["values"] = list(values)
-    return out
-
-
-async def _preview(client: pc.AsyncPulseClient, data: dict[str, Any]) -> list[str]:
-    return [m.device_id async for m in client.groups.preview(_message(data), page_size=1000)]
 
 
 @pytest.fixture
@@ -110,7 +95,7 @@ async def test_twin_conditions_select_exactly_what_the_reference_selects(
         spec["sync_statuses"] = sync
     parsed = filters.parse_filter(spec)
     expected = sorted(r.device_id for r in rows if filters.matches(parsed, r))
-    assert await _preview(client, spec) == expected
+    assert await preview_ids(client, spec) == expected
 
 
 async def test_a_desired_write_is_in_the_very_next_read(
@@ -118,13 +103,13 @@ async def test_a_desired_write_is_in_the_very_next_read(
 ) -> None:
     for device_id in ("W-1", "W-2"):
         await client.devices.create(device_id)
-    target = {"twin_conditions": [_condition("DESIRED", "fw.target", "EQUALS", "2.4.1")]}
+    target = {"twin_conditions": [twin_condition("DESIRED", "fw.target", "EQUALS", "2.4.1")]}
     pending = {"sync_statuses": ["PENDING", "STALE"], "desired_version": {"min": "1"}}
     group = await client.groups.create_dynamic("rolling out", target)
     twin = await client.twin.update_desired("W-1", {"fw": {"target": "2.4.1"}}, expected_version=0)
     assert [m.device_id async for m in client.groups.members(group.group_id)] == ["W-1"]
     # Never reported and not online: behind, and not catching up by itself.
-    assert await _preview(client, pending) == ["W-1"]
+    assert await preview_ids(client, pending) == ["W-1"]
     await client.twin.update_desired(
         "W-1", {"fw": {"target": "2.5"}}, expected_version=twin.desired_version
     )
@@ -148,11 +133,13 @@ async def test_list_devices_takes_twin_conditions(
                 reported,
                 device_id,
             )
-    hot = _message({"twin_conditions": [_condition("REPORTED", "temp", "GREATER", 40)]})
+    hot = filter_message({"twin_conditions": [twin_condition("REPORTED", "temp", "GREATER", 40)]})
     assert [d.device_id async for d in client.devices.list(filter=hot)] == ["L-1"]
-    not_eco = _message({"twin_conditions": [_condition("REPORTED", "mode", "NOT_EQUALS", "eco")]})
+    not_eco = filter_message(
+        {"twin_conditions": [twin_condition("REPORTED", "mode", "NOT_EQUALS", "eco")]}
+    )
     assert [d.device_id async for d in client.devices.list(filter=not_eco)] == ["L-2", "L-3"]
-    typed = _message({"twin_conditions": [_condition("REPORTED", "temp", "IN", "41")]})
+    typed = filter_message({"twin_conditions": [twin_condition("REPORTED", "temp", "IN", "41")]})
     assert [d.device_id async for d in client.devices.list(filter=typed)] == ["L-2"]
 
 

@@ -8,26 +8,13 @@ import json
 from typing import Any
 
 import pulse_client as pc
-from google.protobuf import json_format
-from pulse.device.v1 import filter_pb2
 from pulse_client import struct_to_dict
 
 from server import wire
 from tests.conftest import Tenant
+from tests.groups.helpers import preview_ids, twin_condition
 from tests.helpers import eventually
 from tests.twin.conftest import EvaluatorFactory, mqtt_client
-
-
-def _condition(document: str, path: str, operator: str, *values: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"document": document, "path": path, "operator": operator}
-    if values:
-        out["values"] = list(values)
-    return out
-
-
-async def _preview(client: pc.AsyncPulseClient, data: dict[str, Any]) -> list[str]:
-    message = json_format.ParseDict(data, filter_pb2.DeviceFilter())
-    return [m.device_id async for m in client.groups.preview(message, page_size=1000)]
 
 
 async def _report(
@@ -57,7 +44,7 @@ async def test_a_committed_report_is_in_the_very_next_read(
     await start_evaluator()
     for device_id in ("P-1", "P-2"):
         await client.devices.create(device_id)
-    old = {"twin_conditions": [_condition("REPORTED", "fw.version", "LESS", "2.4")]}
+    old = {"twin_conditions": [twin_condition("REPORTED", "fw.version", "LESS", "2.4")]}
     group = await client.groups.create_dynamic("old firmware", old)
     async with mqtt_client(mqtt_url) as mqtt:
         await _report(mqtt, client, tenant, "P-2", {"fw": {"version": "2.4.1"}})
@@ -69,7 +56,7 @@ async def test_a_committed_report_is_in_the_very_next_read(
         ):
             await _report(mqtt, client, tenant, "P-1", {"fw": {"version": version}})
             # No waiting: membership is the stored twin, not an index of it.
-            assert await _preview(client, old) == members, version
+            assert await preview_ids(client, old) == members, version
             listed = [m.device_id async for m in client.groups.members(group.group_id)]
             assert listed == members, version
 
@@ -84,13 +71,13 @@ async def test_sync_status_follows_the_device(
     await client.devices.create("S-1")
     synced = {"sync_statuses": ["SYNCED"]}
     behind = {"sync_statuses": ["PENDING", "STALE"]}
-    assert await _preview(client, synced) == ["S-1"]  # nothing asked, nothing reported
+    assert await preview_ids(client, synced) == ["S-1"]  # nothing asked, nothing reported
     await client.twin.update_desired("S-1", {"mode": "eco"}, expected_version=0)
-    assert await _preview(client, synced) == []
-    assert await _preview(client, behind) == ["S-1"]
+    assert await preview_ids(client, synced) == []
+    assert await preview_ids(client, behind) == ["S-1"]
     async with mqtt_client(mqtt_url) as mqtt:
         await _report(mqtt, client, tenant, "S-1", {"mode": "eco"}, desired_version=1)
-    assert await _preview(client, synced) == ["S-1"]
-    assert await _preview(client, behind) == []
+    assert await preview_ids(client, synced) == ["S-1"]
+    assert await preview_ids(client, behind) == []
     twin = await client.twin.get("S-1")
     assert twin.sync_status == twin.SYNCED
