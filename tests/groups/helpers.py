@@ -62,6 +62,18 @@ async def insert_rows(db: Database, tenant_id: uuid.UUID, rows: Sequence[DeviceR
         )
 
 
+async def remove_devices(db: Database, tenant_id: uuid.UUID) -> None:
+    """Delete the tenant's devices (their state and memberships go with them).
+
+    Property tests draw device ids no registry call would accept (with MQTT
+    wildcards, for one) and twins with desired documents: left behind, they
+    would reach every later evaluator's retained repair, which republishes
+    every desired document of every tenant.
+    """
+    async with db.admin() as con:
+        await con.execute("DELETE FROM devices WHERE tenant_id = $1", tenant_id)
+
+
 async def set_status(
     db: Database,
     tenant_id: uuid.UUID,

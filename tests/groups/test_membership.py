@@ -21,7 +21,7 @@ from server.db import Database
 from server.groups import store
 from server.tenants import ensure_tenant
 from tests.conftest import ClientFactory, Tenant
-from tests.groups.helpers import insert_rows, insert_sites, row, set_status
+from tests.groups.helpers import insert_rows, insert_sites, remove_devices, row, set_status
 from tests.unit.filter_strategies import SITE_IDS, device_rows, filter_dicts
 
 
@@ -78,22 +78,25 @@ async def test_sql_selects_exactly_what_the_reference_evaluation_selects(
         await ensure_tenant(con, tenant_id, "property")
     await insert_sites(db, tenant_id, SITE_IDS)
     await insert_rows(db, tenant_id, rows)
-    tokens.use(tenant_id)
+    try:
+        tokens.use(tenant_id)
 
-    parsed = filters.parse_filter(spec)
-    expected = sorted(r.device_id for r in rows if filters.matches(parsed, r))
+        parsed = filters.parse_filter(spec)
+        expected = sorted(r.device_id for r in rows if filters.matches(parsed, r))
 
-    request = groups_pb2.PreviewFilterRequest(
-        query_filter=_message(parsed), page_size=1000, include_total=True
-    )
-    preview = await client.groups.preview_page(request)
-    assert [m.device_id for m in preview.members] == expected
-    assert preview.total == len(expected)
-    assert preview.next_page_token == ""
+        request = groups_pb2.PreviewFilterRequest(
+            query_filter=_message(parsed), page_size=1000, include_total=True
+        )
+        preview = await client.groups.preview_page(request)
+        assert [m.device_id for m in preview.members] == expected
+        assert preview.total == len(expected)
+        assert preview.next_page_token == ""
 
-    # Small pages walk the same members, each exactly once.
-    paged = [m.device_id async for m in client.groups.preview(_message(parsed), page_size=3)]
-    assert paged == expected
+        # Small pages walk the same members, each exactly once.
+        paged = [m.device_id async for m in client.groups.preview(_message(parsed), page_size=3)]
+        assert paged == expected
+    finally:
+        await remove_devices(db, tenant_id)
 
 
 async def test_membership_follows_state_with_no_other_action(

@@ -26,6 +26,7 @@ from tests.groups.helpers import (
     insert_rows,
     insert_sites,
     preview_ids,
+    remove_devices,
     row,
     twin_condition,
 )
@@ -85,17 +86,20 @@ async def test_twin_conditions_select_exactly_what_the_reference_selects(
         await ensure_tenant(con, tenant_id, "twin property")
     await insert_sites(db, tenant_id, SITE_IDS)
     await insert_rows(db, tenant_id, rows)
-    tenants.append(str(tenant_id))
+    try:
+        tenants.append(str(tenant_id))
 
-    spec: dict[str, Any] = {
-        "include_decommissioned": True,
-        "twin_conditions": [_twin_dict(cast(st.DrawFn, data.draw), c) for c in conditions],
-    }
-    if sync:
-        spec["sync_statuses"] = sync
-    parsed = filters.parse_filter(spec)
-    expected = sorted(r.device_id for r in rows if filters.matches(parsed, r))
-    assert await preview_ids(client, spec) == expected
+        spec: dict[str, Any] = {
+            "include_decommissioned": True,
+            "twin_conditions": [_twin_dict(cast(st.DrawFn, data.draw), c) for c in conditions],
+        }
+        if sync:
+            spec["sync_statuses"] = sync
+        parsed = filters.parse_filter(spec)
+        expected = sorted(r.device_id for r in rows if filters.matches(parsed, r))
+        assert await preview_ids(client, spec) == expected
+    finally:
+        await remove_devices(db, tenant_id)
 
 
 async def test_a_desired_write_is_in_the_very_next_read(
