@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -326,6 +326,7 @@ _RFC3339 = re.compile(
 )
 
 _E = TypeVar("_E", ConnectivityStatus, TagOperator, TwinDocument, TwinOperator, TwinSyncStatus)
+_T = TypeVar("_T")
 
 
 def _json_type(value: object) -> str:
@@ -397,6 +398,22 @@ class _Checker:
             if s is not None:
                 out.append(s)
         return out
+
+    def each(
+        self,
+        value: object,
+        path: str,
+        parse: Callable[[object, str], _T | None],
+        *,
+        max_items: int = MAX_LIST_ITEMS,
+    ) -> list[_T]:
+        """``parse`` applied to every item of the array ``value``, keeping the
+        items that parsed (the others added their violations)."""
+        parsed = (
+            parse(item, f"{path}[{i}]")
+            for i, item in enumerate(self.array(value, path, max_items=max_items) or [])
+        )
+        return [item for item in parsed if item is not None]
 
     def enum(self, value: object, path: str, enum: type[_E], what: str) -> _E | None:
         allowed = ", ".join(member.value for member in enum)
@@ -694,11 +711,11 @@ def parse_filter(data: Mapping[str, object], *, field_prefix: str = "filter") ->
         if status is not None:
             statuses.append(status)
     if data.get("statuses") is not None:
-        items = check.array(data["statuses"], path("statuses"), max_items=MAX_LIST_ITEMS)
-        for i, item in enumerate(items or []):
-            status = check.enum(item, f"{path('statuses')}[{i}]", ConnectivityStatus, "status")
-            if status is not None:
-                statuses.append(status)
+        statuses += check.each(
+            data["statuses"],
+            path("statuses"),
+            lambda item, at: check.enum(item, at, ConnectivityStatus, "status"),
+        )
 
     site_ids: list[str] = []
     if data.get("site_id") is not None:
@@ -721,13 +738,12 @@ def parse_filter(data: Mapping[str, object], *, field_prefix: str = "filter") ->
 
     selectors: list[TagSelector] = []
     if data.get("tag_selectors") is not None:
-        items = check.array(
-            data["tag_selectors"], path("tag_selectors"), max_items=MAX_TAG_SELECTORS
+        selectors = check.each(
+            data["tag_selectors"],
+            path("tag_selectors"),
+            check.selector,
+            max_items=MAX_TAG_SELECTORS,
         )
-        for i, item in enumerate(items or []):
-            selector = check.selector(item, f"{path('tag_selectors')}[{i}]")
-            if selector is not None:
-                selectors.append(selector)
 
     include_decommissioned = False
     raw_include = data.get("include_decommissioned")
@@ -764,21 +780,20 @@ def parse_filter(data: Mapping[str, object], *, field_prefix: str = "filter") ->
 
     twin_conditions: list[TwinCondition] = []
     if data.get("twin_conditions") is not None:
-        items = check.array(
-            data["twin_conditions"], path("twin_conditions"), max_items=MAX_TWIN_CONDITIONS
+        twin_conditions = check.each(
+            data["twin_conditions"],
+            path("twin_conditions"),
+            check.twin_condition,
+            max_items=MAX_TWIN_CONDITIONS,
         )
-        for i, item in enumerate(items or []):
-            condition = check.twin_condition(item, f"{path('twin_conditions')}[{i}]")
-            if condition is not None:
-                twin_conditions.append(condition)
 
     sync_statuses: list[TwinSyncStatus] = []
     if data.get("sync_statuses") is not None:
-        items = check.array(data["sync_statuses"], path("sync_statuses"), max_items=MAX_LIST_ITEMS)
-        for i, item in enumerate(items or []):
-            sync = check.enum(item, f"{path('sync_statuses')}[{i}]", TwinSyncStatus, "sync status")
-            if sync is not None:
-                sync_statuses.append(sync)
+        sync_statuses = check.each(
+            data["sync_statuses"],
+            path("sync_statuses"),
+            lambda item, at: check.enum(item, at, TwinSyncStatus, "sync status"),
+        )
 
     ranges: dict[str, VersionRange] = {}
     for name in ("desired_version", "reported_version"):

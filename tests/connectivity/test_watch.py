@@ -375,6 +375,9 @@ async def test_a_group_narrowing_by_twin_conditions_reads_the_current_twin(
     narrowed = Collector.start(client.connectivity.watch(group_id="old-fw"))
     await narrowed.wait_ready()
     sent = await emit(fleet_db, tenant.tenant_id, ["T-OLD", "T-NEW", "T-NONE"], Signal.ONLINE)
-    await narrowed.wait_events(1)
+    # A later event of the member: anything wrongly let through before it
+    # would have arrived first.
+    sent += await emit(fleet_db, tenant.tenant_id, ["T-OLD"], Signal.OFFLINE)
+    await narrowed.wait_events(2)
     assert narrowed.ids == [t.event_id for t in sent if t.device_id == "T-OLD"]
     await narrowed.stop()

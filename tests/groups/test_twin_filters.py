@@ -33,8 +33,8 @@ from tests.groups.helpers import (
 from tests.unit.filter_strategies import (
     SITE_IDS,
     TwinSpec,
-    _twin_dict,
     device_rows,
+    twin_condition_dict,
     twin_specs,
 )
 
@@ -89,9 +89,10 @@ async def test_twin_conditions_select_exactly_what_the_reference_selects(
     try:
         tenants.append(str(tenant_id))
 
+        draw = cast(st.DrawFn, data.draw)
         spec: dict[str, Any] = {
             "include_decommissioned": True,
-            "twin_conditions": [_twin_dict(cast(st.DrawFn, data.draw), c) for c in conditions],
+            "twin_conditions": [twin_condition_dict(draw, c) for c in conditions],
         }
         if sync:
             spec["sync_statuses"] = sync

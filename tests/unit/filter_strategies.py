@@ -360,7 +360,7 @@ def _twin_value(draw: st.DrawFn, value: object) -> object:
     return value
 
 
-def _twin_dict(draw: st.DrawFn, spec: TwinSpec) -> dict[str, object]:
+def twin_condition_dict(draw: st.DrawFn, spec: TwinSpec) -> dict[str, object]:
     op = spec.operator
     values = [_twin_value(draw, v) for v in spec.values]
     if op is TwinOperator.EQUALS and draw(st.booleans()):
@@ -475,7 +475,7 @@ def render(draw: st.DrawFn, spec: FilterSpec) -> dict[str, object]:
         out["models"] = _scrambled(draw, spec.models)
     else:
         _absent(draw, out, "models", [])
-    conditions = [_twin_dict(draw, c) for c in spec.twin_conditions]
+    conditions = [twin_condition_dict(draw, c) for c in spec.twin_conditions]
     if conditions:
         conditions += draw(st.lists(st.sampled_from(conditions), max_size=2))
         out["twin_conditions"] = draw(st.permutations(conditions))
