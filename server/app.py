@@ -31,8 +31,10 @@ from server.auth import TokenVerifier
 from server.broker_access.mirror import AccessMirror
 from server.config import Settings
 from server.connectivity.service import ConnectivityService
-from server.connectivity.watch import WatchHub
+from server.connectivity.watch import ConnectivityHub, connectivity_hub
 from server.db import Database, create_pool
+from server.groups.maintainer import MembershipMaintainer
+from server.groups.membership_watch import MembershipWatches
 from server.groups.service import DeviceGroupService
 from server.interceptors import chain
 from server.listener import Listener
@@ -60,8 +62,10 @@ class RunningServer:
     health: HealthServicer
     listener: Listener
     admission: AdmissionInterceptor
-    watches: WatchHub
+    watches: ConnectivityHub
     notifier: ChangeNotifier
+    memberships: MembershipWatches
+    maintainer: MembershipMaintainer
     grace_s: float
     stopped: bool = False
 
@@ -75,9 +79,11 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         # Connectivity watches end first: they tell each client its cursor.
         await self.watches.close()
+        await self.memberships.close()
         await self.admission.close()
         await self.server.stop(self.grace_s if grace is None else grace)
         await self.notifier.flush()
+        await self.maintainer.stop()
         await self.listener.stop()
         await self.db.close()
 
@@ -157,10 +163,11 @@ async def start(
     try:
         await listener.start()
         tokens = PageTokens(settings.secret)
-        watches = WatchHub(
+        watches = connectivity_hub(
             db, listener, tokens, stale_after=timedelta(seconds=settings.twin_stale_after_s)
         )
         notifier = ChangeNotifier(db)
+        memberships = MembershipWatches(db, listener, tokens)
         admission = AdmissionInterceptor(
             verifier_for(settings),
             TenantDirectory(db),
@@ -181,7 +188,10 @@ async def start(
         )
         groups_pb2_grpc.add_DeviceGroupServiceServicer_to_server(
             DeviceGroupService(
-                db, tokens, stale_after=timedelta(seconds=settings.twin_stale_after_s)
+                db,
+                tokens,
+                memberships=memberships,
+                stale_after=timedelta(seconds=settings.twin_stale_after_s),
             ),
             target,
         )
@@ -203,6 +213,10 @@ async def start(
         )
         port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
         await server.start()
+        maintainer = MembershipMaintainer(
+            db, stale_after=timedelta(seconds=settings.twin_stale_after_s)
+        )
+        maintainer.start()
     except BaseException:
         await listener.stop()
         await db.close()
@@ -219,6 +233,8 @@ async def start(
         admission=admission,
         watches=watches,
         notifier=notifier,
+        memberships=memberships,
+        maintainer=maintainer,
         grace_s=settings.shutdown_grace_s,
     )
 

@@ -59,13 +59,15 @@ async def create_pool(dsn: str, *, size: int) -> Pool:
     return pool
 
 
-def _begin_sql(tenant_id: uuid.UUID, *, readonly: bool) -> str:
+def _begin_sql(tenant_id: uuid.UUID, *, readonly: bool, snapshot: bool = False) -> str:
     # One simple-protocol message instead of three round trips. The only value
     # in it is a uuid.UUID rendered by Python: 32 hex digits and dashes,
     # nothing that can close the literal.
     if not isinstance(tenant_id, uuid.UUID):
         raise TypeError("tenant_id must be a uuid.UUID")
-    mode = " READ ONLY" if readonly else ""
+    mode = (" ISOLATION LEVEL REPEATABLE READ" if snapshot else "") + (
+        " READ ONLY" if readonly else ""
+    )
     return (
         f"BEGIN{mode}; SET LOCAL ROLE {APP_ROLE}; "
         f"SELECT set_config('app.tenant_id', '{tenant_id}', true)"
@@ -79,10 +81,14 @@ class Database:
         self.pool = pool
 
     def tenant(
-        self, tenant_id: uuid.UUID, *, readonly: bool = False
+        self, tenant_id: uuid.UUID, *, readonly: bool = False, snapshot: bool = False
     ) -> contextlib.AbstractAsyncContextManager[Connection]:
-        """A transaction in which only `tenant_id`'s rows exist."""
-        return self.transaction(_begin_sql(tenant_id, readonly=readonly), readonly=readonly)
+        """A transaction in which only `tenant_id`'s rows exist; with
+        `snapshot`, every statement sees the database as of when it began
+        (REPEATABLE READ, the snapshot taken by the BEGIN script itself)."""
+        return self.transaction(
+            _begin_sql(tenant_id, readonly=readonly, snapshot=snapshot), readonly=readonly
+        )
 
     @asynccontextmanager
     async def transaction(self, begin: str, *, readonly: bool = False) -> AsyncIterator[Connection]:

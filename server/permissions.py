@@ -40,6 +40,7 @@ REQUIRED_ROLE: dict[str, Role] = {
     _GROUPS + "ListGroupMembers": Role.VIEWER,
     _GROUPS + "PreviewFilter": Role.VIEWER,
     _GROUPS + "ListDeviceGroups": Role.VIEWER,
+    _GROUPS + "WatchGroupMembership": Role.VIEWER,
     _GROUPS + "ListTwinPaths": Role.VIEWER,
     _GROUPS + "CreateGroup": Role.OPERATOR,
     _GROUPS + "UpdateGroup": Role.OPERATOR,

@@ -6,7 +6,11 @@ import enum
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
+
+# Re-exported: the connectivity log is one of the logs event_log orders.
+from server.event_log import START as START
+from server.event_log import Position as Position
 
 CHANNEL: Final = "pulse_connection_events"
 """NOTIFY channel; the payload is the tenant id of the committed events."""
@@ -29,22 +33,6 @@ class Signal(enum.StrEnum):
     OFFLINE = "offline"
     #: The broker's last-will: any status payload but `online` and `offline`.
     WILL = "will"
-
-
-class Position(NamedTuple):
-    """A place in a tenant's delivery order: (inserting transaction, event id).
-
-    Events are delivered in this order, and only once every transaction that
-    could still insert before a position has finished, so a reader never has
-    an event land behind it. `Position(h, 0)` stands for "everything from
-    transactions older than h".
-    """
-
-    xact: int
-    event_id: int
-
-
-START: Final = Position(0, 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from server import validation as v
 from server.auth import current_principal
 from server.connectivity import convert, cursor, store
 from server.connectivity.narrowing import Narrowing, load_group
-from server.connectivity.watch import WatchHub
+from server.connectivity.watch import ConnectivityHub
 from server.db import Database
 from server.errors import FieldViolation, InvalidArgument, NotFound
 from server.pagination import PageTokens, page_size
@@ -80,7 +80,7 @@ def _skip(request: connectivity_pb2.ListConnectionEventsRequest, out: list[Field
 
 
 class ConnectivityService(connectivity_pb2_grpc.ConnectivityServiceServicer):
-    def __init__(self, db: Database, tokens: PageTokens, hub: WatchHub) -> None:
+    def __init__(self, db: Database, tokens: PageTokens, hub: ConnectivityHub) -> None:
         self._db = db
         self._tokens = tokens
         self._hub = hub

@@ -17,8 +17,11 @@ from datetime import datetime
 
 import asyncpg
 
+from server import event_log
 from server.connectivity.model import EVENT_WRITER_LOCK, DeviceFacts, EventRecord, Position
 from server.db import Connection
+
+_WRITER_LOCK = event_log.WriterLock.of_bigint(EVENT_WRITER_LOCK)
 
 _EVENT_COLUMNS = """
     e.event_id, e.tenant_id, e.device_id, e.event_type, e.occurred_at,
@@ -164,46 +167,6 @@ async def count_events(con: Connection, tenant_id: uuid.UUID, selection: EventSe
     return int(found)
 
 
-# Delivery order and the horizon (docs/connectivity.md, "Out-of-order commits").
-#
-# Events are delivered in (xact, event_id) order, and only below a horizon H
-# before which no event can be committed any more. Taking H as the
-# snapshot's xmin would be correct but would make every stream wait for the
-# oldest write transaction in the whole cluster, whatever it does. Only event
-# writers matter, and each takes EVENT_WRITER_LOCK before it has an xid, so:
-#
-#   1. `_WRITERS`, at t1: B = the next xid to be assigned, and the xids of the
-#      writers holding the lock. A writer not among them either finished
-#      before t1 or had no xid yet, and then gets one >= B.
-#   2. The read, with a snapshot at t2 > t1: H = min(B, the xids of those
-#      writers still running at t2). Below H, every writer has finished
-#      (committed: visible at t2; aborted: no events), so nothing can ever
-#      be inserted behind a reader that moves up to H.
-_WRITERS = """
-WITH locks AS MATERIALIZED (
-    SELECT locktype, virtualtransaction, classid, objid, objsubid, transactionid, granted
-    FROM pg_locks WHERE locktype IN ('advisory', 'transactionid')
-)
-SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS bound,
-       ARRAY(SELECT t.transactionid::text::bigint
-             FROM locks a JOIN locks t USING (virtualtransaction)
-             WHERE a.locktype = 'advisory' AND a.classid = $1::oid AND a.objid = $2::oid
-               AND a.objsubid = 1 AND t.locktype = 'transactionid' AND t.granted) AS writers
-"""
-# The horizon at this statement's snapshot; $1 bound, $2 writers' 32-bit xids.
-_HORIZON = """
-(SELECT least($1::bigint, min(x::text::bigint))
- FROM pg_snapshot_xip(pg_current_snapshot()) x
- WHERE x::xid::text::bigint = ANY($2::bigint[]))
-"""
-
-
-async def _writers(con: Connection) -> tuple[int, list[int]]:
-    row = await con.fetchrow(_WRITERS, EVENT_WRITER_LOCK >> 32, EVENT_WRITER_LOCK & 0xFFFFFFFF)
-    assert row is not None
-    return int(row["bound"]), list(row["writers"])
-
-
 @dataclass(frozen=True, slots=True)
 class Batch:
     """Events after a position, in delivery order, as far as they are final."""
@@ -246,7 +209,7 @@ async def read_after(
     `with_devices` adds each device's current columns (for group filters) and
     its membership among `static_groups`; `with_twins` also its twin.
     """
-    bound, writers = await _writers(con)
+    bound, writers = await event_log.writers(con, _WRITER_LOCK)
     p = _Params(bound, writers, tenant_id, after.xact, after.event_id, limit)
     terms = ["e.tenant_id = $3", "(e.xact, e.event_id) > ($4, $5)", "e.xact < h.horizon"]
     if device_ids:
@@ -264,7 +227,7 @@ async def read_after(
                EXISTS (SELECT 1 FROM connection_events x
                        WHERE x.tenant_id = $3 AND x.xact >= h.horizon) AS pending,
                e.*
-        FROM (SELECT {_HORIZON} AS horizon) h
+        FROM (SELECT {event_log.HORIZON_SQL} AS horizon) h
         LEFT JOIN LATERAL (
             SELECT {_EVENT_COLUMNS} {device_columns}
             FROM connection_events e {_DEVICE_JOIN if with_devices else ""}
@@ -287,6 +250,4 @@ async def read_after(
 
 async def horizon(con: Connection) -> int:
     """The current horizon: no event can be committed before Position(horizon, 0)."""
-    bound, writers = await _writers(con)
-    value = await con.fetchval(f"SELECT {_HORIZON}", bound, writers)
-    return int(value)
+    return await event_log.horizon(con, _WRITER_LOCK)

@@ -1,536 +1,141 @@
-"""Watch streams: live connection events fanned out inside one server process.
+"""WatchConnectionEvents: the connectivity log as a `server.watch_hub` source.
 
-Shape, per process:
-
-    Listener (one LISTEN connection) --tenant id--> WatchHub._pump
-        --wake--> _Feed (one per watched tenant: one reader for all its streams)
-        --offer--> _Watcher queues (bounded) --> each stream's generator
-
-A notification only says "tenant T committed events"; the feed then reads
-them from the database after its own position (`store.read_after`), once for
-all of the tenant's watchers, and offers each event to the watchers that want
-it, indexed by device id so a narrowed watcher costs nothing for other
-devices' events. Positions are (transaction, event id) pairs delivered only
-once final, so events committing out of id order are still delivered, in an
-order no later commit can land behind.
-
-A stream is either *live* (its feed offers it events) or *catching up* (it
-reads the database itself, from its own position, in batches). It starts
-catching up from its resume cursor, and goes live once it has reached the
-feed's position: the check and the switch happen with no await in between,
-and an offered event at or before the switch point is dropped, so nothing is
-missed or repeated. A watcher whose queue fills (a slow or stuck client)
-drops its queue and falls back to catching up, so it costs at most
-`queue_size` queued events, never blocks the feed or the other watchers, and
-its catch-up reads are limited to half the pool. A LISTEN connection that
-drops (PostgreSQL restarted) turns into a GAP: every feed re-reads from its
-position, so nothing committed meanwhile is lost.
+Narrowing by device id is the hub's index; by event type and group, the
+read's. A group is re-read with every batch (`load_group`), so an edit of
+its filter or members applies from the next event on, and a group deleted
+while watched ends its streams with NOT_FOUND.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import contextlib
-import itertools
-import logging
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import NamedTuple
 
-import grpc
 from pulse.device.v1 import connectivity_pb2
-from pulse.device.v1.error_reason_pb2 import ErrorReason
 
 from server import filters
 from server.connectivity import convert, cursor, store
 from server.connectivity.model import CHANNEL, EventRecord, Position
 from server.connectivity.narrowing import GroupView, Narrowing, load_group
-from server.db import Database
+from server.db import Connection, Database
 from server.errors import DomainError, NotFound, ServerShuttingDown
-from server.listener import GAP, Listener, Subscription
+from server.listener import Listener
 from server.pagination import PageTokens
-from server.transient import TRANSIENT
-
-log = logging.getLogger(__name__)
+from server.watch_hub import BATCH_SIZE, QUEUE_SIZE, WatchHub
 
 Response = connectivity_pb2.WatchConnectionEventsResponse
-
-QUEUE_SIZE = 256
-BATCH_SIZE = 500
-# While committed events wait behind an older transaction, the feed polls,
-# backing off: there is no notification for "that transaction finished".
-POLL_MIN_S = 0.005
-POLL_MAX_S = 1.0
-RETRY_MIN_S = 0.05
-RETRY_MAX_S = 2.0
-# A live stream sends a bookmark this often if its position moved past what
-# it last sent (other devices' events), so a narrowed watcher resumes
-# without re-reading them.
-BOOKMARK_IDLE_S = 15.0
-_SUBSCRIPTION_SIZE = 10_000
-RESPONSE_CACHE = 4096
+ConnectivityHub = WatchHub[Narrowing, EventRecord, Response]
 
 
-class FeedFailed(DomainError):
-    """The tenant's feed stopped on a bug; the server log has the traceback."""
+@dataclass(frozen=True, slots=True)
+class _Read:
+    batch: store.Batch
+    views: dict[str, GroupView]
+    missing: dict[str, NotFound]
 
-    code = grpc.StatusCode.INTERNAL
+    @property
+    def events(self) -> list[EventRecord]:
+        return self.batch.events
 
-    def __init__(self) -> None:
-        super().__init__(
-            "internal error in the watch feed; the server log has the details",
-            reason=ErrorReason.WATCH_FEED_FAILED,
-        )
+    @property
+    def limit(self) -> int:
+        return self.batch.limit
 
+    @property
+    def end(self) -> Position:
+        return self.batch.end
 
-class WatcherState(NamedTuple):
-    live: bool
-    queued: int
-    #: How often the stream fell behind and went back to the database.
-    lags: int
+    @property
+    def pending(self) -> bool:
+        return self.batch.pending
 
+    def accepts(self, narrowing: Narrowing, event: EventRecord) -> bool:
+        return narrowing.accepts(event, self.views.get(narrowing.group_id or ""))
 
-class _Watcher:
-    __slots__ = (
-        "error",
-        "floor",
-        "lags",
-        "live",
-        "narrowing",
-        "queue",
-        "queue_size",
-        "tick",
-        "wake",
-    )
-
-    def __init__(self, narrowing: Narrowing, queue_size: int) -> None:
-        self.narrowing = narrowing
-        self.queue: deque[tuple[Position, Response]] = deque()
-        self.queue_size = queue_size
-        self.live = False
-        # Offers at or before this position were already delivered by the
-        # catch-up that preceded going live.
-        self.floor = Position(0, 0)
-        self.wake = asyncio.Event()
-        self.error: DomainError | None = None
-        self.lags = 0
-        # Set by the hub's bookmark ticker: send a bookmark if the position moved.
-        self.tick = False
-
-    def go_live(self, position: Position) -> None:
-        self.floor = position
-        self.live = True
-
-    def offer(self, position: Position, response: Response) -> None:
-        if position <= self.floor:
-            return
-        if len(self.queue) >= self.queue_size:
-            # Too slow: what is queued is in the database too; drop it and
-            # let the stream re-read from its own position.
-            self.live = False
-            self.queue.clear()
-            self.lags += 1
-        else:
-            self.queue.append((position, response))
-        self.wake.set()
-
-    def fail(self, error: DomainError) -> None:
-        self.error = error
-        self.live = False
-        self.queue.clear()
-        self.wake.set()
+    def failure(self, narrowing: Narrowing) -> DomainError | None:
+        return self.missing.get(narrowing.group_id or "")
 
 
-class _Feed:
-    """The reader of one tenant's events for every stream of it in this process."""
+class ConnectivitySource:
+    channel = CHANNEL
 
-    def __init__(self, hub: WatchHub, tenant_id: uuid.UUID) -> None:
-        self.hub = hub
-        self.tenant_id = tenant_id
-        self.head: Position | None = None
-        self.ready = asyncio.Event()
-        self.wake = asyncio.Event()
-        self.watchers: set[_Watcher] = set()
-        self.by_device: dict[str, set[_Watcher]] = {}
-        self.broad: set[_Watcher] = set()
-        self.group_counts: collections.Counter[str] = collections.Counter()
-        # The last responses built, by position: a stream catching up mostly
-        # re-reads recent events, and reuses their protos and cursors.
-        self.responses: collections.OrderedDict[Position, Response] = collections.OrderedDict()
-        self.task: asyncio.Task[None] | None = None
+    def __init__(self, tokens: PageTokens, stale_after: timedelta) -> None:
+        self._tokens = tokens
+        #: The twin sync rule's threshold, for group filters on sync status.
+        self._stale_after = stale_after
 
-    def response(self, event: EventRecord) -> Response:
-        """The stream message of `event`, built once and shared."""
-        response = self.responses.get(event.position)
-        if response is None:
-            response = self.hub.response(self.tenant_id, event)
-            self.responses[event.position] = response
-            if len(self.responses) > RESPONSE_CACHE:
-                self.responses.popitem(last=False)
-        return response
+    def keys(self, narrowing: Narrowing) -> frozenset[str]:
+        return narrowing.device_ids
 
-    def add(self, watcher: _Watcher) -> None:
-        self.watchers.add(watcher)
-        if watcher.narrowing.group_id:
-            self.group_counts[watcher.narrowing.group_id] += 1
-        if watcher.narrowing.device_ids:
-            for device_id in watcher.narrowing.device_ids:
-                self.by_device.setdefault(device_id, set()).add(watcher)
-        else:
-            self.broad.add(watcher)
+    def key(self, event: EventRecord) -> str:
+        return event.device_id
 
-    def remove(self, watcher: _Watcher) -> None:
-        if watcher not in self.watchers:
-            return
-        self.watchers.discard(watcher)
-        if watcher.narrowing.group_id:
-            self.group_counts[watcher.narrowing.group_id] -= 1
-            if not self.group_counts[watcher.narrowing.group_id]:
-                del self.group_counts[watcher.narrowing.group_id]
-        self.broad.discard(watcher)
-        for device_id in watcher.narrowing.device_ids:
-            subs = self.by_device.get(device_id)
-            if subs is not None:
-                subs.discard(watcher)
-                if not subs:
-                    del self.by_device[device_id]
+    async def horizon(self, con: Connection, tenant_id: uuid.UUID) -> int:
+        return await store.horizon(con)
 
-    def _group_ids(self) -> list[str]:
-        return sorted(self.group_counts)
-
-    async def run(self) -> None:
-        await self._start()
-        poll: float | None = None
-        while True:
-            if poll is None:
-                await self.wake.wait()
-            else:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(poll):
-                        await self.wake.wait()
-            self.wake.clear()
-            try:
-                batch, views, missing = await self._read()
-            except TRANSIENT as error:
-                log.warning("watch feed of %s: read failed (%s); retrying", self.tenant_id, error)
-                await self.hub.backoff(self)
-                self.wake.set()
-                continue
-            self.hub.recovered(self)
-            self._publish(batch, views, missing)
-            if len(batch.events) >= batch.limit:
-                self.wake.set()
-                poll = None
-            elif batch.pending:
-                # Progress resets the backoff; waiting on a long transaction grows it.
-                poll = POLL_MIN_S if batch.events or poll is None else min(poll * 2, POLL_MAX_S)
-            else:
-                poll = None
-
-    async def _start(self) -> None:
-        """Start at the current horizon: streams replay anything older themselves."""
-        while True:
-            try:
-                async with self.hub.db.tenant(self.tenant_id, readonly=True) as con:
-                    self.head = Position(await store.horizon(con), 0)
-                break
-            except TRANSIENT as error:
-                log.warning("watch feed of %s: start failed (%s); retrying", self.tenant_id, error)
-                await self.hub.backoff(self)
-        self.hub.recovered(self)
-        self.ready.set()
-        # Events committed after the horizon but before this feed existed get
-        # no notification it could see: read once now.
-        self.wake.set()
-
-    async def _read(self) -> tuple[store.Batch, dict[str, GroupView], dict[str, NotFound]]:
-        assert self.head is not None
-        group_ids = self._group_ids()
+    async def read(
+        self,
+        con: Connection,
+        tenant_id: uuid.UUID,
+        after: Position,
+        narrowings: Sequence[Narrowing],
+        *,
+        limit: int,
+        single: bool,
+    ) -> _Read:
         views: dict[str, GroupView] = {}
         missing: dict[str, NotFound] = {}
-        async with self.hub.db.tenant(self.tenant_id, readonly=True) as con:
-            for group_id in group_ids:
-                try:
-                    views[group_id] = await load_group(
-                        con, self.tenant_id, group_id, stale_after=self.hub.stale_after
-                    )
-                except NotFound as error:
-                    missing[group_id] = error
-            batch = await store.read_after(
-                con,
-                self.tenant_id,
-                self.head,
-                limit=self.hub.batch_size,
-                with_devices=bool(group_ids),
-                static_groups=[g for g, v in views.items() if v.static],
-                with_twins=any(v.reads_twin for v in views.values()),
-            )
-        return batch, views, missing
-
-    def _publish(
-        self, batch: store.Batch, views: dict[str, GroupView], missing: dict[str, NotFound]
-    ) -> None:
-        # Synchronous from here to the head update: a stream switching to live
-        # sees either none or all of this batch offered to it.
-        assert self.head is not None
-        if missing:
-            for watcher in list(self.watchers):
-                error = missing.get(watcher.narrowing.group_id or "")
-                if error is not None:
-                    watcher.fail(error)
-        for event in batch.events:
-            response: Response | None = None
-            targets = itertools.chain(self.by_device.get(event.device_id, ()), self.broad)
-            for watcher in targets:
-                narrowing = watcher.narrowing
-                if not watcher.live:
-                    continue
-                if not narrowing.accepts(event, views.get(narrowing.group_id or "")):
-                    continue
-                if response is None:
-                    response = self.response(event)
-                watcher.offer(event.position, response)
-        self.head = max(self.head, batch.end)
-
-
-class WatchHub:
-    """Every watch stream of this server process."""
-
-    def __init__(
-        self,
-        db: Database,
-        listener: Listener,
-        tokens: PageTokens,
-        *,
-        queue_size: int = QUEUE_SIZE,
-        batch_size: int = BATCH_SIZE,
-        stale_after: timedelta = filters.DEFAULT_TWIN_STALE_AFTER,
-    ) -> None:
-        self.db = db
-        self.batch_size = batch_size
-        #: The twin sync rule's threshold, for group filters on sync status.
-        self.stale_after = stale_after
-        self._listener = listener
-        self._tokens = tokens
-        self._queue_size = queue_size
-        self._feeds: dict[str, _Feed] = {}
-        self._watchers: set[_Watcher] = set()
-        self._subscription: Subscription | None = None
-        self._pump_task: asyncio.Task[None] | None = None
-        self._ticker_task: asyncio.Task[None] | None = None
-        self._subscribing = asyncio.Lock()
-        self._closing = False
-        self._delays: dict[int, float] = {}
-        # Catch-up reads may take half the pool; feeds always find a connection.
-        self._catch_up = asyncio.Semaphore(max(1, db.pool.get_max_size() // 2))
-
-    # -- plumbing shared with feeds
+        for group_id in sorted({n.group_id for n in narrowings if n.group_id is not None}):
+            try:
+                views[group_id] = await load_group(
+                    con, tenant_id, group_id, stale_after=self._stale_after
+                )
+            except NotFound as error:
+                missing[group_id] = error
+        one = narrowings[0] if single else Narrowing()
+        batch = await store.read_after(
+            con,
+            tenant_id,
+            after,
+            limit=limit,
+            device_ids=sorted(one.device_ids),
+            event_types=sorted(one.event_types),
+            with_devices=bool(views),
+            static_groups=[g for g, v in views.items() if v.static],
+            with_twins=any(v.reads_twin for v in views.values()),
+        )
+        return _Read(batch, views, missing)
 
     def response(self, tenant_id: uuid.UUID, event: EventRecord) -> Response:
         return Response(
             event=convert.event(event), cursor=cursor.seal(self._tokens, tenant_id, event.position)
         )
 
-    def bookmark(self, tenant_id: uuid.UUID, position: Position) -> Response:
+    def bookmark(self, tenant_id: uuid.UUID, narrowing: Narrowing, position: Position) -> Response:
         return Response(cursor=cursor.seal(self._tokens, tenant_id, position))
 
-    async def backoff(self, owner: object) -> None:
-        """Sleep before retrying a failed read, doubling per consecutive failure."""
-        delay = self._delays.get(id(owner), RETRY_MIN_S)
-        self._delays[id(owner)] = min(delay * 2, RETRY_MAX_S)
-        await asyncio.sleep(delay)
+    def shutting_down(
+        self, tenant_id: uuid.UUID, narrowing: Narrowing, position: Position
+    ) -> ServerShuttingDown:
+        return ServerShuttingDown(cursor.seal(self._tokens, tenant_id, position))
 
-    def recovered(self, owner: object) -> None:
-        self._delays.pop(id(owner), None)
 
-    # -- lifecycle
-
-    def watcher_states(self) -> list[WatcherState]:
-        """Every stream's state, for metrics and tests."""
-        return [WatcherState(w.live, len(w.queue), w.lags) for w in self._watchers]
-
-    async def close(self) -> None:
-        """End every stream with UNAVAILABLE (SERVER_SHUTTING_DOWN) and stop reading."""
-        self._closing = True
-        for watcher in list(self._watchers):
-            watcher.fail(ServerShuttingDown())
-        tasks = [f.task for f in self._feeds.values() if f.task is not None]
-        for task in (self._pump_task, self._ticker_task):
-            if task is not None:
-                tasks.append(task)
-        for feed in self._feeds.values():
-            feed.ready.set()  # release streams still waiting for a feed to start
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._subscription is not None:
-            self._subscription.close()
-
-    async def _ensure_listening(self) -> None:
-        async with self._subscribing:
-            if self._subscription is None:
-                self._subscription = await self._listener.subscribe(
-                    CHANNEL, maxsize=_SUBSCRIPTION_SIZE
-                )
-                self._pump_task = asyncio.create_task(
-                    self._pump(self._subscription), name="watch-pump"
-                )
-                self._ticker_task = asyncio.create_task(self._tick(), name="watch-bookmarks")
-
-    async def _tick(self) -> None:
-        """Every BOOKMARK_IDLE_S, let each stream send a bookmark if its
-        position moved: one timer for all streams instead of one per wait."""
-        while True:
-            await asyncio.sleep(BOOKMARK_IDLE_S)
-            for watcher in self._watchers:
-                watcher.tick = True
-                watcher.wake.set()
-
-    async def _pump(self, subscription: Subscription) -> None:
-        async for payload in subscription:
-            if payload == GAP:
-                # Some notifications may be lost: every feed re-reads.
-                for each in self._feeds.values():
-                    each.wake.set()
-                continue
-            feed = self._feeds.get(payload)
-            if feed is not None:
-                feed.wake.set()
-
-    def _join(self, tenant_id: uuid.UUID, watcher: _Watcher) -> _Feed:
-        key = str(tenant_id)
-        feed = self._feeds.get(key)
-        if feed is None:
-            feed = _Feed(self, tenant_id)
-            self._feeds[key] = feed
-            feed.task = asyncio.create_task(feed.run(), name=f"watch-feed-{key}")
-            feed.task.add_done_callback(self._feed_done)
-        feed.add(watcher)
-        self._watchers.add(watcher)
-        return feed
-
-    def _feed_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or task.exception() is None:
-            return
-        # A bug, not an outage (those are retried): end the tenant's streams
-        # rather than leave them waiting on a reader that is gone.
-        log.error("watch feed failed", exc_info=task.exception())
-        for feed in list(self._feeds.values()):
-            if feed.task is task:
-                del self._feeds[str(feed.tenant_id)]
-                feed.ready.set()
-                for watcher in list(feed.watchers):
-                    watcher.fail(FeedFailed())
-
-    def _leave(self, feed: _Feed, watcher: _Watcher) -> None:
-        feed.remove(watcher)
-        self._watchers.discard(watcher)
-        self.recovered(watcher)
-        if not feed.watchers and self._feeds.get(str(feed.tenant_id)) is feed:
-            del self._feeds[str(feed.tenant_id)]
-            if feed.task is not None:
-                feed.task.cancel()
-            self.recovered(feed)
-
-    # -- streams
-
-    async def watch(
-        self, tenant_id: uuid.UUID, resume: Position | None, narrowing: Narrowing
-    ) -> AsyncIterator[Response]:
-        """The stream's messages: replay after `resume` (None: from now), then live.
-
-        One generator for the whole stream: every layer of generators costs
-        each message a resumption.
-        """
-        if self._closing:
-            raise ServerShuttingDown()
-        await self._ensure_listening()
-        watcher = _Watcher(narrowing, self._queue_size)
-        feed = self._join(tenant_id, watcher)
-        try:
-            await feed.ready.wait()
-            self._raise_if_failed(watcher, tenant_id, resume)
-            assert feed.head is not None
-            position = feed.head if resume is None else resume
-            if resume is None:
-                watcher.go_live(position)
-            sent: Position | None = None  # the position of the last cursor sent
-            replayed = False
-            while True:
-                self._raise_if_failed(watcher, tenant_id, position)
-                if not watcher.live:
-                    batch, view = await self._catch_up_read(feed, watcher, position)
-                    for event in batch.events:
-                        position = event.position
-                        if narrowing.accepts(event, view):
-                            sent = position
-                            yield feed.response(event)
-                    position = max(position, batch.end)
-                    if position >= feed.head:  # no await between this check and the switch
-                        watcher.go_live(position)
-                    continue
-                if watcher.queue:
-                    position, message = watcher.queue.popleft()
-                    sent = position
-                    yield message
-                    continue
-                # Live with an empty queue: every wanted event up to the
-                # feed's head has been sent, so the stream's position is the head.
-                position = max(position, feed.head)
-                if not replayed or (watcher.tick and sent != position):
-                    replayed = True
-                    sent = position
-                    yield self.bookmark(tenant_id, position)
-                watcher.tick = False
-                watcher.wake.clear()
-                await watcher.wake.wait()
-        finally:
-            self._leave(feed, watcher)
-
-    def _raise_if_failed(
-        self, watcher: _Watcher, tenant_id: uuid.UUID, position: Position | None
-    ) -> None:
-        """End the stream with the watcher's error; a shutdown names where to resume."""
-        if watcher.error is None:
-            return
-        if isinstance(watcher.error, ServerShuttingDown) and position is not None:
-            raise ServerShuttingDown(cursor.seal(self._tokens, tenant_id, position))
-        raise watcher.error
-
-    async def _catch_up_read(
-        self, feed: _Feed, watcher: _Watcher, position: Position
-    ) -> tuple[store.Batch, GroupView | None]:
-        narrowing = watcher.narrowing
-        while True:
-            self._raise_if_failed(watcher, feed.tenant_id, position)
-            try:
-                async with (
-                    self._catch_up,
-                    self.db.tenant(feed.tenant_id, readonly=True) as con,
-                ):
-                    view = None
-                    if narrowing.group_id is not None:
-                        view = await load_group(
-                            con, feed.tenant_id, narrowing.group_id, stale_after=self.stale_after
-                        )
-                    batch = await store.read_after(
-                        con,
-                        feed.tenant_id,
-                        position,
-                        limit=self.batch_size,
-                        device_ids=sorted(narrowing.device_ids),
-                        event_types=sorted(narrowing.event_types),
-                        with_devices=view is not None,
-                        static_groups=[view.group_id] if view is not None and view.static else [],
-                        with_twins=view is not None and view.reads_twin,
-                    )
-                self.recovered(watcher)
-                return batch, view
-            except TRANSIENT as error:
-                log.warning("watch catch-up read failed (%s); retrying", error)
-                await self.backoff(watcher)
+def connectivity_hub(
+    db: Database,
+    listener: Listener,
+    tokens: PageTokens,
+    *,
+    queue_size: int = QUEUE_SIZE,
+    batch_size: int = BATCH_SIZE,
+    stale_after: timedelta = filters.DEFAULT_TWIN_STALE_AFTER,
+) -> ConnectivityHub:
+    """Every WatchConnectionEvents stream of this server process."""
+    return WatchHub(
+        db,
+        listener,
+        ConnectivitySource(tokens, stale_after),
+        queue_size=queue_size,
+        batch_size=batch_size,
+    )

@@ -8,6 +8,7 @@ inside the tenant transaction, which then rolls back.
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -22,6 +23,7 @@ from server.auth import current_principal
 from server.db import Database
 from server.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from server.groups import convert, store
+from server.groups.membership_watch import MembershipWatches
 from server.pagination import PageTokens, page_size
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -147,10 +149,12 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
         db: Database,
         tokens: PageTokens,
         *,
+        memberships: MembershipWatches,
         stale_after: timedelta = filters.DEFAULT_TWIN_STALE_AFTER,
     ) -> None:
         self._db = db
         self._tokens = tokens
+        self._memberships = memberships
         # The twin sync rule's threshold (PULSE_TWIN_STALE_AFTER_S), for
         # filters on sync status.
         self._stale_after = stale_after
@@ -355,6 +359,20 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
             # per group, which this call exists to avoid.
             groups=[convert.group(r) for r in records],
         )
+
+    async def WatchGroupMembership(
+        self, request: groups_pb2.WatchGroupMembershipRequest, context: Context
+    ) -> AsyncIterator[groups_pb2.WatchGroupMembershipResponse]:
+        tenant = current_principal().tenant_id
+        group_id = v.require_id("group_id", request.group_id)
+        resume = None
+        if request.resume_cursor:
+            resume = self._memberships.source.open_cursor(tenant, group_id, request.resume_cursor)
+        # Fail fast on an unknown group, before the stream starts.
+        async with self._db.tenant(tenant, readonly=True) as con:
+            await store.get_group(con, tenant, group_id)
+        async for message in self._memberships.watch(tenant, group_id, resume):
+            yield message
 
     async def ListTwinPaths(
         self, request: groups_pb2.ListTwinPathsRequest, context: Context

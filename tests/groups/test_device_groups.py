@@ -16,7 +16,9 @@ from pulse.device.v1 import groups_pb2
 from server import config
 from server.auth import Principal, Role, reset_principal, set_principal
 from server.db import Database
+from server.groups.membership_watch import MembershipWatches
 from server.groups.service import DeviceGroupService
+from server.listener import Listener
 from server.pagination import PageTokens
 from tests.conftest import ClientFactory, Tenant, TenantFactory
 from tests.groups.helpers import insert_rows, insert_sites, row, set_status
@@ -132,6 +134,7 @@ async def test_twin_conditions_and_sync_status_use_the_configured_threshold(
     db: Database,
     tenant: Tenant,
     settings: config.Settings,
+    dsn: str,
 ) -> None:
     written = datetime.now(UTC) - timedelta(minutes=10)
     behind = dataclasses.replace(
@@ -163,7 +166,13 @@ async def test_twin_conditions_and_sync_status_use_the_configured_threshold(
     assert [m.device_id async for m in client.groups.members("s")] == ["T-1"]
 
     # A service configured with an hour's threshold sees it PENDING.
-    service = DeviceGroupService(db, PageTokens(settings.secret), stale_after=timedelta(hours=1))
+    tokens = PageTokens(settings.secret)
+    service = DeviceGroupService(
+        db,
+        tokens,
+        memberships=MembershipWatches(db, Listener(dsn), tokens),
+        stale_after=timedelta(hours=1),
+    )
     token = set_principal(Principal("test", tenant.tenant_id, Role.VIEWER))
     try:
         request = groups_pb2.ListDeviceGroupsRequest(device_id="T-1")

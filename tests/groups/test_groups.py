@@ -298,4 +298,5 @@ def test_http_paths_keep_the_upstream_routes() -> None:
         "PreviewFilter",
         "ListDeviceGroups",
         "ListTwinPaths",
+        "WatchGroupMembership",
     }

@@ -33,6 +33,7 @@ from ._errors import (
 )
 from ._filters import FilterFields, TwinPath, desired, key, reported, version_range, where
 from ._groups import AsyncGroups, FilterLike, Groups
+from ._membership import AsyncMembershipWatch, MembershipWatch
 from ._pages import AsyncPager, Page, Pager
 from ._rpc import AsyncStream, Stream, Token
 from ._sync import PulseClient
@@ -44,6 +45,7 @@ __all__ = [
     "AsyncConnectivity",
     "AsyncDevices",
     "AsyncGroups",
+    "AsyncMembershipWatch",
     "AsyncPager",
     "AsyncPulseClient",
     "AsyncSites",
@@ -63,6 +65,7 @@ __all__ = [
     "Internal",
     "InvalidArgument",
     "JsonValue",
+    "MembershipWatch",
     "Modify",
     "NotFound",
     "OutOfRange",

@@ -15,8 +15,10 @@ from typing import TypeAlias
 from google.protobuf import field_mask_pb2, json_format
 from pulse.device.v1 import filter_pb2, groups_pb2, groups_pb2_grpc
 
+from ._membership import AsyncMembershipWatch, MembershipWatch
+from ._membership import request as membership_request
 from ._pages import AsyncPager, Pager
-from ._rpc import AsyncRpc, Rpc
+from ._rpc import AsyncRpc, AsyncStream, Rpc, Stream
 
 __all__ = ["AsyncGroups", "FilterLike", "Groups"]
 
@@ -286,6 +288,21 @@ class AsyncGroups:
         response = await self._rpc.unary(self._stub.ListTwinPaths, request)
         return list(response.paths)
 
+    def watch_membership(self, group_id: str, *, resume_cursor: str = "") -> AsyncMembershipWatch:
+        """Devices entering and leaving ``group_id``, resuming by itself.
+
+        Without ``resume_cursor`` it starts with the current members (as
+        ENTERED, cause CURRENT_MEMBER); with one, after that cursor. Raises
+        NotFound when the group does not exist or is deleted while watched.
+        """
+
+        def open_stream(cursor: str) -> AsyncStream[groups_pb2.WatchGroupMembershipResponse]:
+            return self._rpc.stream(
+                self._stub.WatchGroupMembership, membership_request(group_id, cursor)
+            )
+
+        return AsyncMembershipWatch(open_stream, resume_cursor)
+
 
 class Groups:
     """Blocking twin of :class:`AsyncGroups` (``PulseClient.groups``)."""
@@ -414,3 +431,13 @@ class Groups:
         )
         response = self._rpc.unary(self._stub.ListTwinPaths, request)
         return list(response.paths)
+
+    def watch_membership(self, group_id: str, *, resume_cursor: str = "") -> MembershipWatch:
+        """Devices entering and leaving ``group_id``; see :meth:`AsyncGroups.watch_membership`."""
+
+        def open_stream(cursor: str) -> Stream[groups_pb2.WatchGroupMembershipResponse]:
+            return self._rpc.stream(
+                self._stub.WatchGroupMembership, membership_request(group_id, cursor)
+            )
+
+        return MembershipWatch(open_stream, resume_cursor)

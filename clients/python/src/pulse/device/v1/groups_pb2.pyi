@@ -648,3 +648,164 @@ class ListTwinPathsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListTwinPathsResponse: _TypeAlias = ListTwinPathsResponse  # noqa: Y015
+
+@_typing.final
+class WatchGroupMembershipRequest(_message.Message):
+    """WatchGroupMembershipRequest opens a membership watch of one group."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_ID_FIELD_NUMBER: _builtins.int
+    RESUME_CURSOR_FIELD_NUMBER: _builtins.int
+    group_id: _builtins.str
+    """The group to watch."""
+    resume_cursor: _builtins.str
+    """A cursor from an earlier stream of this group: every event after it is
+    replayed before the stream goes live. Empty to start with the current
+    members. Through the gateway, the `Last-Event-ID` header fills it.
+    """
+    def __init__(
+        self,
+        *,
+        group_id: _builtins.str = ...,
+        resume_cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group_id", b"group_id", "resume_cursor", b"resume_cursor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchGroupMembershipRequest: _TypeAlias = WatchGroupMembershipRequest  # noqa: Y015
+
+@_typing.final
+class WatchGroupMembershipResponse(_message.Message):
+    """WatchGroupMembershipResponse is one message of a membership watch: a device
+    that entered or left the group, or a bookmark (event_type unspecified)
+    that only moves the cursor forward. The first bookmark marks the end of
+    the current members or of the replay.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _EventType:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[WatchGroupMembershipResponse._EventType.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        EVENT_TYPE_UNSPECIFIED: WatchGroupMembershipResponse._EventType.ValueType  # 0
+        """A bookmark."""
+        ENTERED: WatchGroupMembershipResponse._EventType.ValueType  # 1
+        """The device is a member from now on."""
+        LEFT: WatchGroupMembershipResponse._EventType.ValueType  # 2
+        """The device is no longer a member."""
+
+    class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
+        """EventType says which way the device moved."""
+
+    EVENT_TYPE_UNSPECIFIED: WatchGroupMembershipResponse.EventType.ValueType  # 0
+    """A bookmark."""
+    ENTERED: WatchGroupMembershipResponse.EventType.ValueType  # 1
+    """The device is a member from now on."""
+    LEFT: WatchGroupMembershipResponse.EventType.ValueType  # 2
+    """The device is no longer a member."""
+
+    class _Cause:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _CauseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[WatchGroupMembershipResponse._Cause.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        CAUSE_UNSPECIFIED: WatchGroupMembershipResponse._Cause.ValueType  # 0
+        """Not set (a bookmark)."""
+        STATUS: WatchGroupMembershipResponse._Cause.ValueType  # 1
+        """Its connectivity status changed."""
+        TAGS: WatchGroupMembershipResponse._Cause.ValueType  # 2
+        """Its tags changed."""
+        TWIN: WatchGroupMembershipResponse._Cause.ValueType  # 3
+        """Its twin changed (documents, versions, sync)."""
+        ATTRIBUTES: WatchGroupMembershipResponse._Cause.ValueType  # 4
+        """Its name, site or model changed, or it was reactivated."""
+        LAST_SEEN: WatchGroupMembershipResponse._Cause.ValueType  # 5
+        """Its last-seen time moved past a bound of the filter."""
+        SYNC_TIMEOUT: WatchGroupMembershipResponse._Cause.ValueType  # 6
+        """Its twin's sync status turned from PENDING to STALE with time."""
+        GROUP_EDIT: WatchGroupMembershipResponse._Cause.ValueType  # 7
+        """The group was created or its filter or members were edited."""
+        DEVICE_CREATED: WatchGroupMembershipResponse._Cause.ValueType  # 8
+        """The device was created."""
+        DEVICE_DECOMMISSIONED: WatchGroupMembershipResponse._Cause.ValueType  # 9
+        """The device was decommissioned."""
+        DEVICE_DELETED: WatchGroupMembershipResponse._Cause.ValueType  # 10
+        """The device was deleted."""
+        CURRENT_MEMBER: WatchGroupMembershipResponse._Cause.ValueType  # 11
+        """It was a member when the stream started (no resume_cursor)."""
+
+    class Cause(_Cause, metaclass=_CauseEnumTypeWrapper):
+        """Cause says what moved the device. When several changes were evaluated
+        together, it is the one the group's definition looks at.
+        """
+
+    CAUSE_UNSPECIFIED: WatchGroupMembershipResponse.Cause.ValueType  # 0
+    """Not set (a bookmark)."""
+    STATUS: WatchGroupMembershipResponse.Cause.ValueType  # 1
+    """Its connectivity status changed."""
+    TAGS: WatchGroupMembershipResponse.Cause.ValueType  # 2
+    """Its tags changed."""
+    TWIN: WatchGroupMembershipResponse.Cause.ValueType  # 3
+    """Its twin changed (documents, versions, sync)."""
+    ATTRIBUTES: WatchGroupMembershipResponse.Cause.ValueType  # 4
+    """Its name, site or model changed, or it was reactivated."""
+    LAST_SEEN: WatchGroupMembershipResponse.Cause.ValueType  # 5
+    """Its last-seen time moved past a bound of the filter."""
+    SYNC_TIMEOUT: WatchGroupMembershipResponse.Cause.ValueType  # 6
+    """Its twin's sync status turned from PENDING to STALE with time."""
+    GROUP_EDIT: WatchGroupMembershipResponse.Cause.ValueType  # 7
+    """The group was created or its filter or members were edited."""
+    DEVICE_CREATED: WatchGroupMembershipResponse.Cause.ValueType  # 8
+    """The device was created."""
+    DEVICE_DECOMMISSIONED: WatchGroupMembershipResponse.Cause.ValueType  # 9
+    """The device was decommissioned."""
+    DEVICE_DELETED: WatchGroupMembershipResponse.Cause.ValueType  # 10
+    """The device was deleted."""
+    CURRENT_MEMBER: WatchGroupMembershipResponse.Cause.ValueType  # 11
+    """It was a member when the stream started (no resume_cursor)."""
+
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    CAUSE_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    event_type: Global___WatchGroupMembershipResponse.EventType.ValueType
+    """ENTERED or LEFT; unspecified on a bookmark."""
+    device_id: _builtins.str
+    """The device that moved; empty on a bookmark."""
+    cause: Global___WatchGroupMembershipResponse.Cause.ValueType
+    """What moved it."""
+    cursor: _builtins.str
+    """Opaque position just after this message: pass it as resume_cursor to
+    continue from here. Bound to the tenant and the group. Empty on the
+    current members sent first: a stream that ends before its first cursor
+    starts over. The SSE id through the gateway.
+    """
+    @_builtins.property
+    def occurred_at(self) -> _timestamp_pb2.Timestamp:
+        """When the change was evaluated; unset on current members and bookmarks."""
+
+    def __init__(
+        self,
+        *,
+        event_type: Global___WatchGroupMembershipResponse.EventType.ValueType = ...,
+        device_id: _builtins.str = ...,
+        cause: Global___WatchGroupMembershipResponse.Cause.ValueType = ...,
+        cursor: _builtins.str = ...,
+        occurred_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "cursor", b"cursor", "device_id", b"device_id", "event_type", b"event_type", "occurred_at", b"occurred_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchGroupMembershipResponse: _TypeAlias = WatchGroupMembershipResponse  # noqa: Y015

@@ -94,6 +94,11 @@ class DeviceGroupServiceStub:
                 request_serializer=pulse_dot_device_dot_v1_dot_groups__pb2.ListTwinPathsRequest.SerializeToString,
                 response_deserializer=pulse_dot_device_dot_v1_dot_groups__pb2.ListTwinPathsResponse.FromString,
                 _registered_method=True)
+        self.WatchGroupMembership = channel.unary_stream(
+                '/pulse.device.v1.DeviceGroupService/WatchGroupMembership',
+                request_serializer=pulse_dot_device_dot_v1_dot_groups__pb2.WatchGroupMembershipRequest.SerializeToString,
+                response_deserializer=pulse_dot_device_dot_v1_dot_groups__pb2.WatchGroupMembershipResponse.FromString,
+                _registered_method=True)
 
 
 class DeviceGroupServiceServicer:
@@ -206,6 +211,29 @@ class DeviceGroupServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchGroupMembership(self, request, context):
+        """WatchGroupMembership streams the devices entering and leaving a group,
+        static or dynamic, with what moved them: a change of status, tags, twin
+        or attributes, a group edit (a changed filter emits the difference;
+        added or removed members), a device created, decommissioned or deleted,
+        or a twin's sync status turning STALE with time.
+
+        Without a resume_cursor the stream starts with every current member as
+        ENTERED (cause CURRENT_MEMBER, no cursor), then a bookmark, then live
+        events. With one, it replays every event after the cursor, then goes
+        live; across a resume nothing is missed or repeated, and per device the
+        events alternate ENTERED / LEFT. Memberships are evaluated by the
+        server's maintainer just after each change commits (docs/groups.md), so
+        events follow ListGroupMembers by a few milliseconds, and changes that
+        cancel out before they are evaluated (a member added and removed at
+        once) emit nothing. Deleting the group
+        ends the stream with NOT_FOUND; a server shutting down ends it with
+        UNAVAILABLE (reason SERVER_SHUTTING_DOWN): reconnect with the last cursor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceGroupServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -263,6 +291,11 @@ def add_DeviceGroupServiceServicer_to_server(servicer, server):
                     servicer.ListTwinPaths,
                     request_deserializer=pulse_dot_device_dot_v1_dot_groups__pb2.ListTwinPathsRequest.FromString,
                     response_serializer=pulse_dot_device_dot_v1_dot_groups__pb2.ListTwinPathsResponse.SerializeToString,
+            ),
+            'WatchGroupMembership': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchGroupMembership,
+                    request_deserializer=pulse_dot_device_dot_v1_dot_groups__pb2.WatchGroupMembershipRequest.FromString,
+                    response_serializer=pulse_dot_device_dot_v1_dot_groups__pb2.WatchGroupMembershipResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -566,6 +599,33 @@ class DeviceGroupService:
             '/pulse.device.v1.DeviceGroupService/ListTwinPaths',
             pulse_dot_device_dot_v1_dot_groups__pb2.ListTwinPathsRequest.SerializeToString,
             pulse_dot_device_dot_v1_dot_groups__pb2.ListTwinPathsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchGroupMembership(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pulse.device.v1.DeviceGroupService/WatchGroupMembership',
+            pulse_dot_device_dot_v1_dot_groups__pb2.WatchGroupMembershipRequest.SerializeToString,
+            pulse_dot_device_dot_v1_dot_groups__pb2.WatchGroupMembershipResponse.FromString,
             options,
             channel_credentials,
             insecure,

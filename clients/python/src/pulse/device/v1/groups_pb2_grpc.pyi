@@ -97,6 +97,25 @@ class DeviceGroupServiceStub:
     read from a sample of up to 500 devices, for a filter builder's path
     picker. The paths are written as TwinCondition.path expects them.
     """
+    WatchGroupMembership: _grpc.UnaryStreamMultiCallable[_groups_pb2.WatchGroupMembershipRequest, _groups_pb2.WatchGroupMembershipResponse]
+    """WatchGroupMembership streams the devices entering and leaving a group,
+    static or dynamic, with what moved them: a change of status, tags, twin
+    or attributes, a group edit (a changed filter emits the difference;
+    added or removed members), a device created, decommissioned or deleted,
+    or a twin's sync status turning STALE with time.
+
+    Without a resume_cursor the stream starts with every current member as
+    ENTERED (cause CURRENT_MEMBER, no cursor), then a bookmark, then live
+    events. With one, it replays every event after the cursor, then goes
+    live; across a resume nothing is missed or repeated, and per device the
+    events alternate ENTERED / LEFT. Memberships are evaluated by the
+    server's maintainer just after each change commits (docs/groups.md), so
+    events follow ListGroupMembers by a few milliseconds, and changes that
+    cancel out before they are evaluated (a member added and removed at
+    once) emit nothing. Deleting the group
+    ends the stream with NOT_FOUND; a server shutting down ends it with
+    UNAVAILABLE (reason SERVER_SHUTTING_DOWN): reconnect with the last cursor.
+    """
 
 @_typing.type_check_only
 class DeviceGroupServiceAsyncStub(DeviceGroupServiceStub):
@@ -165,6 +184,25 @@ class DeviceGroupServiceAsyncStub(DeviceGroupServiceStub):
     """ListTwinPaths lists the paths to values in the fleet's twin documents,
     read from a sample of up to 500 devices, for a filter builder's path
     picker. The paths are written as TwinCondition.path expects them.
+    """
+    WatchGroupMembership: _aio.UnaryStreamMultiCallable[_groups_pb2.WatchGroupMembershipRequest, _groups_pb2.WatchGroupMembershipResponse]  # type: ignore[assignment]
+    """WatchGroupMembership streams the devices entering and leaving a group,
+    static or dynamic, with what moved them: a change of status, tags, twin
+    or attributes, a group edit (a changed filter emits the difference;
+    added or removed members), a device created, decommissioned or deleted,
+    or a twin's sync status turning STALE with time.
+
+    Without a resume_cursor the stream starts with every current member as
+    ENTERED (cause CURRENT_MEMBER, no cursor), then a bookmark, then live
+    events. With one, it replays every event after the cursor, then goes
+    live; across a resume nothing is missed or repeated, and per device the
+    events alternate ENTERED / LEFT. Memberships are evaluated by the
+    server's maintainer just after each change commits (docs/groups.md), so
+    events follow ListGroupMembers by a few milliseconds, and changes that
+    cancel out before they are evaluated (a member added and removed at
+    once) emit nothing. Deleting the group
+    ends the stream with NOT_FOUND; a server shutting down ends it with
+    UNAVAILABLE (reason SERVER_SHUTTING_DOWN): reconnect with the last cursor.
     """
 
 class DeviceGroupServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -297,6 +335,31 @@ class DeviceGroupServiceServicer(metaclass=_abc_1.ABCMeta):
         """ListTwinPaths lists the paths to values in the fleet's twin documents,
         read from a sample of up to 500 devices, for a filter builder's path
         picker. The paths are written as TwinCondition.path expects them.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchGroupMembership(
+        self,
+        request: _groups_pb2.WatchGroupMembershipRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_groups_pb2.WatchGroupMembershipResponse], _abc.AsyncIterator[_groups_pb2.WatchGroupMembershipResponse]]:
+        """WatchGroupMembership streams the devices entering and leaving a group,
+        static or dynamic, with what moved them: a change of status, tags, twin
+        or attributes, a group edit (a changed filter emits the difference;
+        added or removed members), a device created, decommissioned or deleted,
+        or a twin's sync status turning STALE with time.
+
+        Without a resume_cursor the stream starts with every current member as
+        ENTERED (cause CURRENT_MEMBER, no cursor), then a bookmark, then live
+        events. With one, it replays every event after the cursor, then goes
+        live; across a resume nothing is missed or repeated, and per device the
+        events alternate ENTERED / LEFT. Memberships are evaluated by the
+        server's maintainer just after each change commits (docs/groups.md), so
+        events follow ListGroupMembers by a few milliseconds, and changes that
+        cancel out before they are evaluated (a member added and removed at
+        once) emit nothing. Deleting the group
+        ends the stream with NOT_FOUND; a server shutting down ends it with
+        UNAVAILABLE (reason SERVER_SHUTTING_DOWN): reconnect with the last cursor.
         """
 
 def add_DeviceGroupServiceServicer_to_server(servicer: DeviceGroupServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

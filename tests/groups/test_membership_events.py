@@ -1,0 +1,319 @@
+"""WatchGroupMembership: devices entering and leaving groups, with their
+causes, resumable without gap or duplicate, ended by the group's deletion."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pulse_client as pc
+import pytest
+from pulse.device.v1 import groups_pb2
+
+from server.db import Database
+from tests.conftest import Tenant
+from tests.groups.helpers import insert_rows, row, set_status
+from tests.helpers import eventually
+
+Message = groups_pb2.WatchGroupMembershipResponse
+Step = tuple[str, str, str]  # (device id, ENTERED / LEFT, cause)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def step(message: Message) -> Step:
+    return (
+        message.device_id,
+        Message.EventType.Name(message.event_type),
+        Message.Cause.Name(message.cause),
+    )
+
+
+def per_device(steps: list[Step]) -> dict[str, list[tuple[str, str]]]:
+    out: dict[str, list[tuple[str, str]]] = {}
+    for device_id, event_type, cause in steps:
+        out.setdefault(device_id, []).append((event_type, cause))
+    return out
+
+
+class Watch:
+    """A membership stream read in the background."""
+
+    def __init__(self, stream: pc.AsyncStream[Message]) -> None:
+        self.stream = stream
+        self.messages: list[Message] = []
+        self.error: BaseException | None = None
+        self.task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.stream:
+                self.messages.append(message)
+        except pc.PulseError as error:
+            self.error = error
+
+    @property
+    def steps(self) -> list[Step]:
+        return [step(m) for m in self.messages if m.event_type]
+
+    @property
+    def cursor(self) -> str:
+        return next(m.cursor for m in reversed(self.messages) if m.cursor)
+
+    async def until(self, *expected: Step) -> None:
+        """Wait for exactly these events. Changes the maintainer evaluates
+        together come in device order, so only each device's own order is
+        compared."""
+        want = per_device(list(expected))
+
+        await eventually(lambda: per_device(self.steps) == want, what=f"the events {expected}")
+
+    async def stop(self) -> None:
+        self.stream.cancel()
+        await self.task
+
+
+@pytest.fixture
+async def watches(client: pc.AsyncPulseClient) -> AsyncIterator[list[Watch]]:
+    opened: list[Watch] = []
+    yield opened
+    for watch in opened:
+        await watch.stop()
+
+
+def open_watch(
+    client: pc.AsyncPulseClient, watches: list[Watch], group_id: str, cursor: str = ""
+) -> Watch:
+    request = groups_pb2.WatchGroupMembershipRequest(group_id=group_id, resume_cursor=cursor)
+    stream = client._rpc.stream(client.groups._stub.WatchGroupMembership, request)
+    watch = Watch(stream)
+    watches.append(watch)
+    return watch
+
+
+async def members_evaluated(db: Database, tenant_id: uuid.UUID, group_id: str) -> set[str]:
+    """The maintainer's memberships of the group (what the events add up to)."""
+    async with db.tenant(tenant_id, readonly=True) as con:
+        rows = await con.fetch(
+            "SELECT device_id FROM group_memberships WHERE tenant_id = $1 AND group_id = $2",
+            tenant_id,
+            group_id,
+        )
+    return {r["device_id"] for r in rows}
+
+
+async def settled(
+    db: Database, client: pc.AsyncPulseClient, tenant_id: uuid.UUID, group_id: str
+) -> None:
+    """Wait until the maintainer's memberships equal ListGroupMembers."""
+
+    async def same() -> bool:
+        listed = {m.device_id async for m in client.groups.members(group_id)}
+        return await members_evaluated(db, tenant_id, group_id) == listed
+
+    await eventually(same, what=f"group {group_id} evaluated")
+
+
+async def test_a_new_watch_starts_with_the_members_then_follows_status(
+    db: Database, tenant: Tenant, client: pc.AsyncPulseClient, watches: list[Watch]
+) -> None:
+    await insert_rows(db, tenant.tenant_id, [row("A"), row("B", status="OFFLINE"), row("C")])
+    await client.groups.create_dynamic("online", pc.where(statuses=["ONLINE"]), group_id="on")
+    await settled(db, client, tenant.tenant_id, "on")
+
+    watch = open_watch(client, watches, "on")
+    await watch.until(("A", "ENTERED", "CURRENT_MEMBER"), ("C", "ENTERED", "CURRENT_MEMBER"))
+    await eventually(lambda: bool(watch.messages[-1].cursor), what="the bookmark")
+    assert [m.cursor for m in watch.messages[:2]] == ["", ""]
+
+    await set_status(db, tenant.tenant_id, ["A"], "OFFLINE")
+    await set_status(db, tenant.tenant_id, ["B"], "ONLINE")
+    await watch.until(
+        ("A", "ENTERED", "CURRENT_MEMBER"),
+        ("C", "ENTERED", "CURRENT_MEMBER"),
+        ("A", "LEFT", "STATUS"),
+        ("B", "ENTERED", "STATUS"),
+    )
+    assert all(m.cursor and m.HasField("occurred_at") for m in watch.messages[3:])
+
+
+async def test_every_cause(
+    db: Database, tenant: Tenant, client: pc.AsyncPulseClient, watches: list[Watch]
+) -> None:
+    await client.sites.create("s1")
+    await client.devices.create("T-1", tags={"tier": "gold"})
+    await client.devices.create("T-2", tags={"tier": "gold"})
+    gold = {"tag_selectors": [{"key": "tier", "operator": "EQUALS", "values": ["gold"]}]}
+    await client.groups.create_dynamic("gold", gold, group_id="gold")
+    twin = {"twin_conditions": [{"document": "DESIRED", "path": "mode", "operator": "EXISTS"}]}
+    await client.groups.create_dynamic("configured", twin, group_id="conf")
+    await client.groups.create_static("picked", group_id="picked")
+    await settled(db, client, tenant.tenant_id, "gold")
+    gold_watch = open_watch(client, watches, "gold")
+    conf_watch = open_watch(client, watches, "conf")
+    picked_watch = open_watch(client, watches, "picked")
+    await gold_watch.until(
+        ("T-1", "ENTERED", "CURRENT_MEMBER"), ("T-2", "ENTERED", "CURRENT_MEMBER")
+    )
+
+    await client.devices.update("T-1", tags={"tier": "silver"})
+    await client.devices.create("T-3", tags={"tier": "gold"})
+    await client.devices.decommission("T-2")
+    await client.twin.update_desired("T-3", {"mode": "eco"}, force=True)
+    await client.groups.add_members("picked", ["T-1", "T-3"])
+    await picked_watch.until(("T-1", "ENTERED", "GROUP_EDIT"), ("T-3", "ENTERED", "GROUP_EDIT"))
+    await client.groups.remove_members("picked", ["T-1"])
+
+    await gold_watch.until(
+        ("T-1", "ENTERED", "CURRENT_MEMBER"),
+        ("T-2", "ENTERED", "CURRENT_MEMBER"),
+        ("T-1", "LEFT", "TAGS"),
+        ("T-3", "ENTERED", "DEVICE_CREATED"),
+        ("T-2", "LEFT", "DEVICE_DECOMMISSIONED"),
+    )
+    await conf_watch.until(("T-3", "ENTERED", "TWIN"))
+    await picked_watch.until(
+        ("T-1", "ENTERED", "GROUP_EDIT"),
+        ("T-3", "ENTERED", "GROUP_EDIT"),
+        ("T-1", "LEFT", "GROUP_EDIT"),
+    )
+
+    # Editing the filter emits the difference, and only that.
+    group = await client.groups.get("gold")
+    silver = {"tag_selectors": [{"key": "tier", "operator": "EQUALS", "values": ["silver"]}]}
+    await client.groups.update("gold", expected_version=group.version, query_filter=silver)
+    await gold_watch.until(
+        ("T-1", "ENTERED", "CURRENT_MEMBER"),
+        ("T-2", "ENTERED", "CURRENT_MEMBER"),
+        ("T-1", "LEFT", "TAGS"),
+        ("T-3", "ENTERED", "DEVICE_CREATED"),
+        ("T-2", "LEFT", "DEVICE_DECOMMISSIONED"),
+        ("T-1", "ENTERED", "GROUP_EDIT"),
+        ("T-3", "LEFT", "GROUP_EDIT"),
+    )
+
+
+async def test_resuming_misses_and_repeats_nothing(
+    db: Database, tenant: Tenant, client: pc.AsyncPulseClient, watches: list[Watch]
+) -> None:
+    await insert_rows(db, tenant.tenant_id, [row(f"R-{i}") for i in range(6)])
+    await client.groups.create_dynamic("online", pc.where(statuses=["ONLINE"]), group_id="on")
+    await settled(db, client, tenant.tenant_id, "on")
+    first = open_watch(client, watches, "on")
+    await eventually(lambda: len(first.messages) == 7, what="members and bookmark")
+    start = first.cursor
+
+    await set_status(db, tenant.tenant_id, ["R-0", "R-1"], "OFFLINE")
+    await eventually(lambda: len(first.steps) == 8, what="the first changes")
+    middle = first.cursor
+    await set_status(db, tenant.tenant_id, ["R-0"], "ONLINE")
+    await set_status(db, tenant.tenant_id, ["R-5"], "STALE")
+    await eventually(lambda: len(first.steps) == 10, what="the later changes")
+    changes = first.steps[6:]
+    assert per_device(changes) == per_device(
+        [
+            ("R-0", "LEFT", "STATUS"),
+            ("R-1", "LEFT", "STATUS"),
+            ("R-0", "ENTERED", "STATUS"),
+            ("R-5", "LEFT", "STATUS"),
+        ]
+    )
+
+    from_start = open_watch(client, watches, "on", start)
+    from_middle = open_watch(client, watches, "on", middle)
+    await from_start.until(*changes)
+    await from_middle.until(*changes[2:])
+    assert from_start.steps == changes
+
+    # A cursor names a place in one group's stream.
+    await client.groups.create_static("other", group_id="other")
+    other = open_watch(client, watches, "other", middle)
+    await other.task
+    assert isinstance(other.error, pc.InvalidArgument)
+    assert "resume_cursor" in str(other.error)
+
+
+async def test_deleting_the_group_ends_the_stream(
+    db: Database, tenant: Tenant, client: pc.AsyncPulseClient, watches: list[Watch]
+) -> None:
+    await insert_rows(db, tenant.tenant_id, [row("D-1")])
+    await client.groups.create_dynamic("all", {}, group_id="all")
+    await settled(db, client, tenant.tenant_id, "all")
+    watch = open_watch(client, watches, "all")
+    await watch.until(("D-1", "ENTERED", "CURRENT_MEMBER"))
+    await client.groups.delete("all")
+    await asyncio.wait_for(watch.task, 10)
+    assert isinstance(watch.error, pc.NotFound)
+    assert "was deleted" in str(watch.error)
+
+    missing = open_watch(client, watches, "all")
+    await missing.task
+    assert isinstance(missing.error, pc.NotFound)
+
+
+async def test_sync_status_turning_stale_with_time(
+    db: Database, tenant: Tenant, client: pc.AsyncPulseClient, watches: list[Watch]
+) -> None:
+    await insert_rows(db, tenant.tenant_id, [row("S-1")])
+    await client.groups.create_dynamic("pending", {"sync_statuses": ["PENDING"]}, group_id="p")
+    await client.twin.update_desired("S-1", {"valve": "open"}, force=True)
+    watch = open_watch(client, watches, "p")
+    await eventually(lambda: bool(watch.steps), what="S-1 pending")
+    assert watch.steps[-1][:2] == ("S-1", "ENTERED")
+
+    # The maintainer set a timer for when PENDING turns STALE (the server's
+    # threshold is 300 s); move the write and its timer into the past.
+    async with db.tenant(tenant.tenant_id) as con:
+        due = await con.fetchval(
+            "SELECT due_at - desired_updated_at FROM membership_timers t JOIN device_state s"
+            " USING (tenant_id, device_id) WHERE device_id = 'S-1'"
+        )
+        assert due == timedelta(seconds=300, milliseconds=1)
+        past = datetime.now(UTC) - timedelta(minutes=10)
+        await con.execute("UPDATE membership_timers SET due_at = $1 WHERE device_id = 'S-1'", past)
+    async with db.admin() as con, con.transaction():
+        # Triggers off for this transaction only: no twin change is queued,
+        # so only the timer can move the device.
+        await con.execute("SET LOCAL session_replication_role = replica")
+        await con.execute(
+            "UPDATE device_state SET desired_updated_at = $1 WHERE tenant_id = $2",
+            past,
+            tenant.tenant_id,
+        )
+    await eventually(lambda: watch.steps[-1] == ("S-1", "LEFT", "SYNC_TIMEOUT"), what="STALE")
+
+
+async def test_the_typed_client_and_server_sent_events(
+    db: Database,
+    tenant: Tenant,
+    client: pc.AsyncPulseClient,
+    http: httpx.AsyncClient,
+) -> None:
+    await insert_rows(db, tenant.tenant_id, [row("H-1"), row("H-2", status="OFFLINE")])
+    await client.groups.create_dynamic("online", pc.where(statuses=["ONLINE"]), group_id="on")
+    await settled(db, client, tenant.tenant_id, "on")
+
+    async with client.groups.watch_membership("on") as watch:
+        first = await anext(watch)
+        assert step(first) == ("H-1", "ENTERED", "CURRENT_MEMBER")
+        await set_status(db, tenant.tenant_id, ["H-2"], "ONLINE")
+        second = await anext(watch)
+        assert step(second) == ("H-2", "ENTERED", "STATUS")
+        assert watch.cursor == second.cursor
+
+    headers = {"Authorization": f"Bearer {tenant.token()}", "Accept": "text/event-stream"}
+    url = "/customer/device-groups/on/membership:watch"
+    async with http.stream("GET", url, headers=headers) as response:
+        assert response.status_code == 200
+        lines = response.aiter_lines()
+        seen: list[str] = []
+        async for line in lines:
+            seen.append(line)
+            if line.startswith("id: "):
+                break
+    text = "\n".join(seen)
+    assert '"device_id":"H-1"' in text and '"CURRENT_MEMBER"' in text
+    assert '"device_id":"H-2"' in text
