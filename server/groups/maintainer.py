@@ -84,7 +84,10 @@ class MembershipMaintainer:
             if now - self._failed.get(tenant_id, -_AFTER_BUG_S) < _AFTER_BUG_S:
                 continue
             try:
-                async with self._db.tenant(tenant_id) as con:
+                # One snapshot for the whole pass: the changes it claims are
+                # exactly those whose effects its evaluation sees, so each is
+                # named as the cause of what it did.
+                async with self._db.tenant(tenant_id, snapshot=True) as con:
                     inserted = await membership_store.maintain(
                         con, tenant_id, stale_after=self._stale_after, limit=self._batch
                     )

@@ -112,8 +112,11 @@ async def maintain(
     """Apply up to `limit` of the tenant's queued changes: re-evaluate what
     they touched, store the new memberships and insert their events.
 
-    Runs in a tenant transaction that has written nothing yet (the tenant
-    lock must come before its transaction id). Returns how many
+    Runs in a REPEATABLE READ tenant transaction that has written nothing
+    yet (the tenant lock must come before its transaction id). Should another
+    process's pass on the tenant commit between this snapshot and the lock,
+    every row both would write is one this pass cannot update: it fails with
+    a serialisation error and is retried, so no change is applied twice. Returns how many
     events it inserted, or None when another maintainer holds the tenant.
     """
     lock = tenant_lock(tenant_id)

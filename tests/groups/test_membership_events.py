@@ -4,6 +4,8 @@ causes, resumable without gap or duplicate, ended by the group's deletion."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -13,6 +15,8 @@ import pulse_client as pc
 import pytest
 from pulse.device.v1 import groups_pb2
 
+from server import config
+from server.app import start
 from server.db import Database
 from tests.conftest import Tenant
 from tests.groups.helpers import insert_rows, row, set_status
@@ -68,8 +72,10 @@ class Watch:
         together come in device order, so only each device's own order is
         compared."""
         want = per_device(list(expected))
-
-        await eventually(lambda: per_device(self.steps) == want, what=f"the events {expected}")
+        try:
+            await eventually(lambda: per_device(self.steps) == want, what="the events")
+        except pytest.fail.Exception:
+            pytest.fail(f"expected {expected}, got {self.steps} ({self.error!r})")
 
     async def stop(self) -> None:
         self.stream.cancel()
@@ -317,3 +323,57 @@ async def test_the_typed_client_and_server_sent_events(
     text = "\n".join(seen)
     assert '"device_id":"H-1"' in text and '"CURRENT_MEMBER"' in text
     assert '"device_id":"H-2"' in text
+
+
+async def test_the_typed_client_resumes_across_a_server_restart(
+    db: Database,
+    tenant: Tenant,
+    client: pc.AsyncPulseClient,
+    settings: config.Settings,
+    dsn: str,
+) -> None:
+    await insert_rows(db, tenant.tenant_id, [row(f"X-{i}", status="OFFLINE") for i in range(4)])
+    await client.groups.create_dynamic("online", pc.where(statuses=["ONLINE"]), group_id="on")
+    await settled(db, client, tenant.tenant_id, "on")
+    port = free_port()
+    ours = dataclasses.replace(settings, grpc_port=port, db_pool_size=2)
+    server = await start(ours, dsn)
+    try:
+        async with await pc.AsyncPulseClient.connect(
+            f"127.0.0.1:{port}", token=tenant.token()
+        ) as other:
+            await set_status(db, tenant.tenant_id, ["X-0"], "ONLINE")
+            await settled(db, client, tenant.tenant_id, "on")
+            watch = other.groups.watch_membership("on")
+            seen = [step(await anext(watch))]
+            await set_status(db, tenant.tenant_id, ["X-1"], "ONLINE")
+            seen.append(step(await anext(watch)))
+
+            await server.stop(grace=1)
+            # While no server is up (the session's own maintainer keeps
+            # evaluating), the group changes.
+            await set_status(db, tenant.tenant_id, ["X-0"], "OFFLINE")
+            await set_status(db, tenant.tenant_id, ["X-2"], "ONLINE")
+            server = await start(ours, dsn)
+            await set_status(db, tenant.tenant_id, ["X-3"], "ONLINE")
+            seen += [step(await anext(watch)) for _ in range(3)]
+            assert watch.reconnects >= 1
+            watch.cancel()
+    finally:
+        await server.stop(grace=1)
+    assert per_device(seen) == per_device(
+        [
+            ("X-0", "ENTERED", "CURRENT_MEMBER"),
+            ("X-1", "ENTERED", "STATUS"),
+            ("X-0", "LEFT", "STATUS"),
+            ("X-2", "ENTERED", "STATUS"),
+            ("X-3", "ENTERED", "STATUS"),
+        ]
+    )
+    assert {m.device_id async for m in client.groups.members("on")} == {"X-1", "X-2", "X-3"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
