@@ -320,8 +320,9 @@ async def _gateway_alone(settings: config.Settings, grpc_target: str) -> None:
 async def _retention(settings: config.Settings, days: int) -> None:
     dsn, embedded = await _database_url(settings)
     try:
-        deleted = await retention.purge(dsn, older_than_days=days)
-        print(f"deleted {deleted} connection events older than {days} days")
+        for table in retention.LOGS:
+            deleted = await retention.purge(dsn, older_than_days=days, log_table=table)
+            print(f"deleted {deleted} {table.replace('_', ' ')} older than {days} days")
     finally:
         if embedded is not None:
             await embedded.stop()

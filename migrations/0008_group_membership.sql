@@ -65,6 +65,8 @@ CREATE TABLE membership_events (
 );
 CREATE INDEX membership_events_group ON membership_events (tenant_id, group_id, xact, event_id);
 CREATE INDEX membership_events_tenant ON membership_events (tenant_id, xact, event_id);
+-- Retention deletes by age (server/connectivity/retention.py).
+CREATE INDEX membership_events_age ON membership_events USING brin (occurred_at);
 
 -- The triggers. Statement-level with transition tables, so a batch of 500
 -- reports or a sweep of 10,000 devices adds one INSERT ... SELECT, not 500
@@ -235,12 +237,16 @@ CREATE POLICY evaluator_fleet ON membership_timers FOR SELECT TO pulse_evaluator
 CREATE POLICY evaluator_fleet_read ON device_groups FOR SELECT TO pulse_evaluator
     USING (true);
 
--- The owner (the migrating login) deletes devices in maintenance; the
+-- The owner (the migrating login) deletes devices in maintenance, and the
 -- triggers then queue changes for every tenant.
 DO $$
 BEGIN
     EXECUTE format(
         'CREATE POLICY owner_maintenance ON membership_changes TO %I USING (true) WITH CHECK (true)',
+        current_user);
+    -- `pulse retention` removes old events as the owner.
+    EXECUTE format(
+        'CREATE POLICY owner_retention ON membership_events FOR ALL TO %I USING (true)',
         current_user);
 END
 $$;

@@ -122,4 +122,7 @@ async def test_pulse_retention_runs_as_a_command(dsn: str, tmp_path: Path) -> No
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
-    assert out.decode().strip() == "deleted 0 connection events older than 3650 days"
+    assert out.decode().splitlines() == [
+        "deleted 0 connection events older than 3650 days",
+        "deleted 0 membership events older than 3650 days",
+    ]

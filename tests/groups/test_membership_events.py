@@ -17,8 +17,9 @@ from pulse.device.v1 import groups_pb2
 
 from server import config
 from server.app import start
+from server.connectivity import retention
 from server.db import Database
-from tests.conftest import Tenant
+from tests.conftest import ClientFactory, Tenant, TenantFactory
 from tests.groups.helpers import insert_rows, row, set_status
 from tests.helpers import eventually
 
@@ -377,3 +378,60 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def test_other_tenants_groups_and_bad_requests_are_refused(
+    db: Database,
+    tenant: Tenant,
+    client: pc.AsyncPulseClient,
+    make_tenant: TenantFactory,
+    connect: ClientFactory,
+    watches: list[Watch],
+) -> None:
+    await insert_rows(db, tenant.tenant_id, [row("I-1")])
+    await client.groups.create_dynamic("all", {}, group_id="all")
+    await settled(db, client, tenant.tenant_id, "all")
+    mine = open_watch(client, watches, "all")
+    await mine.until(("I-1", "ENTERED", "CURRENT_MEMBER"))
+    await eventually(lambda: bool(mine.messages[-1].cursor), what="the bookmark")
+
+    other_tenant = await make_tenant()
+    other = await connect(other_tenant.token())
+    await other.groups.create_static("all", group_id="all")
+    theirs = open_watch(other, watches, "all")
+    await eventually(lambda: bool(theirs.messages), what="their bookmark")
+    assert theirs.steps == []  # their group of the same id is theirs alone
+    with_my_cursor = open_watch(other, watches, "all", mine.cursor)
+    unknown = open_watch(other, watches, "nope")
+    bad_id = open_watch(client, watches, "no spaces")
+    garbage = open_watch(client, watches, "all", "not-a-cursor")
+    for watch, error in (
+        (with_my_cursor, pc.InvalidArgument),
+        (unknown, pc.NotFound),
+        (bad_id, pc.InvalidArgument),
+        (garbage, pc.InvalidArgument),
+    ):
+        await asyncio.wait_for(watch.task, 10)
+        assert isinstance(watch.error, error), watch.error
+
+
+async def test_retention_removes_old_membership_events(
+    db: Database, tenant: Tenant, client: pc.AsyncPulseClient, dsn: str
+) -> None:
+    await insert_rows(db, tenant.tenant_id, [row("O-1")])
+    await client.groups.create_dynamic("all", {}, group_id="all")
+    await settled(db, client, tenant.tenant_id, "all")
+    assert await stored_count(db, tenant.tenant_id) == 1
+    later = datetime.now(UTC) + timedelta(days=10)
+    kept = await retention.purge(dsn, older_than_days=30, now=later, log_table="membership_events")
+    assert kept == 0
+    removed = await retention.purge(
+        dsn, older_than_days=7, now=later, log_table="membership_events"
+    )
+    assert removed >= 1
+    assert await stored_count(db, tenant.tenant_id) == 0
+
+
+async def stored_count(db: Database, tenant_id: uuid.UUID) -> int:
+    async with db.tenant(tenant_id, readonly=True) as con:
+        return int(await con.fetchval("SELECT count(*) FROM membership_events"))
