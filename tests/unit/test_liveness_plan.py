@@ -195,8 +195,10 @@ def test_a_device_mixing_both_gets_at_most_two_signals(
     assert len(net) <= 2
     # Counted, not compared as a set: a will redelivered (same seq, same
     # time) after a message without seq is left out as well.
-    kept = Counter((s.signal, s.seq, s.at) for s in net)
-    wills = Counter(
+    kept: Counter[tuple[Signal, int | None, datetime]] = Counter(
+        (s.signal, s.seq, s.at) for s in net
+    )
+    wills: Counter[tuple[Signal, int | None, datetime]] = Counter(
         (s.signal, s.seq, s.at) for s in signals if s.signal is Signal.WILL and s.seq is not None
     )
     if not wills - kept:
