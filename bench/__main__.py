@@ -11,6 +11,7 @@ SUITES = [
     "bench.groups",
     "bench.sweep",
     "bench.watch",
+    "bench.membership",
     "bench.twin",
     "bench.ingest",
     "bench.device_access",

@@ -110,14 +110,15 @@ async def maintain(
     limit: int = 5_000,
 ) -> int | None:
     """Apply up to `limit` of the tenant's queued changes: re-evaluate what
-    they touched, store the new memberships and insert their events.
+    they touched, store the new memberships and insert their events. Returns
+    how many events it inserted, or None when another maintainer holds the
+    tenant.
 
-    Runs in a REPEATABLE READ tenant transaction that has written nothing
-    yet (the tenant lock must come before its transaction id). Should another
+    Runs in a REPEATABLE READ tenant transaction that has written nothing yet
+    (the tenant lock must come before its transaction id). Should another
     process's pass on the tenant commit between this snapshot and the lock,
     every row both would write is one this pass cannot update: it fails with
-    a serialisation error and is retried, so no change is applied twice. Returns how many
-    events it inserted, or None when another maintainer holds the tenant.
+    a serialisation error and is retried, so no change is applied twice.
     """
     lock = tenant_lock(tenant_id)
     # (int, int) keys are signed; pg_locks shows them unsigned.
@@ -125,6 +126,58 @@ async def maintain(
     locked = await con.fetchval("SELECT pg_try_advisory_xact_lock($1, $2)", lock.classid, signed)
     if not locked:
         return None
+    groups = await _groups(con, tenant_id)
+    whole, changed = await _claim(con, tenant_id, groups, limit)
+    events: list[tuple[str, str, str, str]] = []
+    for group_id in sorted(whole):
+        for row in await _diff_group(con, tenant_id, groups[group_id], stale_after):
+            events.append((row["group_id"], row["device_id"], row["event_type"], causes.GROUP_EDIT))
+    if changed:
+        rows = await _diff_devices(con, tenant_id, sorted(changed), groups, stale_after)
+        for row in rows:
+            group = groups.get(row["group_id"])
+            cause = _cause(changed[row["device_id"]], row["group_id"], group)
+            events.append((row["group_id"], row["device_id"], row["event_type"], cause))
+    if events:
+        await con.execute(
+            """
+            INSERT INTO membership_events (tenant_id, group_id, device_id, event_type, cause)
+            SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[])
+            """,
+            tenant_id,
+            *(list(column) for column in zip(*events, strict=True)),
+        )
+        await con.execute("SELECT pg_notify($1, $2)", CHANNEL, str(tenant_id))
+    timed = any(g.filter is not None and g.filter.sync_statuses for g in groups.values())
+    if timed and (whole or changed):
+        # Whole groups were re-read: every pending device may need a timer.
+        await _schedule(con, tenant_id, None if whole else sorted(changed), stale_after)
+    return len(events)
+
+
+async def _groups(con: Connection, tenant_id: uuid.UUID) -> dict[str, _Group]:
+    rows = await con.fetch(
+        "SELECT group_id, group_type, query_filter FROM device_groups WHERE tenant_id = $1",
+        tenant_id,
+    )
+    return {
+        r["group_id"]: _Group(
+            r["group_id"],
+            filters.parse_filter(r["query_filter"]) if r["group_type"] == DYNAMIC else None,
+        )
+        for r in rows
+    }
+
+
+# Per device, what changed: (the group it concerns, or None for every group; the kind).
+_Changes = set[tuple[str | None, str]]
+
+
+async def _claim(
+    con: Connection, tenant_id: uuid.UUID, groups: dict[str, _Group], limit: int
+) -> tuple[set[str], dict[str, _Changes]]:
+    """Take queued changes and due timers: the groups to re-evaluate whole,
+    and the devices to re-evaluate with their changes."""
     changes = await con.fetch(
         """
         DELETE FROM membership_changes WHERE change_id IN (
@@ -142,59 +195,25 @@ async def maintain(
         """,
         tenant_id,
     )
-    groups = {
-        r["group_id"]: _Group(
-            r["group_id"],
-            filters.parse_filter(r["query_filter"]) if r["group_type"] == DYNAMIC else None,
-        )
-        for r in await con.fetch(
-            "SELECT group_id, group_type, query_filter FROM device_groups WHERE tenant_id = $1",
-            tenant_id,
-        )
-    }
     whole: set[str] = set()
-    # Per device, its changes: (group id or None for every group, kind).
-    kinds: defaultdict[str, set[tuple[str | None, str]]] = defaultdict(set)
+    changed: defaultdict[str, _Changes] = defaultdict(set)
     for change in changes:
         if change["device_id"] is None:
-            if change["group_id"] in groups:
+            if change["group_id"] in groups:  # not deleted since
                 whole.add(change["group_id"])
         else:
-            kinds[change["device_id"]].add((change["group_id"], change["cause"]))
+            changed[change["device_id"]].add((change["group_id"], change["cause"]))
     for timer in due:
-        kinds[timer["device_id"]].add((None, causes.SYNC_TIMEOUT))
+        changed[timer["device_id"]].add((None, causes.SYNC_TIMEOUT))
+    return whole, changed
 
-    events: list[tuple[str, str, str, str]] = []
-    for group_id in sorted(whole):
-        group = groups[group_id]
-        for row in await _diff_group(con, tenant_id, group, stale_after):
-            events.append((row["group_id"], row["device_id"], row["event_type"], causes.GROUP_EDIT))
-    if kinds:
-        device_ids = sorted(kinds)
-        for row in await _diff_devices(con, tenant_id, device_ids, groups, stale_after):
-            member_of = groups.get(row["group_id"])
-            sensitive = member_of.sensitive if member_of is not None else frozenset()
-            changed = kinds[row["device_id"]]
-            # A change of another group's members does not move a device
-            # here (should this group move it anyway, any change is named).
-            mine = {kind for group_id, kind in changed if group_id in (None, row["group_id"])}
-            cause = causes.cause(mine or {kind for _, kind in changed}, sensitive)
-            events.append((row["group_id"], row["device_id"], row["event_type"], cause))
-    if events:
-        await con.execute(
-            """
-            INSERT INTO membership_events (tenant_id, group_id, device_id, event_type, cause)
-            SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[])
-            """,
-            tenant_id,
-            *(list(column) for column in zip(*events, strict=True)),
-        )
-        await con.execute("SELECT pg_notify($1, $2)", CHANNEL, str(tenant_id))
-    timed = [g for g in groups.values() if g.filter is not None and g.filter.sync_statuses]
-    if timed and (whole or kinds):
-        # Whole groups were re-read: every pending device may need a timer.
-        await _schedule(con, tenant_id, None if whole else sorted(kinds), stale_after)
-    return len(events)
+
+def _cause(changes: _Changes, group_id: str, group: _Group | None) -> str:
+    # A change of another group's members does not move a device here
+    # (should this group move it anyway, any change is named).
+    mine = {kind for concerns, kind in changes if concerns in (None, group_id)}
+    sensitive = group.sensitive if group is not None else frozenset()
+    return causes.cause(mine or {kind for _, kind in changes}, sensitive)
 
 
 def _want(p: _Params, group: _Group, device_scope: str | None, stale_after: timedelta) -> str:
