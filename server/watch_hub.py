@@ -91,6 +91,7 @@ E = TypeVar("E", bound=Event)
 M = TypeVar("M", bound=Message)
 N_contra = TypeVar("N_contra", contravariant=True)
 M_co = TypeVar("M_co", bound=Message, covariant=True)
+E_co = TypeVar("E_co", bound=Event, covariant=True)
 
 
 class Read(Protocol[N_contra, E]):
@@ -115,6 +116,47 @@ class Read(Protocol[N_contra, E]):
 
     def failure(self, narrowing: N_contra) -> DomainError | None:
         """Why a stream so narrowed must end (its group was deleted), if it must."""
+
+
+class _StoreBatch(Protocol[E_co]):
+    """What the stores' reads return: events after a position, as far as final."""
+
+    @property
+    def events(self) -> Sequence[E_co]: ...
+
+    @property
+    def limit(self) -> int: ...
+
+    @property
+    def end(self) -> Position: ...
+
+    @property
+    def pending(self) -> bool: ...
+
+
+class BatchRead(Generic[E]):
+    """A Read over a store's batch; sources add `accepts` and `failure`."""
+
+    __slots__ = ("batch",)
+
+    def __init__(self, batch: _StoreBatch[E]) -> None:
+        self.batch = batch
+
+    @property
+    def events(self) -> Sequence[E]:
+        return self.batch.events
+
+    @property
+    def limit(self) -> int:
+        return self.batch.limit
+
+    @property
+    def end(self) -> Position:
+        return self.batch.end
+
+    @property
+    def pending(self) -> bool:
+        return self.batch.pending
 
 
 class Source(Protocol[N_contra, E, M_co]):

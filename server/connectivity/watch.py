@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 
 from pulse.device.v1 import connectivity_pb2
@@ -23,33 +22,21 @@ from server.db import Connection, Database
 from server.errors import DomainError, NotFound, ServerShuttingDown
 from server.listener import Listener
 from server.pagination import PageTokens
-from server.watch_hub import BATCH_SIZE, QUEUE_SIZE, WatchHub
+from server.watch_hub import BATCH_SIZE, QUEUE_SIZE, BatchRead, WatchHub
 
 Response = connectivity_pb2.WatchConnectionEventsResponse
 ConnectivityHub = WatchHub[Narrowing, EventRecord, Response]
 
 
-@dataclass(frozen=True, slots=True)
-class _Read:
-    batch: store.Batch
-    views: dict[str, GroupView]
-    missing: dict[str, NotFound]
+class _Read(BatchRead[EventRecord]):
+    __slots__ = ("missing", "views")
 
-    @property
-    def events(self) -> list[EventRecord]:
-        return self.batch.events
-
-    @property
-    def limit(self) -> int:
-        return self.batch.limit
-
-    @property
-    def end(self) -> Position:
-        return self.batch.end
-
-    @property
-    def pending(self) -> bool:
-        return self.batch.pending
+    def __init__(
+        self, batch: store.Batch, views: dict[str, GroupView], missing: dict[str, NotFound]
+    ) -> None:
+        super().__init__(batch)
+        self.views = views
+        self.missing = missing
 
     def accepts(self, narrowing: Narrowing, event: EventRecord) -> bool:
         return narrowing.accepts(event, self.views.get(narrowing.group_id or ""))

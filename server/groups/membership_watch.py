@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -21,7 +20,7 @@ from server.groups import membership_store
 from server.groups.membership_store import MembershipEvent
 from server.listener import Listener
 from server.pagination import PageTokens
-from server.watch_hub import WatchHub
+from server.watch_hub import BatchRead, WatchHub
 
 Response = groups_pb2.WatchGroupMembershipResponse
 #: A membership stream is narrowed to one group: its id.
@@ -43,25 +42,9 @@ class GroupDeleted(DomainError):
         )
 
 
-@dataclass(frozen=True, slots=True)
-class _Read:
+class _Read(BatchRead[MembershipEvent]):
+    __slots__ = ()
     batch: membership_store.Batch
-
-    @property
-    def events(self) -> list[MembershipEvent]:
-        return self.batch.events
-
-    @property
-    def limit(self) -> int:
-        return self.batch.limit
-
-    @property
-    def end(self) -> Position:
-        return self.batch.end
-
-    @property
-    def pending(self) -> bool:
-        return self.batch.pending
 
     def accepts(self, narrowing: GroupId, event: MembershipEvent) -> bool:
         return event.group_id == narrowing

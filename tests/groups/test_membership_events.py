@@ -435,3 +435,29 @@ async def test_retention_removes_old_membership_events(
 async def stored_count(db: Database, tenant_id: uuid.UUID) -> int:
     async with db.tenant(tenant_id, readonly=True) as con:
         return int(await con.fetchval("SELECT count(*) FROM membership_events"))
+
+
+async def test_the_blocking_client_watches_too(
+    db: Database, tenant: Tenant, client: pc.AsyncPulseClient, target: str
+) -> None:
+    await insert_rows(db, tenant.tenant_id, [row("B-1"), row("B-2", status="OFFLINE")])
+    await client.groups.create_dynamic("online", pc.where(statuses=["ONLINE"]), group_id="on")
+    await settled(db, client, tenant.tenant_id, "on")
+
+    def watch() -> tuple[list[Step], str]:
+        with (
+            pc.PulseClient.connect(target, token=tenant.token()) as blocking,
+            blocking.groups.watch_membership("on") as membership,
+        ):
+            steps = [step(next(membership))]
+            # Moved from this thread, while the watch waits for it.
+            asyncio.run_coroutine_threadsafe(
+                set_status(db, tenant.tenant_id, ["B-2"], "ONLINE"), loop
+            ).result(10)
+            steps.append(step(next(membership)))
+            return steps, membership.cursor
+
+    loop = asyncio.get_running_loop()
+    steps, cursor = await asyncio.to_thread(watch)
+    assert steps == [("B-1", "ENTERED", "CURRENT_MEMBER"), ("B-2", "ENTERED", "STATUS")]
+    assert cursor

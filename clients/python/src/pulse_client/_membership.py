@@ -33,7 +33,36 @@ def request(group_id: str, cursor: str) -> groups_pb2.WatchGroupMembershipReques
     return groups_pb2.WatchGroupMembershipRequest(group_id=group_id, resume_cursor=cursor)
 
 
-class AsyncMembershipWatch:
+class _Resumption:
+    """The cursor and reconnection state both watches share."""
+
+    def __init__(self, resume_cursor: str) -> None:
+        #: The last cursor received: where this watch would resume.
+        self.cursor = resume_cursor
+        #: How many times the stream was opened again after UNAVAILABLE.
+        self.reconnects = 0
+        self._pause = _FIRST_PAUSE_S
+        self._closed = False
+
+    def _took(self, message: Event) -> bool:
+        """Note a message; whether it is an event to hand out (not a bookmark)."""
+        self._pause = _FIRST_PAUSE_S
+        if message.cursor:
+            self.cursor = message.cursor
+        return message.event_type != Event.EVENT_TYPE_UNSPECIFIED
+
+    def _lost(self, error: Unavailable) -> float:
+        """The pause before opening the stream again; raises `error` when
+        there is no cursor to resume from."""
+        if not self.cursor:
+            raise error
+        pause = self._pause
+        self._pause = min(pause * 2, _LONGEST_PAUSE_S)
+        self.reconnects += 1
+        return pause
+
+
+class AsyncMembershipWatch(_Resumption):
     """ENTERED / LEFT events of one group, across reconnections.
 
     Bookmarks are not yielded; :attr:`cursor` follows every message, so a
@@ -44,39 +73,26 @@ class AsyncMembershipWatch:
     def __init__(
         self, open_stream: Callable[[str], AsyncStream[Event]], resume_cursor: str = ""
     ) -> None:
+        super().__init__(resume_cursor)
         self._open = open_stream
-        #: The last cursor received: where this watch would resume.
-        self.cursor = resume_cursor
-        #: How many times the stream was opened again after UNAVAILABLE.
-        self.reconnects = 0
         self._stream: AsyncStream[Event] | None = None
-        self._closed = False
 
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> Event:
-        pause = _FIRST_PAUSE_S
-        while True:
-            if self._closed:
-                raise StopAsyncIteration
+        while not self._closed:
             if self._stream is None:
                 self._stream = self._open(self.cursor)
             try:
                 message = await self._stream.__anext__()
-            except Unavailable:
+            except Unavailable as error:
                 self._stream = None
-                if not self.cursor:
-                    raise
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, _LONGEST_PAUSE_S)
-                self.reconnects += 1
+                await asyncio.sleep(self._lost(error))
                 continue
-            pause = _FIRST_PAUSE_S
-            if message.cursor:
-                self.cursor = message.cursor
-            if message.event_type != Event.EVENT_TYPE_UNSPECIFIED:
+            if self._took(message):
                 return message
+        raise StopAsyncIteration
 
     def cancel(self) -> None:
         """Stops the watch; iteration then ends without an error."""
@@ -96,45 +112,35 @@ class AsyncMembershipWatch:
         self.cancel()
 
 
-class MembershipWatch:
+class MembershipWatch(_Resumption):
     """Blocking twin of :class:`AsyncMembershipWatch`."""
 
     def __init__(
         self, open_stream: Callable[[str], Stream[Event]], resume_cursor: str = ""
     ) -> None:
+        super().__init__(resume_cursor)
         self._open = open_stream
-        self.cursor = resume_cursor
-        self.reconnects = 0
         self._stream: Stream[Event] | None = None
-        self._closed = False
 
     def __iter__(self) -> Self:
         return self
 
     def __next__(self) -> Event:
-        pause = _FIRST_PAUSE_S
-        while True:
-            if self._closed:
-                raise StopIteration
+        while not self._closed:
             if self._stream is None:
                 self._stream = self._open(self.cursor)
             try:
                 message = next(self._stream)
-            except Unavailable:
+            except Unavailable as error:
                 self._stream = None
-                if not self.cursor:
-                    raise
-                time.sleep(pause)
-                pause = min(pause * 2, _LONGEST_PAUSE_S)
-                self.reconnects += 1
+                time.sleep(self._lost(error))
                 continue
-            pause = _FIRST_PAUSE_S
-            if message.cursor:
-                self.cursor = message.cursor
-            if message.event_type != Event.EVENT_TYPE_UNSPECIFIED:
+            if self._took(message):
                 return message
+        raise StopIteration
 
     def cancel(self) -> None:
+        """Stops the watch; iteration then ends without an error."""
         self._closed = True
         if self._stream is not None:
             self._stream.cancel()
