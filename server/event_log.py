@@ -56,6 +56,17 @@ HORIZON_SQL = """
 """The horizon at the statement's snapshot; binds $1 (bound) and $2 (writers)."""
 
 
+def pending_sql(table: str) -> str:
+    """Whether `table` holds events of the tenant bound as $3 at or beyond
+    `h.horizon`: events committed but held back by the horizon.
+
+    max() walks the (tenant_id, xact, event_id) index backwards; an EXISTS on
+    xact >= horizon was planned as a scan of the whole table once it had
+    statistics (found by bench/membership.py).
+    """
+    return f"coalesce((SELECT max(x.xact) FROM {table} x WHERE x.tenant_id = $3) >= h.horizon, false)"
+
+
 class WriterLock(NamedTuple):
     """An advisory lock as pg_locks shows it."""
 

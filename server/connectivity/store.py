@@ -224,8 +224,7 @@ async def read_after(
     rows = await con.fetch(
         f"""
         SELECT h.horizon,
-               EXISTS (SELECT 1 FROM connection_events x
-                       WHERE x.tenant_id = $3 AND x.xact >= h.horizon) AS pending,
+               {event_log.pending_sql("connection_events")} AS pending,
                e.*
         FROM (SELECT {event_log.HORIZON_SQL} AS horizon) h
         LEFT JOIN LATERAL (

@@ -371,11 +371,7 @@ async def read_after(
     rows = await con.fetch(
         f"""
         SELECT h.horizon,
-               -- max() walks the (tenant_id, xact, event_id) index backwards;
-               -- an EXISTS on xact >= horizon was planned as a scan of the
-               -- whole table once it had statistics (bench/membership.py).
-               coalesce((SELECT max(x.xact) FROM membership_events x
-                         WHERE x.tenant_id = $3) >= h.horizon, false) AS pending,
+               {event_log.pending_sql("membership_events")} AS pending,
                ARRAY(SELECT g FROM unnest($7::text[]) g
                      WHERE NOT EXISTS (SELECT 1 FROM device_groups dg
                                        WHERE dg.tenant_id = $3 AND dg.group_id = g)) AS missing,
