@@ -147,6 +147,31 @@ async def test_a_new_watch_starts_with_the_members_then_follows_status(
     assert all(m.cursor and m.HasField("occurred_at") for m in watch.messages[3:])
 
 
+async def test_a_write_in_flight_when_the_first_group_is_created_is_not_missed(
+    db: Database, tenant: Tenant, client: pc.AsyncPulseClient
+) -> None:
+    """The journal triggers queue nothing for a tenant without dynamic groups,
+    so a status change whose trigger ran before the first group existed must
+    still be in that group's first evaluation, however late it commits."""
+    await insert_rows(db, tenant.tenant_id, [row("A"), row("B")])
+    async with db.tenant(tenant.tenant_id) as con:  # one transaction, held open
+        await con.execute(
+            "UPDATE device_state SET status = 'OFFLINE' WHERE tenant_id = $1 AND device_id = 'A'",
+            tenant.tenant_id,
+        )
+        create = asyncio.create_task(
+            client.groups.create_dynamic("online", pc.where(statuses=["ONLINE"]), group_id="on")
+        )
+        # Time enough for the maintainer (50 ms polls) to evaluate the group
+        # with A still online, had the creation not waited for this write.
+        await asyncio.sleep(1.0)
+        waited = not create.done()
+    await create
+    await settled(db, client, tenant.tenant_id, "on")
+    assert await members_evaluated(db, tenant.tenant_id, "on") == {"B"}
+    assert waited
+
+
 async def test_every_cause(
     db: Database, tenant: Tenant, client: pc.AsyncPulseClient, watches: list[Watch]
 ) -> None:
