@@ -314,6 +314,8 @@ async def _schedule(
                + $2::interval + interval '1 millisecond'
         {_FROM_DEVICES}
         WHERE d.tenant_id = $1{scope} AND {compiled.sql}
+          -- Without either time the rule never calls the twin late.
+          AND coalesce(s.desired_updated_at, s.reported_updated_at) IS NOT NULL
         ON CONFLICT (tenant_id, device_id) DO UPDATE SET due_at = excluded.due_at
         """,
         *p.values,

@@ -2,9 +2,11 @@
 connection (`Database.tenant`) and also names the tenant explicitly, so the
 primary-key indexes are used and RLS is a second, independent fence.
 
-Membership of a dynamic group is never stored: `list_members` and
-`count_members` evaluate the group's compiled filter against devices and
-device_state on every call.
+A dynamic group's members are read from the membership the maintainer
+keeps (`group_memberships`), with the devices whose changes it has not applied
+yet evaluated against the filter in the same statement: as current as
+evaluating the whole filter, at the cost of a page (docs/groups.md, "Reading
+members"). Ad hoc filters (`PreviewFilter`) are evaluated whole.
 """
 
 from __future__ import annotations
@@ -385,6 +387,74 @@ def count_sql(compiled: filters.CompiledFilter, *, limit: int | None = None) -> 
 _STALE_AFTER = filters.DEFAULT_TWIN_STALE_AFTER
 
 
+# The maintained membership of group $G is current except for the devices
+# below: those with changes queued for every group or for this one, and those
+# whose sync status may have turned stale since it was evaluated (a due
+# timer). For them the filter is evaluated now. While the whole group waits
+# to be (re-)evaluated (created, or its filter changed), `queued` is true and
+# the rows cannot be used.
+_PENDING = """
+    pending AS MATERIALIZED (
+        SELECT device_id FROM membership_changes
+        WHERE tenant_id = $1 AND device_id IS NOT NULL AND (group_id IS NULL OR group_id = $G)
+        UNION
+        -- Timers are set a millisecond past the rule's threshold.
+        SELECT device_id FROM membership_timers
+        WHERE tenant_id = $1 AND due_at <= now() + interval '1 millisecond'
+    ),
+    whole AS (
+        SELECT EXISTS (SELECT 1 FROM membership_changes
+                       WHERE tenant_id = $1 AND group_id = $G AND device_id IS NULL) AS queued
+    )
+"""
+
+
+def maintained_members_sql(compiled: filters.CompiledFilter) -> str:
+    """One keyset page of a dynamic group from its maintained membership:
+    $1 tenant, $2 last device_id, $3 limit, $4 group; the filter from $5.
+    One row with `queued` true and no member when the rows cannot be used."""
+    pending = _PENDING.replace("$G", "$4")
+    return f"""
+        WITH {pending}
+        SELECT w.queued, m.* FROM whole w
+        LEFT JOIN LATERAL (
+            (SELECT {_MEMBER_COLUMNS}
+             FROM group_memberships gm
+             JOIN devices d ON d.tenant_id = gm.tenant_id AND d.device_id = gm.device_id
+             LEFT JOIN device_state s ON s.tenant_id = d.tenant_id AND s.device_id = d.device_id
+             WHERE gm.tenant_id = $1 AND gm.group_id = $4 AND gm.device_id > $2
+               AND NOT EXISTS (SELECT 1 FROM pending p WHERE p.device_id = gm.device_id)
+             ORDER BY gm.device_id
+             LIMIT $3)
+            UNION ALL
+            (SELECT {_MEMBER_COLUMNS}
+             {_FROM_DEVICES}
+             WHERE d.tenant_id = $1 AND d.device_id > $2
+               AND d.device_id IN (SELECT device_id FROM pending) AND {compiled.sql})
+            ORDER BY device_id
+            LIMIT $3
+        ) m ON NOT w.queued
+        ORDER BY m.device_id
+    """
+
+
+def maintained_count_sql(compiled: filters.CompiledFilter) -> str:
+    """How many members a dynamic group has, from its maintained membership:
+    $1 tenant, $2 group; the filter from $3. NULL when the rows cannot be used."""
+    pending = _PENDING.replace("$G", "$2")
+    return f"""
+        WITH {pending}
+        SELECT CASE WHEN (SELECT queued FROM whole) THEN NULL ELSE
+            (SELECT count(*) FROM group_memberships gm
+             WHERE gm.tenant_id = $1 AND gm.group_id = $2
+               AND NOT EXISTS (SELECT 1 FROM pending p WHERE p.device_id = gm.device_id))
+          + (SELECT count(*) {_FROM_DEVICES}
+             WHERE d.tenant_id = $1 AND d.device_id IN (SELECT device_id FROM pending)
+               AND {compiled.sql})
+        END
+    """
+
+
 async def list_members(
     con: Connection,
     tenant_id: uuid.UUID,
@@ -397,11 +467,27 @@ async def list_members(
     """Up to `limit` members with device_id > `after`, in device_id order.
 
     `stale_after` is the twin sync rule's threshold (PULSE_TWIN_STALE_AFTER_S),
-    for filters on sync status.
+    for filters on sync status; the maintainer must use the same.
     """
     if group.group_type == DYNAMIC:
+        f = stored_filter(group)
+        compiled = filters.compile_filter(f, first_param=5, stale_after=stale_after)
+        rows = await con.fetch(
+            maintained_members_sql(compiled),
+            tenant_id,
+            after,
+            limit,
+            group.group_id,
+            *compiled.params,
+        )
+        if not rows[0]["queued"]:
+            return [
+                MemberRecord(r["device_id"], r["name"], r["status"], r["site_id"])
+                for r in rows
+                if r["device_id"] is not None
+            ]
         return await list_filter_members(
-            con, tenant_id, stored_filter(group), after=after, limit=limit, stale_after=stale_after
+            con, tenant_id, f, after=after, limit=limit, stale_after=stale_after
         )
     rows = await con.fetch(
         f"""
@@ -445,9 +531,14 @@ async def count_members(
     stale_after: timedelta = _STALE_AFTER,
 ) -> int:
     if group.group_type == DYNAMIC:
-        return await count_filter_members(
-            con, tenant_id, stored_filter(group), stale_after=stale_after
+        f = stored_filter(group)
+        compiled = filters.compile_filter(f, first_param=3, stale_after=stale_after)
+        maintained = await con.fetchval(
+            maintained_count_sql(compiled), tenant_id, group.group_id, *compiled.params
         )
+        if maintained is not None:
+            return int(maintained)
+        return await count_filter_members(con, tenant_id, f, stale_after=stale_after)
     count = await con.fetchval(
         "SELECT count(*) FROM device_group_members WHERE tenant_id = $1 AND group_id = $2",
         tenant_id,

@@ -145,3 +145,15 @@ async def preview_ids(client: pc.AsyncPulseClient, data: dict[str, Any]) -> list
     """The device ids PreviewFilter selects for a filter in protobuf-JSON form."""
     message = filter_message(data)
     return [m.device_id async for m in client.groups.preview(message, page_size=1000)]
+
+
+async def evaluated_members(client: pc.AsyncPulseClient, group_id: str) -> set[str]:
+    """A group's members evaluated whole, now: a dynamic group's filter
+    through PreviewFilter, not through the membership the maintainer keeps
+    (which ListGroupMembers reads)."""
+    group = await client.groups.get(group_id)
+    if group.HasField("query_filter"):
+        return {
+            m.device_id async for m in client.groups.preview(group.query_filter, page_size=1000)
+        }
+    return {m.device_id async for m in client.groups.members(group_id, page_size=1000)}

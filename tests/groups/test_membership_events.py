@@ -20,7 +20,7 @@ from server.app import start
 from server.connectivity import retention
 from server.db import Database
 from tests.conftest import ClientFactory, Tenant, TenantFactory
-from tests.groups.helpers import insert_rows, row, set_status
+from tests.groups.helpers import evaluated_members, insert_rows, row, set_status
 from tests.helpers import eventually
 
 Message = groups_pb2.WatchGroupMembershipResponse
@@ -115,11 +115,13 @@ async def members_evaluated(db: Database, tenant_id: uuid.UUID, group_id: str) -
 async def settled(
     db: Database, client: pc.AsyncPulseClient, tenant_id: uuid.UUID, group_id: str
 ) -> None:
-    """Wait until the maintainer's memberships equal ListGroupMembers."""
+    """Wait until the maintainer's memberships equal the group's members
+    evaluated whole, and ListGroupMembers shows them."""
 
     async def same() -> bool:
         listed = {m.device_id async for m in client.groups.members(group_id)}
-        return await members_evaluated(db, tenant_id, group_id) == listed
+        evaluated = await evaluated_members(client, group_id)
+        return await members_evaluated(db, tenant_id, group_id) == listed == evaluated
 
     await eventually(same, what=f"group {group_id} evaluated")
 

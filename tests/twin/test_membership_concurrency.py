@@ -23,6 +23,7 @@ from server import wire
 from server.db import Database, create_pool
 from server.mqtt_url import parse as parse_broker
 from tests.conftest import Tenant
+from tests.groups.helpers import evaluated_members
 from tests.helpers import eventually, unique_id
 from tests.twin.conftest import mqtt_client
 
@@ -141,7 +142,8 @@ async def test_events_alternate_and_end_at_the_listed_members(
         async def settled() -> bool:
             for group_id in groups:
                 listed = {m.device_id async for m in client.groups.members(group_id)}
-                if _members(received[group_id]) != listed:
+                evaluated = await evaluated_members(client, group_id)
+                if not _members(received[group_id]) == listed == evaluated:
                     return False
             return True
 
