@@ -64,7 +64,9 @@ def pending_sql(table: str) -> str:
     xact >= horizon was planned as a scan of the whole table once it had
     statistics (found by bench/membership.py).
     """
-    return f"coalesce((SELECT max(x.xact) FROM {table} x WHERE x.tenant_id = $3) >= h.horizon, false)"
+    return (
+        f"coalesce((SELECT max(x.xact) FROM {table} x WHERE x.tenant_id = $3) >= h.horizon, false)"
+    )
 
 
 class WriterLock(NamedTuple):
