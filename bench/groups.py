@@ -269,14 +269,17 @@ async def _token_at_page(client: AsyncPulseClient, group_id: str, page: int) -> 
 
 async def _evaluated(dsn: str, tenant: uuid.UUID) -> None:
     """Wait until the maintainer has evaluated the new groups (until then,
-    reads evaluate their filters whole)."""
+    reads evaluate their filters whole), then vacuum their rows as autovacuum
+    would soon after (index-only scans need the visibility map), as build()
+    does for the devices."""
     con = await asyncpg.connect(dsn)
     try:
         queued = "SELECT EXISTS (SELECT 1 FROM membership_changes WHERE tenant_id = $1)"
         while True:
             if not await con.fetchval(queued, tenant):
-                return
+                break
             await asyncio.sleep(0.2)
+        await con.execute("VACUUM ANALYZE group_memberships")
     finally:
         await con.close()
 

@@ -280,6 +280,10 @@ async def _pulse_run(watchers: int, seconds: float) -> tuple[Outcome, list[float
             "PULSE_DB_POOL_SIZE": "10",
             "PULSE_LOG_LEVEL": "WARNING",
             "PORT": str(port),
+            # Every watcher uses one token: the admission limits (100 streams
+            # per caller) would refuse most of them.
+            "PULSE_GRPC_MAX_STREAMS_PER_CALLER": str(watchers + 10),
+            "PULSE_GRPC_MAX_STREAMS_PER_TENANT": str(watchers + 10),
         }
         async with (
             subprocess_server(["bench.serve"], env) as pid,

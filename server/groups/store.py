@@ -388,24 +388,31 @@ _STALE_AFTER = filters.DEFAULT_TWIN_STALE_AFTER
 
 
 # The maintained membership of group $G is current except for the devices
-# below: those with changes queued for every group or for this one, and those
-# whose sync status may have turned stale since it was evaluated (a due
-# timer). For them the filter is evaluated now. While the whole group waits
-# to be (re-)evaluated (created, or its filter changed), `queued` is true and
-# the rows cannot be used.
-_PENDING = """
+# with changes queued for every group or for this one, and those whose sync
+# status may have turned stale since they were evaluated (a due timer; timers
+# are set a millisecond past the rule's threshold). For those the filter is
+# evaluated now. While the whole group waits to be (re-)evaluated (created,
+# or its filter changed), `queued` is true and the rows cannot be used.
+#
+# Pending devices are excluded from the rows by index probes, not by an
+# anti-join with the pending set: the planner cannot know how long the queue
+# is, and a nested loop over a long one would cost rows x queue.
+_QUEUED_FOR = "(tenant_id = $1 AND device_id = {d} AND (group_id IS NULL OR group_id = $G))"
+_DUE_FOR = "(tenant_id = $1 AND device_id = {d} AND due_at <= now() + interval '1 millisecond')"
+_PENDING = f"""
     pending AS MATERIALIZED (
-        SELECT device_id FROM membership_changes
-        WHERE tenant_id = $1 AND device_id IS NOT NULL AND (group_id IS NULL OR group_id = $G)
+        SELECT device_id FROM membership_changes WHERE {_QUEUED_FOR.format(d="device_id")}
         UNION
-        -- Timers are set a millisecond past the rule's threshold.
-        SELECT device_id FROM membership_timers
-        WHERE tenant_id = $1 AND due_at <= now() + interval '1 millisecond'
+        SELECT device_id FROM membership_timers WHERE {_DUE_FOR.format(d="device_id")}
     ),
     whole AS (
         SELECT EXISTS (SELECT 1 FROM membership_changes
                        WHERE tenant_id = $1 AND group_id = $G AND device_id IS NULL) AS queued
     )
+"""
+_NOT_PENDING = f"""
+    NOT EXISTS (SELECT 1 FROM membership_changes WHERE {_QUEUED_FOR.format(d="gm.device_id")})
+    AND NOT EXISTS (SELECT 1 FROM membership_timers WHERE {_DUE_FOR.format(d="gm.device_id")})
 """
 
 
@@ -413,7 +420,7 @@ def maintained_members_sql(compiled: filters.CompiledFilter) -> str:
     """One keyset page of a dynamic group from its maintained membership:
     $1 tenant, $2 last device_id, $3 limit, $4 group; the filter from $5.
     One row with `queued` true and no member when the rows cannot be used."""
-    pending = _PENDING.replace("$G", "$4")
+    pending, not_pending = (sql.replace("$G", "$4") for sql in (_PENDING, _NOT_PENDING))
     return f"""
         WITH {pending}
         SELECT w.queued, m.* FROM whole w
@@ -422,8 +429,7 @@ def maintained_members_sql(compiled: filters.CompiledFilter) -> str:
              FROM group_memberships gm
              JOIN devices d ON d.tenant_id = gm.tenant_id AND d.device_id = gm.device_id
              LEFT JOIN device_state s ON s.tenant_id = d.tenant_id AND s.device_id = d.device_id
-             WHERE gm.tenant_id = $1 AND gm.group_id = $4 AND gm.device_id > $2
-               AND NOT EXISTS (SELECT 1 FROM pending p WHERE p.device_id = gm.device_id)
+             WHERE gm.tenant_id = $1 AND gm.group_id = $4 AND gm.device_id > $2 AND {not_pending}
              ORDER BY gm.device_id
              LIMIT $3)
             UNION ALL
@@ -440,14 +446,19 @@ def maintained_members_sql(compiled: filters.CompiledFilter) -> str:
 
 def maintained_count_sql(compiled: filters.CompiledFilter) -> str:
     """How many members a dynamic group has, from its maintained membership:
-    $1 tenant, $2 group; the filter from $3. NULL when the rows cannot be used."""
+    $1 tenant, $2 group; the filter from $3. NULL when the rows cannot be used.
+
+    The rows, less the pending devices among them, plus the pending devices
+    the filter selects now."""
     pending = _PENDING.replace("$G", "$2")
     return f"""
         WITH {pending}
         SELECT CASE WHEN (SELECT queued FROM whole) THEN NULL ELSE
             (SELECT count(*) FROM group_memberships gm
-             WHERE gm.tenant_id = $1 AND gm.group_id = $2
-               AND NOT EXISTS (SELECT 1 FROM pending p WHERE p.device_id = gm.device_id))
+             WHERE gm.tenant_id = $1 AND gm.group_id = $2)
+          - (SELECT count(*) FROM pending p
+             JOIN group_memberships gm
+               ON gm.tenant_id = $1 AND gm.group_id = $2 AND gm.device_id = p.device_id)
           + (SELECT count(*) {_FROM_DEVICES}
              WHERE d.tenant_id = $1 AND d.device_id IN (SELECT device_id FROM pending)
                AND {compiled.sql})
