@@ -394,9 +394,11 @@ _STALE_AFTER = filters.DEFAULT_TWIN_STALE_AFTER
 # evaluated now. While the whole group waits to be (re-)evaluated (created,
 # or its filter changed), `queued` is true and the rows cannot be used.
 #
-# Pending devices are excluded from the rows by index probes, not by an
-# anti-join with the pending set: the planner cannot know how long the queue
-# is, and a nested loop over a long one would cost rows x queue.
+# The planner cannot know how long the queue is, so no plan may depend on
+# it: pending devices are excluded from the rows by index probes (an anti-join
+# over a long queue would cost rows x queue), and looked up by
+# `= ANY(ARRAY(...))`, an index condition (a semi-join could walk the fleet
+# from the cursor to find them).
 _QUEUED_FOR = "(tenant_id = $1 AND device_id = {d} AND (group_id IS NULL OR group_id = $G))"
 _DUE_FOR = "(tenant_id = $1 AND device_id = {d} AND due_at <= now() + interval '1 millisecond')"
 _PENDING = f"""
@@ -436,7 +438,7 @@ def maintained_members_sql(compiled: filters.CompiledFilter) -> str:
             (SELECT {_MEMBER_COLUMNS}
              {_FROM_DEVICES}
              WHERE d.tenant_id = $1 AND d.device_id > $2
-               AND d.device_id IN (SELECT device_id FROM pending) AND {compiled.sql})
+               AND d.device_id = ANY(ARRAY(SELECT device_id FROM pending)) AND {compiled.sql})
             ORDER BY device_id
             LIMIT $3
         ) m ON NOT w.queued
@@ -456,11 +458,11 @@ def maintained_count_sql(compiled: filters.CompiledFilter) -> str:
         SELECT CASE WHEN (SELECT queued FROM whole) THEN NULL ELSE
             (SELECT count(*) FROM group_memberships gm
              WHERE gm.tenant_id = $1 AND gm.group_id = $2)
-          - (SELECT count(*) FROM pending p
-             JOIN group_memberships gm
-               ON gm.tenant_id = $1 AND gm.group_id = $2 AND gm.device_id = p.device_id)
+          - (SELECT count(*) FROM group_memberships gm
+             WHERE gm.tenant_id = $1 AND gm.group_id = $2
+               AND gm.device_id = ANY(ARRAY(SELECT device_id FROM pending)))
           + (SELECT count(*) {_FROM_DEVICES}
-             WHERE d.tenant_id = $1 AND d.device_id IN (SELECT device_id FROM pending)
+             WHERE d.tenant_id = $1 AND d.device_id = ANY(ARRAY(SELECT device_id FROM pending))
                AND {compiled.sql})
         END
     """
