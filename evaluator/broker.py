@@ -226,13 +226,17 @@ class _DeliveryHandler(BrokerProtocolHandler):  # type: ignore[misc]
                     await self._send_packet(message.publish_packet)
                 outbox.wakeup.clear()
                 await outbox.wakeup.wait()
-        except Exception:
+        except Exception as error:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # amqtt's _send_packet turns the cancellation by stop() into
                 # an error.
                 return
-            log.exception("could not deliver to %r; closing its connection", session.client_id)
+            if _peer_gone(error):
+                # Not a fault: the messages stay in flight for its next session.
+                log.info("%r disconnected while messages were sent to it", session.client_id)
+            else:
+                log.exception("could not deliver to %r; closing its connection", session.client_id)
             await self.handle_connection_closed()
 
     @staticmethod
@@ -663,3 +667,11 @@ class EmbeddedBroker:
         if self._broker is not None:
             await self._broker.shutdown()
             self._broker = None
+
+
+def _peer_gone(error: Exception) -> bool:
+    """Whether a write failed because the connection had closed (uvloop raises
+    RuntimeError for a closed transport, asyncio a ConnectionError)."""
+    return isinstance(error, ConnectionError) or (
+        isinstance(error, RuntimeError) and "closed" in str(error)
+    )
