@@ -431,7 +431,10 @@ def maintained_members_sql(compiled: filters.CompiledFilter) -> str:
              FROM group_memberships gm
              JOIN devices d ON d.tenant_id = gm.tenant_id AND d.device_id = gm.device_id
              LEFT JOIN device_state s ON s.tenant_id = d.tenant_id AND s.device_id = d.device_id
-             WHERE gm.tenant_id = $1 AND gm.group_id = $4 AND gm.device_id > $2 AND {not_pending}
+             -- The cursor on d too: the planner does not carry an inequality
+             -- across the join, and a merge join walked devices from the start.
+             WHERE gm.tenant_id = $1 AND gm.group_id = $4 AND gm.device_id > $2
+               AND d.device_id > $2 AND {not_pending}
              ORDER BY gm.device_id
              LIMIT $3)
             UNION ALL
