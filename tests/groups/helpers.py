@@ -32,10 +32,7 @@ async def insert_rows(db: Database, tenant_id: uuid.UUID, rows: Sequence[DeviceR
             INSERT INTO devices (tenant_id, device_id, name, site_id, model, tags, lifecycle)
             VALUES ($1, $2, $3, $4, $5, $6, $7)
             """,
-            [
-                (tenant_id, r.device_id, r.name, r.site_id, r.model, dict(r.tags), r.lifecycle)
-                for r in rows
-            ],
+            [device_values(tenant_id, r) for r in rows],
         )
         await con.executemany(
             """
@@ -44,22 +41,30 @@ async def insert_rows(db: Database, tenant_id: uuid.UUID, rows: Sequence[DeviceR
                 desired_updated_at, reported_updated_at)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
             """,
-            [
-                (
-                    tenant_id,
-                    r.device_id,
-                    r.status,
-                    r.last_seen_at,
-                    dict(r.desired),
-                    dict(r.reported),
-                    r.desired_version,
-                    r.reported_version,
-                    r.desired_updated_at,
-                    r.reported_updated_at,
-                )
-                for r in rows
-            ],
+            [state_values(tenant_id, r) for r in rows],
         )
+
+
+def device_values(tenant_id: uuid.UUID, r: DeviceRow) -> tuple[object, ...]:
+    """(tenant, device_id, name, site_id, model, tags, lifecycle) of a row."""
+    return (tenant_id, r.device_id, r.name, r.site_id, r.model, dict(r.tags), r.lifecycle)
+
+
+def state_values(tenant_id: uuid.UUID, r: DeviceRow) -> tuple[object, ...]:
+    """(tenant, device_id, status, last_seen_at, desired, reported, desired and
+    reported versions, desired and reported update times) of a row."""
+    return (
+        tenant_id,
+        r.device_id,
+        r.status,
+        r.last_seen_at,
+        dict(r.desired),
+        dict(r.reported),
+        r.desired_version,
+        r.reported_version,
+        r.desired_updated_at,
+        r.reported_updated_at,
+    )
 
 
 async def remove_devices(db: Database, tenant_id: uuid.UUID) -> None:

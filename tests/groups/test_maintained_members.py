@@ -18,7 +18,13 @@ from server import filters
 from server.db import Database
 from server.groups import membership_store, store
 from server.tenants import ensure_tenant
-from tests.groups.helpers import insert_rows, insert_sites, remove_devices
+from tests.groups.helpers import (
+    device_values,
+    insert_rows,
+    insert_sites,
+    remove_devices,
+    state_values,
+)
 from tests.groups.test_membership import _TenantSwitch, switch  # noqa: F401 (fixture)
 from tests.helpers import eventually
 from tests.unit.filter_strategies import SITE_IDS, device_rows, filter_dicts
@@ -55,10 +61,7 @@ async def replace_rows(
             UPDATE devices SET name = $3, site_id = $4, model = $5, tags = $6, lifecycle = $7
             WHERE tenant_id = $1 AND device_id = $2
             """,
-            [
-                (tenant_id, r.device_id, r.name, r.site_id, r.model, dict(r.tags), r.lifecycle)
-                for r in rows
-            ],
+            [device_values(tenant_id, r) for r in rows],
         )
         await con.executemany(
             """
@@ -67,21 +70,7 @@ async def replace_rows(
                 desired_updated_at = $9, reported_updated_at = $10
             WHERE tenant_id = $1 AND device_id = $2
             """,
-            [
-                (
-                    tenant_id,
-                    r.device_id,
-                    r.status,
-                    r.last_seen_at,
-                    dict(r.desired),
-                    dict(r.reported),
-                    r.desired_version,
-                    r.reported_version,
-                    r.desired_updated_at,
-                    r.reported_updated_at,
-                )
-                for r in rows
-            ],
+            [state_values(tenant_id, r) for r in rows],
         )
 
 
