@@ -20,7 +20,7 @@ import secrets
 import statistics
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -120,14 +120,28 @@ def _devices(tenant: uuid.UUID, n: int) -> Fleet:
     return Fleet(devices, states)
 
 
-async def build(dsn: str, tenant: uuid.UUID, n: int = DEVICES) -> None:
+# The device_state columns of Fleet.states.
+STATE_COLUMNS = ("tenant_id", "device_id", "status", "last_seen_at")
+# Fleet.states, or rows made from them with more columns (twin documents).
+States = Callable[[list[tuple[object, ...]]], Iterable[tuple[object, ...]]]
+
+
+async def build(
+    dsn: str,
+    tenant: uuid.UUID,
+    n: int = DEVICES,
+    *,
+    states: States | None = None,
+    state_columns: Sequence[str] = STATE_COLUMNS,
+) -> Fleet:
     """Load `n` devices for `tenant` with COPY, then rebuild the indexes.
 
     COPY FROM refuses tables with row-level security for any role the
     policies bind, so it runs as the schema owner (the DATABASE_URL login).
     The secondary indexes are dropped first and recreated from their own
     definitions afterwards: one sorted build each instead of a million
-    insertions, and exactly the indexes the migrations made.
+    insertions, and exactly the indexes the migrations made. `states` makes
+    the device_state rows (`state_columns`) from the fleet's.
     """
     fleet = _devices(tenant, n)
     con = await asyncpg.connect(dsn)
@@ -166,8 +180,8 @@ async def build(dsn: str, tenant: uuid.UUID, n: int = DEVICES) -> None:
             )
             await con.copy_records_to_table(
                 "device_state",
-                records=fleet.states,
-                columns=["tenant_id", "device_id", "status", "last_seen_at"],
+                records=fleet.states if states is None else states(fleet.states),
+                columns=list(state_columns),
             )
             for index in indexes:
                 await con.execute(index["ddl"])
@@ -175,6 +189,7 @@ async def build(dsn: str, tenant: uuid.UUID, n: int = DEVICES) -> None:
         await con.execute("VACUUM ANALYZE devices, device_state")
     finally:
         await con.close()
+    return fleet
 
 
 # --------------------------------------------------------------------------

@@ -43,15 +43,15 @@ from pulse_client import AsyncPulseClient
 from bench.groups import (
     DEEP_PAGE,
     PAGE,
-    SITES,
+    STATE_COLUMNS,
     Raw,
     Row,
-    _devices,
     _evaluated,
     _token_at_page,
     offset_sql,
     timed,
 )
+from bench.groups import build as groups_build
 from bench.harness import free_port, run, scratch_database, subprocess_server
 from server import filters
 from server.auth import Role, mint_token
@@ -280,70 +280,31 @@ def _twin(
         )
 
 
+# The device_state columns of _twin's rows.
+_TWIN_COLUMNS = (
+    *STATE_COLUMNS,
+    "reported",
+    "reported_version",
+    "reported_updated_at",
+    "desired",
+    "desired_version",
+    "desired_updated_at",
+)
+
+
 async def build(dsn: str, tenant: uuid.UUID, n: int = DEVICES) -> tuple[DocStats, list[str]]:
-    """bench/groups.py's build with twin documents in device_state: COPY as
-    the schema owner, the secondary indexes dropped before and rebuilt from
-    their own definitions after, then VACUUM ANALYZE. Returns the documents'
-    statistics and a sample of device ids."""
-    fleet = _devices(tenant, n)
-    sample = [str(row[1]) for row in fleet.devices[:: max(1, n // 1000)]]
+    """bench/groups.py's fleet with twin documents in device_state. Returns
+    the documents' statistics and a sample of device ids."""
     stats = DocStats()
-    con = await asyncpg.connect(dsn)
-    try:
-        async with con.transaction():
-            await con.execute("SELECT set_config('app.tenant_id', $1, true)", str(tenant))
-            await con.execute("INSERT INTO tenants (tenant_id, name) VALUES ($1, 'bench')", tenant)
-            await con.copy_records_to_table(
-                "sites",
-                records=[(tenant, f"site-{i:03d}", f"Plant {i}") for i in range(SITES)],
-                columns=["tenant_id", "site_id", "name"],
-            )
-            indexes = await con.fetch(
-                """
-                SELECT i.indexrelid::regclass::text AS name, pg_get_indexdef(i.indexrelid) AS ddl
-                FROM pg_index i
-                WHERE i.indrelid IN ('devices'::regclass, 'device_state'::regclass)
-                  AND NOT i.indisprimary AND NOT i.indisunique
-                """
-            )
-            for index in indexes:
-                await con.execute(f"DROP INDEX {index['name']}")
-            await con.copy_records_to_table(
-                "devices",
-                records=fleet.devices,
-                columns=[
-                    "tenant_id",
-                    "device_id",
-                    "name",
-                    "site_id",
-                    "model",
-                    "tags",
-                    "metadata",
-                    "lifecycle",
-                ],
-            )
-            await con.copy_records_to_table(
-                "device_state",
-                records=_twin(fleet.states, stats, datetime.now(UTC)),
-                columns=[
-                    "tenant_id",
-                    "device_id",
-                    "status",
-                    "last_seen_at",
-                    "reported",
-                    "reported_version",
-                    "reported_updated_at",
-                    "desired",
-                    "desired_version",
-                    "desired_updated_at",
-                ],
-            )
-            for index in indexes:
-                await con.execute(index["ddl"])
-        await con.execute("VACUUM ANALYZE devices, device_state")
-    finally:
-        await con.close()
-    return stats, sample
+    now = datetime.now(UTC)
+    fleet = await groups_build(
+        dsn,
+        tenant,
+        n,
+        states=lambda rows: _twin(rows, stats, now),
+        state_columns=_TWIN_COLUMNS,
+    )
+    return stats, [str(row[1]) for row in fleet.devices[:: max(1, n // 1000)]]
 
 
 async def _storage(dsn: str) -> str:

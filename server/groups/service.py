@@ -166,10 +166,17 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
         fields = _new_group_fields(request.group)
         async with self._db.tenant(tenant) as con:
             record = await store.create_group(con, tenant, **fields)
-            record = await store.with_member_count(
+        return convert.group(await self._counted(tenant, record))
+
+    async def _counted(self, tenant: uuid.UUID, record: store.GroupRecord) -> store.GroupRecord:
+        """`record` with its member count, read after the write committed:
+        creating a dynamic group or editing its filter holds the lock that
+        every device write of the tenant waits for (migrations/0009) until
+        commit, and counting a filter evaluated whole can take seconds."""
+        async with self._db.tenant(tenant, readonly=True) as con:
+            return await store.with_member_count(
                 con, tenant, record, stale_after=self._stale_after
             )
-        return convert.group(record)
 
     async def GetGroup(
         self, request: groups_pb2.GetGroupRequest, context: Context
@@ -230,10 +237,7 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
                 ),
                 changes=changes,
             )
-            record = await store.with_member_count(
-                con, tenant, record, stale_after=self._stale_after
-            )
-        return convert.group(record)
+        return convert.group(await self._counted(tenant, record))
 
     async def DeleteGroup(
         self, request: groups_pb2.DeleteGroupRequest, context: Context

@@ -174,6 +174,39 @@ async def test_a_write_in_flight_when_the_first_group_is_created_is_not_missed(
     assert waited
 
 
+async def test_device_writes_do_not_wait_for_a_new_group_to_be_counted(
+    db: Database, tenant: Tenant, client: pc.AsyncPulseClient
+) -> None:
+    """Creating a dynamic group takes the tenant's membership lock, which
+    every device write waits for; the member count it returns (the filter
+    evaluated whole: seconds for a twin condition over a large fleet) is
+    read after that lock is gone. The count is held up here by a lock on
+    device_state, which the group's own transaction never touches."""
+    await insert_rows(db, tenant.tenant_id, [row("A", reported={"mode": "eco"}), row("B")])
+    eco = pc.where(pc.reported("mode").eq("eco"))
+    async with db.admin() as con, con.transaction():
+        await con.execute("LOCK TABLE device_state IN ACCESS EXCLUSIVE MODE")
+        create = asyncio.create_task(client.groups.create_dynamic("eco", eco, group_id="eco"))
+        await eventually(
+            lambda: con.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted"
+                " AND relation = 'device_state'::regclass)"
+            ),
+            what="the count to wait for device_state",
+        )
+        async with db.admin() as other:
+            free = await other.fetchval(
+                "SELECT pg_try_advisory_xact_lock_shared(28782, membership_lock_key($1))",
+                tenant.tenant_id,
+            )
+            group_committed = await other.fetchval(
+                "SELECT count(*) FROM device_groups WHERE tenant_id = $1", tenant.tenant_id
+            )
+    group = await create
+    assert free and group_committed == 1
+    assert group.member_count == 1
+
+
 async def test_every_cause(
     db: Database, tenant: Tenant, client: pc.AsyncPulseClient, watches: list[Watch]
 ) -> None:
