@@ -174,9 +174,7 @@ class DeviceGroupService(groups_pb2_grpc.DeviceGroupServiceServicer):
         every device write of the tenant waits for (migrations/0009) until
         commit, and counting a filter evaluated whole can take seconds."""
         async with self._db.tenant(tenant, readonly=True) as con:
-            return await store.with_member_count(
-                con, tenant, record, stale_after=self._stale_after
-            )
+            return await store.with_member_count(con, tenant, record, stale_after=self._stale_after)
 
     async def GetGroup(
         self, request: groups_pb2.GetGroupRequest, context: Context
