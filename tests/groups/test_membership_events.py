@@ -187,23 +187,22 @@ async def test_device_writes_do_not_wait_for_a_new_group_to_be_counted(
     async with db.admin() as con, con.transaction():
         await con.execute("LOCK TABLE device_state IN ACCESS EXCLUSIVE MODE")
         create = asyncio.create_task(client.groups.create_dynamic("eco", eco, group_id="eco"))
-        await eventually(
-            lambda: con.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted"
-                " AND relation = 'device_state'::regclass)"
-            ),
-            what="the count to wait for device_state",
-        )
         async with db.admin() as other:
+
+            async def committed() -> bool:
+                groups = await other.fetchval(
+                    "SELECT count(*) FROM device_groups WHERE tenant_id = $1", tenant.tenant_id
+                )
+                return bool(groups == 1)
+
+            await eventually(committed, what="the group's commit before its count")
             free = await other.fetchval(
                 "SELECT pg_try_advisory_xact_lock_shared(28782, membership_lock_key($1))",
                 tenant.tenant_id,
             )
-            group_committed = await other.fetchval(
-                "SELECT count(*) FROM device_groups WHERE tenant_id = $1", tenant.tenant_id
-            )
+        counting = not create.done()
     group = await create
-    assert free and group_committed == 1
+    assert free and counting
     assert group.member_count == 1
 
 
