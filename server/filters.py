@@ -310,6 +310,16 @@ class CompiledFilter:
     params: list[object] = field(default_factory=list)
 
 
+# Run in the transaction before a statement with a compiled filter: plan it
+# for its actual parameters every time. With asyncpg's statement cache the
+# same SQL text runs again and again, and after five runs PostgreSQL may
+# switch to a generic plan, which for a filter means guessing every
+# selectivity: 240 ms instead of 7 ms for the groups benchmark's selective
+# page evaluated whole, 290 ms instead of 2.5 ms read from the maintained
+# membership (docs/groups.md).
+CUSTOM_PLANS = "SET LOCAL plan_cache_mode = force_custom_plan"
+
+
 # --------------------------------------------------------------------------
 # Parsing
 

@@ -295,13 +295,6 @@ async def remove_members(
 # --------------------------------------------------------------------------
 # Membership, resolved at read time
 
-# Read queries are planned for their actual parameters every time. With
-# asyncpg's statement cache the same SQL text runs again and again, and after
-# five runs PostgreSQL may switch to a generic plan, which for a filter means
-# guessing every selectivity: 240 ms instead of 7 ms for the benchmark's
-# selective first page (docs/groups.md).
-_CUSTOM_PLANS = "SET LOCAL plan_cache_mode = force_custom_plan"
-
 # Under row-level security the planner ignores column statistics for
 # operators that are not LEAKPROOF, which includes jsonb's ?, ?| and @>: every
 # tag condition is estimated to keep 1% of the rows. A count whose filter has
@@ -494,6 +487,7 @@ async def list_members(
     if group.group_type == DYNAMIC:
         f = stored_filter(group)
         compiled = filters.compile_filter(f, first_param=5, stale_after=stale_after)
+        await con.execute(filters.CUSTOM_PLANS)
         rows = await con.fetch(
             maintained_members_sql(compiled),
             tenant_id,
@@ -540,7 +534,7 @@ async def list_filter_members(
 ) -> list[MemberRecord]:
     """Up to `limit` of the devices `f` selects, after `after` in device_id order."""
     compiled = compile_members_filter(f, first_param=4, stale_after=stale_after)
-    await con.execute(_CUSTOM_PLANS)
+    await con.execute(filters.CUSTOM_PLANS)
     rows = await con.fetch(members_sql(compiled), tenant_id, after, limit, *compiled.params)
     return [_member(r) for r in rows]
 
@@ -555,6 +549,7 @@ async def count_members(
     if group.group_type == DYNAMIC:
         f = stored_filter(group)
         compiled = filters.compile_filter(f, first_param=3, stale_after=stale_after)
+        await con.execute(filters.CUSTOM_PLANS)
         maintained = await con.fetchval(
             maintained_count_sql(compiled), tenant_id, group.group_id, *compiled.params
         )
@@ -587,7 +582,7 @@ async def count_filter_members(
 ) -> int:
     """How many devices `f` selects."""
     compiled = compile_members_filter(f, first_param=2, stale_after=stale_after)
-    await con.execute(_CUSTOM_PLANS)
+    await con.execute(filters.CUSTOM_PLANS)
     if _estimates_are_blind(f):
         probe = await con.fetchval(
             count_sql(compiled, limit=COUNT_PROBE), tenant_id, *compiled.params

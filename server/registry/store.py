@@ -129,11 +129,15 @@ async def list_devices(
     compiled = filters.compile_filter(
         device_filter or filters.DeviceFilter(), first_param=4, stale_after=stale_after
     )
+    if compiled.params:
+        await con.execute(filters.CUSTOM_PLANS)
+    # The cursor on s too: the planner does not carry an inequality across
+    # the join, and a twin condition drives it from device_state.
     rows = await con.fetch(
         f"""
         SELECT {_DEVICE_COLUMNS}
         FROM devices d JOIN device_state s USING (tenant_id, device_id)
-        WHERE d.tenant_id = $1 AND d.device_id > $2 AND ({compiled.sql})
+        WHERE d.tenant_id = $1 AND d.device_id > $2 AND s.device_id > $2 AND ({compiled.sql})
         ORDER BY d.device_id
         LIMIT $3
         """,
