@@ -162,3 +162,16 @@ async def evaluated_members(client: pc.AsyncPulseClient, group_id: str) -> set[s
             m.device_id async for m in client.groups.preview(group.query_filter, page_size=1000)
         }
     return {m.device_id async for m in client.groups.members(group_id, page_size=1000)}
+
+
+async def maintained_members(db: Database, tenant_id: uuid.UUID, group_id: str) -> list[str]:
+    """The membership the maintainer keeps for the group (which
+    ListGroupMembers reads, and its events add up to), in device_id order."""
+    async with db.tenant(tenant_id, readonly=True) as con:
+        rows = await con.fetch(
+            "SELECT device_id FROM group_memberships WHERE tenant_id = $1 AND group_id = $2"
+            " ORDER BY device_id",
+            tenant_id,
+            group_id,
+        )
+    return [r["device_id"] for r in rows]

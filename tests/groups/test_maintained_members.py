@@ -22,6 +22,7 @@ from tests.groups.helpers import (
     device_values,
     insert_rows,
     insert_sites,
+    maintained_members,
     remove_devices,
     state_values,
 )
@@ -93,17 +94,6 @@ async def queued(db: Database, tenant_id: uuid.UUID) -> int:
         )
 
 
-async def maintained(db: Database, tenant_id: uuid.UUID) -> list[str]:
-    async with db.tenant(tenant_id, readonly=True) as con:
-        rows = await con.fetch(
-            "SELECT device_id FROM group_memberships WHERE tenant_id = $1 AND group_id = $2"
-            " ORDER BY device_id",
-            tenant_id,
-            GROUP,
-        )
-    return [r["device_id"] for r in rows]
-
-
 async def listed(client: pc.AsyncPulseClient) -> tuple[list[str], int]:
     paged = [m.device_id async for m in client.groups.members(GROUP, page_size=3)]
     return paged, await client.groups.count_members(GROUP)
@@ -168,7 +158,7 @@ async def test_members_are_current_with_changes_queued_and_after_they_are_applie
 
     expected = reference(before)
     await eventually(lambda: _drained(db, tenant_id), what="the queue drained")
-    assert await maintained(db, tenant_id) == expected
+    assert await maintained_members(db, tenant_id, GROUP) == expected
 
     ids = {r.device_id for r in before}
     fresh = [r for r in added if r.device_id not in ids]
@@ -188,10 +178,10 @@ async def test_members_are_current_with_changes_queued_and_after_they_are_applie
         await insert_rows(db, tenant_id, fresh)
         assert await listed(client) == (reference(after), len(reference(after)))
         # Held off: the rows are still the old membership.
-        assert await maintained(db, tenant_id) == expected
+        assert await maintained_members(db, tenant_id, GROUP) == expected
 
     await eventually(lambda: _drained(db, tenant_id), what="the queue drained")
-    assert await maintained(db, tenant_id) == reference(after)
+    assert await maintained_members(db, tenant_id, GROUP) == reference(after)
     assert await listed(client) == (reference(after), len(reference(after)))
 
 

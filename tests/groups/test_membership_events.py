@@ -20,7 +20,13 @@ from server.app import start
 from server.connectivity import retention
 from server.db import Database
 from tests.conftest import ClientFactory, Tenant, TenantFactory
-from tests.groups.helpers import evaluated_members, insert_rows, row, set_status
+from tests.groups.helpers import (
+    evaluated_members,
+    insert_rows,
+    maintained_members,
+    row,
+    set_status,
+)
 from tests.helpers import eventually
 
 Message = groups_pb2.WatchGroupMembershipResponse
@@ -101,17 +107,6 @@ def open_watch(
     return watch
 
 
-async def members_evaluated(db: Database, tenant_id: uuid.UUID, group_id: str) -> set[str]:
-    """The maintainer's memberships of the group (what the events add up to)."""
-    async with db.tenant(tenant_id, readonly=True) as con:
-        rows = await con.fetch(
-            "SELECT device_id FROM group_memberships WHERE tenant_id = $1 AND group_id = $2",
-            tenant_id,
-            group_id,
-        )
-    return {r["device_id"] for r in rows}
-
-
 async def settled(
     db: Database, client: pc.AsyncPulseClient, tenant_id: uuid.UUID, group_id: str
 ) -> None:
@@ -121,7 +116,7 @@ async def settled(
     async def same() -> bool:
         listed = {m.device_id async for m in client.groups.members(group_id)}
         evaluated = await evaluated_members(client, group_id)
-        return await members_evaluated(db, tenant_id, group_id) == listed == evaluated
+        return set(await maintained_members(db, tenant_id, group_id)) == listed == evaluated
 
     await eventually(same, what=f"group {group_id} evaluated")
 
@@ -170,7 +165,7 @@ async def test_a_write_in_flight_when_the_first_group_is_created_is_not_missed(
         waited = not create.done()
     await create
     await settled(db, client, tenant.tenant_id, "on")
-    assert await members_evaluated(db, tenant.tenant_id, "on") == {"B"}
+    assert await maintained_members(db, tenant.tenant_id, "on") == ["B"]
     assert waited
 
 
