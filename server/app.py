@@ -21,6 +21,8 @@ from pulse.device.v1 import (
     devices_pb2_grpc,
     groups_pb2,
     groups_pb2_grpc,
+    rollouts_pb2,
+    rollouts_pb2_grpc,
     twin_pb2,
     twin_pb2_grpc,
 )
@@ -40,6 +42,7 @@ from server.interceptors import chain
 from server.listener import Listener
 from server.pagination import PageTokens
 from server.registry.service import DeviceRegistryService
+from server.rollouts.service import RolloutService
 from server.tenants import TenantDirectory
 from server.twin.notify import ChangeNotifier
 from server.twin.service import TwinService
@@ -51,6 +54,7 @@ SERVICE_NAMES = [
     groups_pb2.DESCRIPTOR.services_by_name["DeviceGroupService"].full_name,
     twin_pb2.DESCRIPTOR.services_by_name["TwinService"].full_name,
     connectivity_pb2.DESCRIPTOR.services_by_name["ConnectivityService"].full_name,
+    rollouts_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name,
 ]
 
 
@@ -206,6 +210,10 @@ async def start(
         )
         connectivity_pb2_grpc.add_ConnectivityServiceServicer_to_server(
             ConnectivityService(db, tokens, watches), target
+        )
+        rollouts_pb2_grpc.add_RolloutServiceServicer_to_server(
+            RolloutService(db, tokens, stale_after=timedelta(seconds=settings.twin_stale_after_s)),
+            target,
         )
         health_pb2_grpc.add_HealthServicer_to_server(health, target)
         reflection.enable(

@@ -26,17 +26,19 @@ DOMAIN = "pulse.device.v1"
 #: What NotFound and AlreadyExists can name, and the reason each kind gets.
 #: mypy holds callers to the Literal; the import-time check below holds the
 #: tables to it, so a kind without a reason cannot reach a caller.
-NotFoundKind = Literal["device", "group", "credential"]
-AlreadyExistsKind = Literal["device", "site", "group"]
+NotFoundKind = Literal["device", "group", "credential", "rollout"]
+AlreadyExistsKind = Literal["device", "site", "group", "rollout"]
 NOT_FOUND_REASONS: Final[Mapping[NotFoundKind, ErrorReason.ValueType]] = {
     "device": ErrorReason.DEVICE_NOT_FOUND,
     "group": ErrorReason.GROUP_NOT_FOUND,
     "credential": ErrorReason.CREDENTIAL_NOT_FOUND,
+    "rollout": ErrorReason.ROLLOUT_NOT_FOUND,
 }
 ALREADY_EXISTS_REASONS: Final[Mapping[AlreadyExistsKind, ErrorReason.ValueType]] = {
     "device": ErrorReason.DEVICE_ALREADY_EXISTS,
     "site": ErrorReason.SITE_ALREADY_EXISTS,
     "group": ErrorReason.GROUP_ALREADY_EXISTS,
+    "rollout": ErrorReason.ROLLOUT_ALREADY_EXISTS,
 }
 
 

@@ -21,6 +21,7 @@ _REGISTRY = "/pulse.device.v1.DeviceRegistryService/"
 _GROUPS = "/pulse.device.v1.DeviceGroupService/"
 _TWIN = "/pulse.device.v1.TwinService/"
 _CONNECTIVITY = "/pulse.device.v1.ConnectivityService/"
+_ROLLOUTS = "/pulse.device.v1.RolloutService/"
 
 REQUIRED_ROLE: dict[str, Role] = {
     _REGISTRY + "GetDevice": Role.VIEWER,
@@ -54,6 +55,15 @@ REQUIRED_ROLE: dict[str, Role] = {
     _TWIN + "PatchDesired": Role.OPERATOR,
     _CONNECTIVITY + "ListConnectionEvents": Role.VIEWER,
     _CONNECTIVITY + "WatchConnectionEvents": Role.VIEWER,
+    _ROLLOUTS + "GetRollout": Role.VIEWER,
+    _ROLLOUTS + "ListRollouts": Role.VIEWER,
+    _ROLLOUTS + "ListRolloutDevices": Role.VIEWER,
+    # A rollout writes the desired state of many devices: as UpdateDesired,
+    # an operator's.
+    _ROLLOUTS + "CreateRollout": Role.OPERATOR,
+    _ROLLOUTS + "PauseRollout": Role.OPERATOR,
+    _ROLLOUTS + "ResumeRollout": Role.OPERATOR,
+    _ROLLOUTS + "CancelRollout": Role.OPERATOR,
 }
 
 

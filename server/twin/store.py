@@ -221,6 +221,33 @@ async def lock_desired(
     return row["desired"], row["desired_version"]
 
 
+@dataclass(frozen=True, slots=True)
+class LockedDesired:
+    device_id: str
+    desired: dict[str, Any]
+    desired_version: int
+    lifecycle: str
+
+
+async def lock_desired_many(
+    con: Connection, tenant_id: uuid.UUID, device_ids: Sequence[str]
+) -> dict[str, LockedDesired]:
+    """`lock_desired` for many devices in one statement, locked in key order
+    (as the ingest locks them); devices that do not exist are left out."""
+    rows = await con.fetch(
+        """
+        SELECT s.device_id, s.desired, s.desired_version, d.lifecycle
+        FROM device_state s JOIN devices d USING (tenant_id, device_id)
+        WHERE s.tenant_id = $1 AND s.device_id = ANY($2::text[])
+        ORDER BY s.device_id
+        FOR UPDATE OF s
+        """,
+        tenant_id,
+        list(device_ids),
+    )
+    return {r["device_id"]: LockedDesired(**dict(r.items())) for r in rows}
+
+
 # --- reported state (the evaluator's ingest) ------------------------------
 
 

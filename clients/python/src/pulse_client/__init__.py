@@ -35,6 +35,7 @@ from ._filters import FilterFields, TwinPath, desired, key, reported, version_ra
 from ._groups import AsyncGroups, FilterLike, Groups
 from ._membership import AsyncMembershipWatch, MembershipWatch
 from ._pages import AsyncPager, Page, Pager
+from ._rollouts import AsyncRollouts, Rollouts
 from ._rpc import AsyncStream, Stream, Token
 from ._sync import PulseClient
 from ._twin import AsyncTwins, Modify, RetryPolicy, Twins, struct_to_dict
@@ -48,6 +49,7 @@ __all__ = [
     "AsyncMembershipWatch",
     "AsyncPager",
     "AsyncPulseClient",
+    "AsyncRollouts",
     "AsyncSites",
     "AsyncStream",
     "AsyncTwins",
@@ -77,6 +79,7 @@ __all__ = [
     "PulseError",
     "ResourceExhausted",
     "RetryPolicy",
+    "Rollouts",
     "Sites",
     "Stream",
     "Token",

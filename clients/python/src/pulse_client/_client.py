@@ -13,6 +13,7 @@ from ._connectivity import AsyncConnectivity
 from ._devices import AsyncDevices, AsyncSites
 from ._errors import Unavailable
 from ._groups import AsyncGroups
+from ._rollouts import AsyncRollouts
 from ._rpc import AsyncRpc, ChannelOptions, Token, channel_credentials
 from ._twin import AsyncTwins
 
@@ -34,6 +35,7 @@ class AsyncPulseClient:
         groups: Device groups, static and dynamic.
         twin: Device twin calls (desired and reported state).
         connectivity: Connection events: history and live watch streams.
+        rollouts: Rollouts of one desired-state patch to a group or a filter.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class AsyncPulseClient:
         self.groups = AsyncGroups(self._rpc)
         self.twin = AsyncTwins(self._rpc)
         self.connectivity = AsyncConnectivity(self._rpc)
+        self.rollouts = AsyncRollouts(self._rpc)
 
     @classmethod
     async def connect(

@@ -11,6 +11,7 @@ from ._connectivity import Connectivity
 from ._devices import Devices, Sites
 from ._errors import Unavailable
 from ._groups import Groups
+from ._rollouts import Rollouts
 from ._rpc import ChannelOptions, Rpc, Token, channel_credentials
 from ._twin import Twins
 
@@ -27,6 +28,7 @@ class PulseClient:
         groups: Device groups, static and dynamic.
         twin: Device twin calls (desired and reported state).
         connectivity: Connection events: history and live watch streams.
+        rollouts: Rollouts of one desired-state patch to a group or a filter.
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class PulseClient:
         self.groups = Groups(self._rpc)
         self.twin = Twins(self._rpc)
         self.connectivity = Connectivity(self._rpc)
+        self.rollouts = Rollouts(self._rpc)
 
     @classmethod
     def connect(

@@ -130,6 +130,18 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """UNAVAILABLE. The identity provider's keys (PULSE_JWKS_URL) could not be
     fetched to verify the token; retry shortly.
     """
+    ROLLOUT_NOT_FOUND: _ErrorReason.ValueType  # 27
+    """NOT_FOUND. No rollout with this id exists in the tenant; metadata
+    "rollout" is the id.
+    """
+    ROLLOUT_ALREADY_EXISTS: _ErrorReason.ValueType  # 28
+    """ALREADY_EXISTS. A rollout with this id already exists in the tenant;
+    metadata "rollout" is the id.
+    """
+    ROLLOUT_STATE_CONFLICT: _ErrorReason.ValueType  # 29
+    """FAILED_PRECONDITION. The rollout's state does not allow the call (e.g.
+    pausing one that is not RUNNING); metadata "state" is its state.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is why a call failed, as AIP-193 asks: every error the service
@@ -251,5 +263,17 @@ call is safe to retry.
 IDENTITY_PROVIDER_UNAVAILABLE: ErrorReason.ValueType  # 26
 """UNAVAILABLE. The identity provider's keys (PULSE_JWKS_URL) could not be
 fetched to verify the token; retry shortly.
+"""
+ROLLOUT_NOT_FOUND: ErrorReason.ValueType  # 27
+"""NOT_FOUND. No rollout with this id exists in the tenant; metadata
+"rollout" is the id.
+"""
+ROLLOUT_ALREADY_EXISTS: ErrorReason.ValueType  # 28
+"""ALREADY_EXISTS. A rollout with this id already exists in the tenant;
+metadata "rollout" is the id.
+"""
+ROLLOUT_STATE_CONFLICT: ErrorReason.ValueType  # 29
+"""FAILED_PRECONDITION. The rollout's state does not allow the call (e.g.
+pausing one that is not RUNNING); metadata "state" is its state.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

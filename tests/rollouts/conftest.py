@@ -1,0 +1,56 @@
+"""Fixtures for the rollout tests: rollout engines in this process (fast
+tunings), the twin evaluator and simulated devices acknowledging over MQTT.
+
+Every engine looks at every tenant's rollouts, as in production; tests only
+look at their own tenant's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+
+import pytest
+
+from server.db import Database, create_pool
+from server.rollouts.engine import RolloutEngine, Tuning
+from tests.twin.conftest import mqtt, retained_cleanup, start_evaluator  # noqa: F401
+
+FAST = Tuning(
+    check_interval=timedelta(milliseconds=100),
+    enrol_interval=timedelta(milliseconds=200),
+    poll_s=0.02,
+)
+
+EngineFactory = Callable[[], Awaitable[RolloutEngine]]
+
+
+@pytest.fixture
+async def start_engine(dsn: str) -> AsyncIterator[EngineFactory]:
+    """Start rollout engines on demand, each on its own pool; all stop after the test."""
+    tasks: list[asyncio.Task[None]] = []
+    pools: list[Database] = []
+
+    async def start() -> RolloutEngine:
+        db = Database(await create_pool(dsn, size=4))
+        pools.append(db)
+        engine = RolloutEngine(db, tuning=FAST)
+        tasks.append(asyncio.create_task(engine.run()))
+        return engine
+
+    try:
+        yield start
+    finally:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for db in pools:
+            await db.close()
+
+
+@pytest.fixture
+async def engine(start_engine: EngineFactory) -> RolloutEngine:
+    return await start_engine()
