@@ -149,7 +149,8 @@ class _Tick:
         self.reason = rollout.state_reason
         self.next_check = now + timedelta(days=1)
         self.next_enrol = rollout.next_enrol_at
-        self.started = 0
+        #: Starts counted against the rate: the writes, and those forfeited.
+        self.counted = 0
         #: (device_id, twin revision) of every desired write, for watchers.
         self.written: list[tuple[str, int]] = []
 
@@ -174,7 +175,7 @@ class _Tick:
             self.rollout.rollout_id,
             state=self.state,
             reason=self.reason,
-            started=self.started,
+            counted=self.counted,
             next_check_at=self.next_check,
             next_enrol_at=self.next_enrol,
         )
@@ -252,14 +253,16 @@ class _Tick:
         if r.continuous:
             self._check_by(self.next_enrol)
         budget = self.tuning.start_batch
-        rate = rules.start_budget(
+        allowance = rules.start_budget(
             max_per_minute=r.max_per_minute,
             since=r.rate_since,
             started_since=r.started_since,
             now=self.now,
         )
-        if rate is not None:
-            budget = min(budget, rate)
+        self.counted += allowance.forfeited
+        by_rate = allowance.starts is not None and allowance.starts <= budget
+        if allowance.starts is not None:
+            budget = min(budget, allowance.starts)
         canary = False
         if r.canary_count:
             canaries = await store.canary_counts(self.con, self.tenant_id, r.rollout_id)
@@ -275,12 +278,12 @@ class _Tick:
         device_ids = await store.pending(self.con, self.tenant_id, r.rollout_id, limit=budget)
         starts = await self._write(target, device_ids, canary=canary)
         await store.record_starts(self.con, self.tenant_id, r, starts)
-        self.started = sum(1 for s in starts if s.state == rules.APPLIED)
+        self.counted += sum(1 for s in starts if s.state == rules.APPLIED)
         if len(device_ids) == budget:
-            if rate is None or budget < rate:
-                self._check_by(self.now)
-            else:
+            if by_rate:
                 self._wait_for_rate()
+            else:
+                self._check_by(self.now)
 
     def _wait_for_rate(self) -> None:
         r = self.rollout
@@ -289,7 +292,7 @@ class _Tick:
                 rules.next_start_at(
                     max_per_minute=r.max_per_minute,
                     since=r.rate_since,
-                    started_since=r.started_since + self.started,
+                    started_since=r.started_since + self.counted,
                 )
             )
 

@@ -119,17 +119,39 @@ def _clip(text: str) -> str:
     return text if len(text) <= DETAIL_MAX else text[: DETAIL_MAX - 1] + "…"
 
 
+#: Starts the rate lets pile up while no engine started any (a slow tick, a
+#: restart): this many seconds' worth, so that an engine ticking late still
+#: keeps the rate, and a long gap never turns into a burst.
+BURST_S = 2.0
+
+
+def burst(max_per_minute: int) -> int:
+    return max(1, math.ceil(max_per_minute * BURST_S / 60.0))
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    #: How many devices may start now; None: no limit.
+    starts: int | None
+    #: Starts the rate allowed but nobody made, past the burst: counted as
+    #: made, so that they are never made up for later.
+    forfeited: int = 0
+
+
 def start_budget(
     *, max_per_minute: int, since: datetime, started_since: int, now: datetime
-) -> int | None:
-    """How many more devices may start now (None: no limit). The rate is
-    counted from `since`: one at once, then one every 60/max_per_minute
-    seconds, so no minute ever starts more than max_per_minute + 1."""
+) -> Budget:
+    """How many more devices may start now. The rate is counted from
+    `since` (the start, or the last resume): one at once, then one every
+    60/max_per_minute seconds, never more than `burst` at a time. So any
+    minute starts at most max_per_minute + burst(max_per_minute)."""
     if max_per_minute == 0:
-        return None
+        return Budget(None)
     elapsed = max((now - since).total_seconds(), 0.0)
     allowed = 1 + math.floor(elapsed * max_per_minute / 60.0)
-    return max(allowed - started_since, 0)
+    available = max(allowed - started_since, 0)
+    cap = burst(max_per_minute)
+    return Budget(min(available, cap), max(available - cap, 0))
 
 
 def next_start_at(*, max_per_minute: int, since: datetime, started_since: int) -> datetime:

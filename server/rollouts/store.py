@@ -571,7 +571,7 @@ async def save_progress(
     *,
     state: str,
     reason: str,
-    started: int,
+    counted: int,
     next_check_at: datetime,
     next_enrol_at: datetime,
 ) -> None:
@@ -589,7 +589,7 @@ async def save_progress(
         rollout_id,
         state,
         reason,
-        started,
+        counted,
         next_check_at,
         next_enrol_at,
     )
