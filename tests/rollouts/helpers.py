@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from typing import Any
 
 from pulse.device.v1 import rollouts_pb2
 from pulse_client import AsyncPulseClient, struct_to_dict
 
 from evaluator.simulator import SimulatedDevice
-from tests.helpers import eventually
+from server.db import Database
+from server.rollouts import store
+from tests.helpers import eventually, unique_id
 
 State = rollouts_pb2.Rollout.State
 DeviceState = rollouts_pb2.RolloutDevice.State
@@ -64,3 +67,52 @@ async def simulated(
     finally:
         for device in devices.values():
             await device.stop()
+
+
+async def create_rollout(db: Database, tenant_id: uuid.UUID, **fields: Any) -> str:
+    """A rollout made by the store, as CreateRollout makes it: every active
+    device, the patch {"fw": "2"} and no rate limit unless `fields` say
+    otherwise. Its id."""
+    values: dict[str, Any] = {
+        "rollout_id": unique_id("rollout"),
+        "description": "",
+        "target_group_id": None,
+        "target_filter": {},
+        "patch": {"fw": "2"},
+        "max_per_minute": 0,
+        "canary_count": 0,
+        "device_timeout": timedelta(minutes=15),
+        "abort_threshold_percent": None,
+        "abort_min_count": 1,
+        "failure_path": "",
+        "continuous": False,
+        "created_by": "test",
+    }
+    values.update(fields)
+    async with db.tenant(tenant_id) as con:
+        record = await store.create(
+            con, tenant_id, store.NewRollout(**values), stale_after=timedelta(minutes=5)
+        )
+    return record.rollout_id
+
+
+async def writes(db: Database, tenant_id: uuid.UUID) -> dict[str, int]:
+    """device_id -> desired version, of every device of the tenant."""
+    async with db.tenant(tenant_id, readonly=True) as con:
+        rows = await con.fetch("SELECT device_id, desired_version FROM device_state")
+    return {r["device_id"]: r["desired_version"] for r in rows}
+
+
+async def start_times(db: Database, tenant_id: uuid.UUID, rollout_id: str) -> list[float]:
+    """Seconds from the rollout's creation to each device's write, in order."""
+    async with db.tenant(tenant_id, readonly=True) as con:
+        rows = await con.fetch(
+            """
+            SELECT extract(epoch FROM d.applied_at - r.created_at)::float8 AS t
+            FROM rollout_devices d JOIN rollouts r USING (tenant_id, rollout_id)
+            WHERE d.rollout_id = $1 AND d.applied_at IS NOT NULL
+            ORDER BY d.applied_at
+            """,
+            rollout_id,
+        )
+    return [r["t"] for r in rows]
