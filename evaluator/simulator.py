@@ -11,7 +11,8 @@ A `SimulatedDevice`, per connection:
   - applies each new desired document after `apply_delay_s` (only the latest
     if several arrive meanwhile; versions it has applied already are
     ignored, since publication is at-least-once) and reports back on
-    `twin/reported`: `{"state": {...}, "desired_version": n}`;
+    `twin/reported`: `{"state": {...}, "desired_version": n}`, unless told
+    to misbehave (below);
   - reconnects by itself if the broker goes away;
   - on `stop()` publishes `offline` (retained) and disconnects cleanly;
     `drop_connection()` instead cuts the TCP connection without a word, so
@@ -24,6 +25,23 @@ With `dialect=wire.Dialect.UPSTREAM` it is a device of the upstream platform
 being `upstream_tenant` (the tenant's external id) or its UUID. It sends
 nothing else, as upstream's twin has no status, will, heartbeat or seq: the
 service hears of it through its reports only.
+
+To test rollouts, a device can misbehave: its `behaviour` is
+  - "apply" (the default): as above;
+  - "ignore": it receives desired documents but neither applies nor reports
+    them (it stays connected and keeps its heartbeat), so a rollout times
+    out on it;
+  - "fail": it acknowledges the desired version but reports a failure
+    instead of applying it: its previous state unchanged plus `fail_message`
+    at `fail_path` (default "firmware.error"; dotted keys as a rollout's
+    `failure_path`, `\\.` a literal dot), e.g.
+    `{"state": {..., "firmware": {..., "error": "simulated failure"}},
+    "desired_version": n}`, or the same state and version in upstream's
+    `{"reported": ..., "version": n}`.
+`behaviour`, `fail_path` and `fail_message` may change while the device
+runs; a desired document is handled as they stand when it arrives.
+`running_fleet(behaviours={device_id: behaviour})` sets them per device, and
+`pulse simulate --fail ID --ignore ID` too.
 """
 
 from __future__ import annotations
@@ -35,15 +53,19 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal, get_args
 
 import aiomqtt
 
-from server import mqtt_url, wire
+from server import filters, mqtt_url, wire
 
 log = logging.getLogger("pulse.simulator")
 
 _BACKOFF_MAX_S = 5.0
+
+#: What a device does with a desired document (see the module docstring).
+Behaviour = Literal["apply", "ignore", "fail"]
+BEHAVIOURS: tuple[Behaviour, ...] = get_args(Behaviour)
 
 
 class SimulatedDevice:
@@ -60,6 +82,9 @@ class SimulatedDevice:
         keepalive_s: int = 30,
         dialect: wire.Dialect = wire.Dialect.PULSE,
         upstream_tenant: str | None = None,
+        behaviour: Behaviour = "apply",
+        fail_path: str = "firmware.error",
+        fail_message: str = "simulated failure",
     ) -> None:
         """Args:
         broker: The broker, mqtt://[user:password@]host:port.
@@ -76,6 +101,11 @@ class SimulatedDevice:
         dialect: Whose topics and payloads the device speaks.
         upstream_tenant: The tenant id in upstream's topics (the tenant's
             external id); default its UUID.
+        behaviour: "apply", "ignore" or "fail" desired documents (see the
+            module docstring); an attribute, which may change at run time.
+        fail_path: Where a "fail" report puts `fail_message`: a path into
+            the reported state, as a rollout's `failure_path`.
+        fail_message: The error value a "fail" report carries.
         """
         address = mqtt_url.parse(broker) if isinstance(broker, str) else broker
         self._broker = address.as_user(*credential) if credential else address
@@ -93,9 +123,15 @@ class SimulatedDevice:
         self._keepalive_s = keepalive_s
         self.dialect = dialect
         self._upstream_tenant = upstream_tenant or str(tenant_id)
-        #: The state the device runs with and the desired version it came from.
+        self.behaviour = behaviour
+        self.fail_path = fail_path
+        self.fail_message = fail_message
+        #: The state the device runs with and reports, and the desired
+        #: version it last acknowledged (applied, or failed on).
         self.state: dict[str, Any] = {}
         self.applied_version = 0
+        #: The newest desired version received, whatever became of it.
+        self.received_version = 0
         self.heartbeats = 0
         # Every message carries a seq (docs/device-ordering.md), so that a
         # heartbeat still in flight when the device says `offline` cannot
@@ -109,6 +145,27 @@ class SimulatedDevice:
         self._stopping = False
         self._dropped = False
         self.connected = asyncio.Event()
+
+    @property
+    def behaviour(self) -> Behaviour:
+        """What the device does with the next desired document it receives."""
+        return self._behaviour
+
+    @behaviour.setter
+    def behaviour(self, behaviour: Behaviour) -> None:
+        if behaviour not in BEHAVIOURS:
+            raise ValueError(f"behaviour must be one of {BEHAVIOURS}, not {behaviour!r}")
+        self._behaviour = behaviour
+
+    @property
+    def fail_path(self) -> str:
+        """Where behaviour "fail" reports `fail_message`."""
+        return self._fail_path
+
+    @fail_path.setter
+    def fail_path(self, path: str) -> None:
+        self._fail_keys = filters.split_twin_path(path)  # or ValueError
+        self._fail_path = path
 
     def topic(self, kind: str) -> str:
         return wire.topic(self.tenant_id, self.device_id, kind)
@@ -177,7 +234,8 @@ class SimulatedDevice:
         await client.publish(self.twin_topic("twin/reported"), self._reported(), qos=1)
 
     async def wait_for_version(self, version: int, *, timeout: float = 10.0) -> None:  # noqa: ASYNC109
-        """Return once the device has applied and reported `version` or later."""
+        """Return once the device has reported `version` or later (applied,
+        or failed on as behaviour "fail")."""
         async with asyncio.timeout(timeout), self._changed:
             await self._changed.wait_for(lambda: self.applied_version >= version)
 
@@ -251,8 +309,16 @@ class SimulatedDevice:
             except wire.BadPayload as error:
                 log.warning("%s: ignoring a malformed desired message (%s)", self.device_id, error)
                 continue
+            self.received_version = max(self.received_version, version)
+            if self.behaviour == "ignore":
+                log.info("%s: ignoring desired version %d, as told", self.device_id, version)
+                continue
             pending = self._target[0] if self._target else self.applied_version
             if version > max(pending, self.applied_version):
+                if self.behaviour == "fail":
+                    # No target is applied before this one (it replaces any
+                    # pending), so this is the state the report will follow.
+                    state = _with_value(self.state, self._fail_keys, self.fail_message)
                 self._target = (version, state)
                 self._work.set()
 
@@ -281,6 +347,21 @@ class SimulatedDevice:
             await asyncio.sleep(self.heartbeat_s)
 
 
+def _with_value(state: dict[str, Any], keys: tuple[str, ...], value: Any) -> dict[str, Any]:
+    """A copy of `state` with `value` at the path `keys`, making (or
+    replacing with) objects along the way."""
+    *parents, last = keys
+    result = dict(state)
+    node = result
+    for key in parents:
+        child = node.get(key)
+        child = dict(child) if isinstance(child, dict) else {}
+        node[key] = child
+        node = child
+    node[last] = value
+    return result
+
+
 def device_ids(count: int, prefix: str = "DEVICE-") -> list[str]:
     """`DEVICE-01`, `DEVICE-02`, ...: the demo tenant's naming."""
     return [f"{prefix}{n:02d}" for n in range(1, count + 1)]
@@ -297,12 +378,19 @@ async def running_fleet(
     apply_delay_s: float = 0.5,
     dialect: wire.Dialect = wire.Dialect.PULSE,
     upstream_tenant: str | None = None,
+    behaviours: Mapping[str, Behaviour] | None = None,
 ) -> AsyncIterator[list[SimulatedDevice]]:
     """Simulated devices, online for as long as the context lasts and then
     stopped cleanly (`offline`). `credentials` maps a device id to its own
     (username, secret); devices without one connect as the URL's user.
-    `dialect` and `upstream_tenant` are SimulatedDevice's."""
+    `behaviours` maps a device id to its behaviour (default "apply"); each
+    must name a device of the fleet. `dialect` and `upstream_tenant` are
+    SimulatedDevice's."""
     credentials = credentials or {}
+    behaviours = behaviours or {}
+    device_ids = list(device_ids)
+    if unknown := sorted(set(behaviours) - set(device_ids)):
+        raise ValueError(f"behaviours for devices not in the fleet: {', '.join(unknown)}")
     devices = [
         SimulatedDevice(
             broker,
@@ -313,6 +401,7 @@ async def running_fleet(
             apply_delay_s=apply_delay_s,
             dialect=dialect,
             upstream_tenant=upstream_tenant,
+            behaviour=behaviours.get(d, "apply"),
         )
         for d in device_ids
     ]
@@ -320,6 +409,9 @@ async def running_fleet(
         for device in devices:
             await device.start()
         log.info("simulating %d devices of tenant %s", len(devices), tenant_id)
+        for device_id, behaviour in sorted(behaviours.items()):
+            if behaviour != "apply":
+                log.info("%s will %s desired state", device_id, behaviour)
         yield devices
     finally:
         for device in devices:

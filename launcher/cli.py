@@ -17,7 +17,7 @@ import asyncpg
 from pulse_client import AsyncPulseClient
 
 from evaluator.service import mqtt_broker, running_evaluator
-from evaluator.simulator import device_ids, running_fleet
+from evaluator.simulator import Behaviour, device_ids, running_fleet
 from launcher import demo_credentials
 from server import config, migrate, mqtt_url, wire
 from server.app import SERVICE_NAMES, RunningServer, start, wait_for_signal
@@ -274,14 +274,27 @@ async def _simulate(settings: config.Settings, args: argparse.Namespace) -> None
         tenant_id = tenant_uuid(args.tenant)
     except BadTenantId as e:
         raise SystemExit(f"pulse simulate: {e}") from None
+    fleet = device_ids(args.devices, args.prefix)
+    misbehaving: list[tuple[Behaviour, list[str]]] = [("fail", args.fail), ("ignore", args.ignore)]
+    behaviours: dict[str, Behaviour] = {}
+    for behaviour, chosen in misbehaving:
+        for device_id in chosen:
+            if device_id not in fleet:
+                raise SystemExit(
+                    f"pulse simulate: {device_id} is not a simulated device"
+                    f" ({args.prefix}01 to {args.prefix}{args.devices:02d})"
+                )
+            if behaviours.setdefault(device_id, behaviour) != behaviour:
+                raise SystemExit(f"pulse simulate: {device_id} cannot both fail and ignore")
     async with running_fleet(
         mqtt_url,
         tenant_id,
-        device_ids(args.devices, args.prefix),
+        fleet,
         heartbeat_s=args.heartbeat,
         apply_delay_s=args.apply_delay,
         dialect=wire.Dialect.UPSTREAM if args.upstream else wire.Dialect.PULSE,
         upstream_tenant=args.tenant,
+        behaviours=behaviours,
     ):
         await wait_for_signal()
 
@@ -436,6 +449,20 @@ def main(argv: list[str] | None = None) -> None:
         "--upstream",
         action="store_true",
         help="speak the upstream platform's twin topics (docs/upstream-devices.md)",
+    )
+    sim.add_argument(
+        "--fail",
+        action="append",
+        default=[],
+        metavar="DEVICE_ID",
+        help="this device acknowledges desired state but reports firmware.error (repeatable)",
+    )
+    sim.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="DEVICE_ID",
+        help="this device never applies or reports desired state (repeatable)",
     )
     gw = sub.add_parser("gateway", help="run only the HTTP gateway against a gRPC server")
     gw.add_argument("--grpc-target", required=True, help="host:port of a pulse gRPC server")

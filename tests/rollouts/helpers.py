@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
 from pulse.device.v1 import rollouts_pb2
 from pulse_client import AsyncPulseClient, struct_to_dict
 
-from evaluator.simulator import SimulatedDevice
+from evaluator.simulator import Behaviour, SimulatedDevice
 from server.db import Database
 from server.rollouts import store
 from tests.helpers import eventually, unique_id
@@ -53,11 +53,22 @@ async def desired(client: AsyncPulseClient, device_id: str) -> tuple[dict[str, A
 
 @contextlib.asynccontextmanager
 async def simulated(
-    mqtt_url: str, tenant_id: uuid.UUID, device_ids: list[str], **options: Any
+    mqtt_url: str,
+    tenant_id: uuid.UUID,
+    device_ids: list[str],
+    behaviours: Mapping[str, Behaviour] | None = None,
 ) -> AsyncIterator[dict[str, SimulatedDevice]]:
-    """Devices that apply desired state and report it, for the block."""
+    """Devices that apply desired state and report it (or, as `behaviours`
+    says, fail or ignore it), for the block."""
     devices = {
-        d: SimulatedDevice(mqtt_url, tenant_id, d, apply_delay_s=0.05, heartbeat_s=30, **options)
+        d: SimulatedDevice(
+            mqtt_url,
+            tenant_id,
+            d,
+            apply_delay_s=0.05,
+            heartbeat_s=30,
+            behaviour=(behaviours or {}).get(d, "apply"),
+        )
         for d in device_ids
     }
     try:

@@ -69,7 +69,7 @@ async def test_a_rollout_writes_each_device_once_and_succeeds_when_they_report_i
 async def test_a_failing_canary_aborts_before_the_rest_start(
     client: AsyncPulseClient,
     tenant: Tenant,
-    mqtt: aiomqtt.Client,
+    mqtt_url: str,
     start_evaluator: EvaluatorFactory,
     start_engine: EngineFactory,
 ) -> None:
@@ -78,29 +78,19 @@ async def test_a_failing_canary_aborts_before_the_rest_start(
     await _static_group(client, "fleet", ids)
     await start_evaluator()
     await start_engine()
-    rollout = await client.rollouts.create(
-        group_id="fleet",
-        patch={"firmware": {"target": "2.4.1"}},
-        canary_count=1,
-        failure_path="firmware.error",
-    )
-
-    async def canary_written() -> bool:
-        return (await device_states(client, rollout.rollout_id))["C-0"] == "APPLIED"
-
-    await until_rollout(client, rollout.rollout_id, lambda r: r.counts.applied == 1, what="canary")
-    assert await canary_written()
-    # The canary acknowledges the version and reports an error.
-    await mqtt.publish(
-        wire.topic(tenant.tenant_id, "C-0", "twin/reported"),
-        wire.reported({"firmware": {"target": "2.3", "error": "flash failed"}}, 1),
-        qos=1,
-    )
-    ended = await until_rollout(
-        client, rollout.rollout_id, lambda r: r.state == State.ABORTED, what="abort"
-    )
-    assert "canary device 'C-0' failed" in ended.state_reason
-    assert '"flash failed"' in ended.state_reason
+    # C-0, first in device_id order, is the canary: it acknowledges the
+    # version and reports firmware.error instead of applying it.
+    async with simulated(mqtt_url, tenant.tenant_id, ids, {"C-0": "fail"}):
+        rollout = await client.rollouts.create(
+            group_id="fleet",
+            patch={"firmware": {"target": "2.4.1"}},
+            canary_count=1,
+            failure_path="firmware.error",
+        )
+        ended = await until_rollout(
+            client, rollout.rollout_id, lambda r: r.state == State.ABORTED, what="abort"
+        )
+    assert ended.state_reason == ("canary device 'C-0' failed: reported \"simulated failure\"")
     assert ended.counts.failed == 1 and ended.counts.pending == 4
     for device_id in ids[1:]:
         assert await desired(client, device_id) == ({}, 0)
@@ -108,24 +98,32 @@ async def test_a_failing_canary_aborts_before_the_rest_start(
         d
         async for d in client.rollouts.list_devices(rollout.rollout_id, states=[DeviceState.FAILED])
     ]
-    assert [(d.device_id, d.canary) for d in failed] == [("C-0", True)]
-    assert failed[0].detail == 'reported "flash failed"'
+    assert [(d.device_id, d.canary, d.desired_version) for d in failed] == [("C-0", True, 1)]
 
 
 async def test_a_canary_that_times_out_aborts_too(
-    client: AsyncPulseClient, start_engine: EngineFactory
+    client: AsyncPulseClient,
+    tenant: Tenant,
+    mqtt_url: str,
+    start_evaluator: EvaluatorFactory,
+    start_engine: EngineFactory,
 ) -> None:
-    await create_devices(client, "T-1", "T-2", "T-3")
+    ids = ["T-1", "T-2", "T-3"]
+    await create_devices(client, *ids)
+    await start_evaluator()
     await start_engine()
-    rollout = await client.rollouts.create(
-        filter={},
-        patch={"x": 1},
-        canary_count=2,
-        device_timeout=timedelta(seconds=1),
-    )
-    ended = await until_rollout(
-        client, rollout.rollout_id, lambda r: r.state == State.ABORTED, what="abort"
-    )
+    # The canaries receive the write and ignore it.
+    async with simulated(mqtt_url, tenant.tenant_id, ids, dict.fromkeys(ids, "ignore")) as devices:
+        rollout = await client.rollouts.create(
+            filter={},
+            patch={"x": 1},
+            canary_count=2,
+            device_timeout=timedelta(seconds=1),
+        )
+        ended = await until_rollout(
+            client, rollout.rollout_id, lambda r: r.state == State.ABORTED, what="abort"
+        )
+        assert devices["T-1"].received_version == devices["T-2"].received_version == 1
     assert "timed out" in ended.state_reason
     assert ended.counts.timed_out == 2 and ended.counts.pending == 1
     states = await device_states(client, rollout.rollout_id)
