@@ -78,10 +78,17 @@ CREATE TABLE rollout_devices (
     detail          text NOT NULL DEFAULT '',
     applied_at      timestamptz,
     ended_at        timestamptz,
+    -- Set from rollout_changes at every change of state, by a transaction
+    -- holding the rollout's row lock: per rollout, later commits have
+    -- higher values, so WatchRollout reads "changed after c" from it.
+    change_seq      bigint,
     PRIMARY KEY (tenant_id, rollout_id, device_id),
     FOREIGN KEY (tenant_id, rollout_id) REFERENCES rollouts ON DELETE CASCADE
 );
 CREATE INDEX rollout_devices_by_state ON rollout_devices (tenant_id, rollout_id, state, device_id);
+CREATE SEQUENCE rollout_changes;
+CREATE INDEX rollout_devices_changes ON rollout_devices (tenant_id, rollout_id, change_seq)
+    WHERE change_seq IS NOT NULL;
 
 -- The counts. Statement-level, so that a tick moving 500 devices updates
 -- the rollout's row once.
@@ -147,4 +154,5 @@ CREATE POLICY evaluator_fleet_read ON rollouts FOR SELECT TO pulse_evaluator USI
 
 GRANT SELECT, INSERT, UPDATE ON rollouts TO pulse_app;
 GRANT SELECT, INSERT, UPDATE ON rollout_devices TO pulse_app;
+GRANT USAGE ON SEQUENCE rollout_changes TO pulse_app;
 GRANT SELECT (tenant_id, rollout_id, state, applied, next_check_at) ON rollouts TO pulse_evaluator;

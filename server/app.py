@@ -212,7 +212,9 @@ async def start(
             ConnectivityService(db, tokens, watches), target
         )
         rollouts_pb2_grpc.add_RolloutServiceServicer_to_server(
-            RolloutService(db, tokens, stale_after=timedelta(seconds=settings.twin_stale_after_s)),
+            RolloutService(
+                db, tokens, listener, stale_after=timedelta(seconds=settings.twin_stale_after_s)
+            ),
             target,
         )
         health_pb2_grpc.add_HealthServicer_to_server(health, target)

@@ -58,6 +58,7 @@ REQUIRED_ROLE: dict[str, Role] = {
     _ROLLOUTS + "GetRollout": Role.VIEWER,
     _ROLLOUTS + "ListRollouts": Role.VIEWER,
     _ROLLOUTS + "ListRolloutDevices": Role.VIEWER,
+    _ROLLOUTS + "WatchRollout": Role.VIEWER,
     # A rollout writes the desired state of many devices: as UpdateDesired,
     # an operator's.
     _ROLLOUTS + "CreateRollout": Role.OPERATOR,

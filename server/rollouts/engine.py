@@ -121,11 +121,12 @@ class RolloutEngine:
             if leased is None:
                 return False
             rollout, now = leased
-            changed = await _Tick(
-                con, tenant_id, rollout, now, self._tuning, self._stale_after
-            ).run()
-        self.writes += len(changed)
-        self._notifier.changed(tenant_id, changed)
+            tick = _Tick(con, tenant_id, rollout, now, self._tuning, self._stale_after)
+            await tick.run()
+        self.writes += len(tick.written)
+        self._notifier.changed(tenant_id, tick.written)
+        if tick.changed:
+            await store.announce(self._db, tenant_id, rollout_id)
         return True
 
 
@@ -151,13 +152,20 @@ class _Tick:
         self.next_enrol = rollout.next_enrol_at
         #: Starts counted against the rate: the writes, and those forfeited.
         self.counted = 0
+        #: Devices enrolled, started or given an outcome.
+        self.moved = 0
         #: (device_id, twin revision) of every desired write, for watchers.
         self.written: list[tuple[str, int]] = []
 
     def _check_by(self, when: datetime) -> None:
         self.next_check = min(self.next_check, when)
 
-    async def run(self) -> list[tuple[str, int]]:
+    @property
+    def changed(self) -> bool:
+        """Whether a watcher has anything new to see."""
+        return self.state != self.rollout.state or bool(self.moved)
+
+    async def run(self) -> None:
         await self._judge()
         counts = await store.counts(self.con, self.tenant_id, self.rollout.rollout_id)
         if self.state == rules.RUNNING:
@@ -166,7 +174,7 @@ class _Tick:
             await self._start()
             counts = await store.counts(self.con, self.tenant_id, self.rollout.rollout_id)
             if not self.rollout.continuous and counts.pending == 0 and counts.applied == 0:
-                self.state, self.reason = rules.DONE, "every device has an outcome"
+                self._end(rules.DONE, rules.finished_reason(counts))
         if counts.applied > 0:
             self._check_by(self.now + self.tuning.check_interval)
         await store.save_progress(
@@ -179,7 +187,6 @@ class _Tick:
             next_check_at=self.next_check,
             next_enrol_at=self.next_enrol,
         )
-        return self.written
 
     async def _judge(self) -> None:
         r = self.rollout
@@ -214,6 +221,7 @@ class _Tick:
             elif a.revision is not None:
                 seen.append((a.device_id, a.revision))
         await store.record_outcomes(self.con, self.tenant_id, r.rollout_id, outcomes, seen)
+        self.moved += len(outcomes)
         if len(batch) == self.tuning.judge_batch:
             self._check_by(self.now)
 
@@ -246,7 +254,7 @@ class _Tick:
             self._end(rules.ABORTED, f"the target group {r.target_group_id!r} was deleted")
             return
         if r.continuous and self.now >= r.next_enrol_at:
-            await store.enrol(
+            self.moved += await store.enrol(
                 self.con, self.tenant_id, r.rollout_id, target, stale_after=self.stale_after
             )
             self.next_enrol = self.now + self.tuning.enrol_interval
@@ -278,6 +286,7 @@ class _Tick:
         device_ids = await store.pending(self.con, self.tenant_id, r.rollout_id, limit=budget)
         starts = await self._write(target, device_ids, canary=canary)
         await store.record_starts(self.con, self.tenant_id, r, starts)
+        self.moved += len(starts)
         self.counted += sum(1 for s in starts if s.state == rules.APPLIED)
         if len(device_ids) == budget:
             if by_rate:

@@ -182,3 +182,21 @@ def abort_reason(counts: Counts, *, threshold_percent: float | None, min_count: 
         f"{bad} of {finished} devices with an outcome failed or timed out "
         f"({bad * 100 / finished:.1f}%, above the threshold of {threshold_percent:g}%)"
     )
+
+
+def finished_reason(counts: Counts) -> str:
+    """Why a snapshot rollout is SUCCEEDED: what became of its devices."""
+    parts = [
+        f"{n} {name.replace('_', ' ')}"
+        for name, n in (
+            ("succeeded", counts.succeeded),
+            ("failed", counts.failed),
+            ("timed_out", counts.timed_out),
+            ("skipped", counts.skipped),
+            ("superseded", counts.superseded),
+        )
+        if n
+    ]
+    if not parts:
+        return "the target had no devices"
+    return "every device has an outcome: " + ", ".join(parts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -16,8 +17,9 @@ from server import validation as v
 from server.auth import current_principal
 from server.db import Database
 from server.errors import FieldViolation, InvalidArgument
+from server.listener import Listener
 from server.pagination import PageTokens, page_size
-from server.rollouts import convert, rules, store
+from server.rollouts import convert, rules, store, watch
 from server.twin import documents
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -155,11 +157,14 @@ class RolloutService(rollouts_pb2_grpc.RolloutServiceServicer):
         self,
         db: Database,
         tokens: PageTokens,
+        listener: Listener,
         *,
         stale_after: timedelta = filters.DEFAULT_TWIN_STALE_AFTER,
     ) -> None:
         self._db = db
         self._tokens = tokens
+        self._listener = listener
+        self._cursors = watch.Cursors(tokens)
         # The twin sync rule's threshold, for targets filtering on sync status.
         self._stale_after = stale_after
 
@@ -279,4 +284,18 @@ class RolloutService(rollouts_pb2_grpc.RolloutServiceServicer):
                 reason=reason,
                 wanted=wanted,
             )
+        await store.announce(self._db, tenant, rollout_id)
         return convert.rollout(record)
+
+    async def WatchRollout(
+        self, request: rollouts_pb2.WatchRolloutRequest, context: Context
+    ) -> AsyncIterator[rollouts_pb2.WatchRolloutResponse]:
+        tenant = current_principal().tenant_id
+        rollout_id = v.require_id("rollout_id", request.rollout_id)
+        after = None
+        if request.resume_cursor:
+            after = self._cursors.open(tenant, rollout_id, request.resume_cursor)
+        async for message in watch.watch(
+            self._db, self._listener, self._cursors, tenant, rollout_id, after
+        ):
+            yield message

@@ -7,6 +7,7 @@ Tenant functions run on a tenant-scoped connection (`Database.tenant`);
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,10 +18,13 @@ import asyncpg
 from pulse.device.v1.error_reason_pb2 import ErrorReason
 
 from server import filters
-from server.db import Connection
+from server.db import Connection, Database
 from server.errors import AlreadyExists, FailedPrecondition, NotFound
 from server.groups import store as groups
 from server.rollouts import rules
+from server.twin import store as twin_store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +96,30 @@ class DeviceRecord:
     detail: str
     applied_at: datetime | None
     ended_at: datetime | None
+    change_seq: int | None
+
+
+_DEVICE_COLUMNS = (
+    "device_id, state, canary, desired_version, detail, applied_at, ended_at, change_seq"
+)
+
+
+def channel(tenant_id: uuid.UUID) -> str:
+    """The NOTIFY channel announcing that rollouts of a tenant changed;
+    the payload is the rollout id."""
+    return f"rollouts_{tenant_id.hex}"
+
+
+async def announce(db: Database, tenant_id: uuid.UUID, rollout_id: str) -> None:
+    """Tell watchers that the rollout changed, after the change committed
+    (outside the writing transaction, as twin changes are announced:
+    server/twin/notify.py says why). Watchers re-read on their own too, so
+    a notification that cannot be sent is only logged."""
+    try:
+        async with db.admin() as con:
+            await twin_store.notify(con, [(channel(tenant_id), rollout_id)])
+    except Exception:
+        log.warning("could not announce a change of rollout %s", rollout_id, exc_info=True)
 
 
 # --------------------------------------------------------------------------
@@ -336,8 +364,8 @@ async def list_devices(
 ) -> list[DeviceRecord]:
     """In device_id order, after `after`; only `states` unless empty."""
     rows = await con.fetch(
-        """
-        SELECT device_id, state, canary, desired_version, detail, applied_at, ended_at
+        f"""
+        SELECT {_DEVICE_COLUMNS}
         FROM rollout_devices
         WHERE tenant_id = $1 AND rollout_id = $2 AND device_id > $3
           AND (cardinality($4::text[]) = 0 OR state = ANY($4::text[]))
@@ -351,6 +379,38 @@ async def list_devices(
         limit,
     )
     return [DeviceRecord(**dict(r.items())) for r in rows]
+
+
+async def changed_after(
+    con: Connection, tenant_id: uuid.UUID, rollout_id: str, after: int, *, limit: int
+) -> list[DeviceRecord]:
+    """Devices whose state changed after change `after`, in commit order."""
+    rows = await con.fetch(
+        f"""
+        SELECT {_DEVICE_COLUMNS}
+        FROM rollout_devices
+        WHERE tenant_id = $1 AND rollout_id = $2 AND change_seq > $3
+        ORDER BY change_seq
+        LIMIT $4
+        """,
+        tenant_id,
+        rollout_id,
+        after,
+        limit,
+    )
+    return [DeviceRecord(**dict(r.items())) for r in rows]
+
+
+async def last_change(con: Connection, tenant_id: uuid.UUID, rollout_id: str) -> int:
+    value = await con.fetchval(
+        """
+        SELECT max(change_seq) FROM rollout_devices
+        WHERE tenant_id = $1 AND rollout_id = $2 AND change_seq IS NOT NULL
+        """,
+        tenant_id,
+        rollout_id,
+    )
+    return int(value or 0)
 
 
 # --------------------------------------------------------------------------
@@ -504,7 +564,7 @@ async def record_starts(
         """
         UPDATE rollout_devices r
         SET state = u.state, canary = u.canary, desired_version = u.version,
-            seen_revision = u.revision, detail = u.detail,
+            seen_revision = u.revision, detail = u.detail, change_seq = nextval('rollout_changes'),
             applied_at = CASE WHEN u.state = 'APPLIED' THEN now() END,
             deadline = CASE WHEN u.state = 'APPLIED' THEN now() + $7::interval END,
             ended_at = CASE WHEN u.state <> 'APPLIED' THEN now() END
@@ -538,7 +598,8 @@ async def record_outcomes(
         await con.execute(
             """
             UPDATE rollout_devices r
-            SET state = u.state, detail = u.detail, ended_at = now()
+            SET state = u.state, detail = u.detail, ended_at = now(),
+                change_seq = nextval('rollout_changes')
             FROM unnest($3::text[], $4::text[], $5::text[]) AS u (device_id, state, detail)
             WHERE r.tenant_id = $1 AND r.rollout_id = $2 AND r.device_id = u.device_id
               AND r.state = 'APPLIED'

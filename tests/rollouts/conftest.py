@@ -54,3 +54,16 @@ async def start_engine(dsn: str) -> AsyncIterator[EngineFactory]:
 @pytest.fixture
 async def engine(start_engine: EngineFactory) -> RolloutEngine:
     return await start_engine()
+
+
+@pytest.fixture(autouse=True)
+async def end_rollouts(db: Database) -> AsyncIterator[None]:
+    """Rollouts a test leaves running are cancelled after it, so that the
+    engines of later tests (which work for every tenant) do not keep
+    working on them."""
+    yield
+    async with db.admin() as con:
+        await con.execute(
+            "UPDATE rollouts SET state = 'CANCELLED', ended_at = now() "
+            "WHERE state IN ('RUNNING', 'PAUSED')"
+        )

@@ -38,7 +38,10 @@ async def _error(call: Awaitable[Any]) -> pc.PulseError:
     with pytest.raises((grpc.aio.AioRpcError, pc.PulseError)) as info:
         await call
     error = info.value
-    return pc.from_rpc_error(error) if isinstance(error, grpc.aio.AioRpcError) else error
+    if isinstance(error, grpc.aio.AioRpcError):
+        return pc.from_rpc_error(error)
+    assert isinstance(error, pc.PulseError)
+    return error
 
 
 def _md(tenant: Tenant, role: Role = Role.ADMIN) -> tuple[tuple[str, str], ...]:

@@ -52,7 +52,7 @@ async def test_a_rollout_writes_each_device_once_and_succeeds_when_they_report_i
             client, rollout.rollout_id, lambda r: r.state == State.SUCCEEDED, what="success"
         )
     assert done.counts.succeeded == 5 and done.counts.pending == done.counts.applied == 0
-    assert done.state_reason == "every device has an outcome"
+    assert done.state_reason == "every device has an outcome: 5 succeeded"
     assert done.HasField("end_time")
     # The patch merged into what each device had, in one write each.
     assert await desired(client, "R-0") == ({"mode": "eco", "fw": "2.0"}, 2)

@@ -20,7 +20,7 @@ from pulse.device.v1 import rollouts_pb2, rollouts_pb2_grpc
 from ._devices import JsonValue
 from ._groups import FilterLike, device_filter
 from ._pages import AsyncPager, Pager
-from ._rpc import AsyncRpc, Rpc
+from ._rpc import AsyncRpc, AsyncStream, Rpc, Stream
 
 __all__ = ["AsyncRollouts", "Rollouts"]
 
@@ -248,6 +248,19 @@ class AsyncRollouts:
         request = rollouts_pb2.CancelRolloutRequest(rollout_id=rollout_id)
         return await self._rpc.unary(self._stub.CancelRollout, request)
 
+    def watch(
+        self, rollout_id: str, *, resume_cursor: str = ""
+    ) -> AsyncStream[rollouts_pb2.WatchRolloutResponse]:
+        """The rollout's progress: the rollout (state, counts) first and after
+        every change, and each device whose state changed. It ends once the
+        rollout has ended and no device waits for an outcome. Every message
+        carries a ``cursor``; pass the last one as ``resume_cursor`` to
+        continue after it."""
+        request = rollouts_pb2.WatchRolloutRequest(
+            rollout_id=rollout_id, resume_cursor=resume_cursor
+        )
+        return self._rpc.stream(self._stub.WatchRollout, request)
+
 
 class Rollouts:
     """Blocking twin of :class:`AsyncRollouts` (``PulseClient.rollouts``)."""
@@ -341,3 +354,12 @@ class Rollouts:
         """Ends a running or paused rollout for good; see :meth:`AsyncRollouts.cancel`."""
         request = rollouts_pb2.CancelRolloutRequest(rollout_id=rollout_id)
         return self._rpc.unary(self._stub.CancelRollout, request)
+
+    def watch(
+        self, rollout_id: str, *, resume_cursor: str = ""
+    ) -> Stream[rollouts_pb2.WatchRolloutResponse]:
+        """Blocking :meth:`AsyncRollouts.watch`."""
+        request = rollouts_pb2.WatchRolloutRequest(
+            rollout_id=rollout_id, resume_cursor=resume_cursor
+        )
+        return self._rpc.stream(self._stub.WatchRollout, request)

@@ -77,6 +77,11 @@ class RolloutServiceStub:
                 request_serializer=pulse_dot_device_dot_v1_dot_rollouts__pb2.CancelRolloutRequest.SerializeToString,
                 response_deserializer=pulse_dot_device_dot_v1_dot_rollouts__pb2.Rollout.FromString,
                 _registered_method=True)
+        self.WatchRollout = channel.unary_stream(
+                '/pulse.device.v1.RolloutService/WatchRollout',
+                request_serializer=pulse_dot_device_dot_v1_dot_rollouts__pb2.WatchRolloutRequest.SerializeToString,
+                response_deserializer=pulse_dot_device_dot_v1_dot_rollouts__pb2.WatchRolloutResponse.FromString,
+                _registered_method=True)
 
 
 class RolloutServiceServicer:
@@ -145,6 +150,20 @@ class RolloutServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRollout(self, request, context):
+        """WatchRollout streams a rollout's progress: the rollout itself (state and
+        counts) first and after every change, and each device whose state
+        changed, in the order the changes committed. A device that changed
+        twice since the stream last saw it is sent once, in its latest state.
+        Every message carries a cursor; resume_cursor resumes after it, missing
+        and repeating nothing. The stream ends once the rollout has ended and
+        none of its devices waits for an outcome. Over HTTP it is server-sent
+        events, the SSE id being the cursor (Last-Event-ID resumes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RolloutServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -182,6 +201,11 @@ def add_RolloutServiceServicer_to_server(servicer, server):
                     servicer.CancelRollout,
                     request_deserializer=pulse_dot_device_dot_v1_dot_rollouts__pb2.CancelRolloutRequest.FromString,
                     response_serializer=pulse_dot_device_dot_v1_dot_rollouts__pb2.Rollout.SerializeToString,
+            ),
+            'WatchRollout': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRollout,
+                    request_deserializer=pulse_dot_device_dot_v1_dot_rollouts__pb2.WatchRolloutRequest.FromString,
+                    response_serializer=pulse_dot_device_dot_v1_dot_rollouts__pb2.WatchRolloutResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -381,6 +405,33 @@ class RolloutService:
             '/pulse.device.v1.RolloutService/CancelRollout',
             pulse_dot_device_dot_v1_dot_rollouts__pb2.CancelRolloutRequest.SerializeToString,
             pulse_dot_device_dot_v1_dot_rollouts__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pulse.device.v1.RolloutService/WatchRollout',
+            pulse_dot_device_dot_v1_dot_rollouts__pb2.WatchRolloutRequest.SerializeToString,
+            pulse_dot_device_dot_v1_dot_rollouts__pb2.WatchRolloutResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -65,6 +65,16 @@ class RolloutServiceStub:
     started any more (those still PENDING stay so), devices already written
     keep their desired state and are followed to their outcome.
     """
+    WatchRollout: _grpc.UnaryStreamMultiCallable[_rollouts_pb2.WatchRolloutRequest, _rollouts_pb2.WatchRolloutResponse]
+    """WatchRollout streams a rollout's progress: the rollout itself (state and
+    counts) first and after every change, and each device whose state
+    changed, in the order the changes committed. A device that changed
+    twice since the stream last saw it is sent once, in its latest state.
+    Every message carries a cursor; resume_cursor resumes after it, missing
+    and repeating nothing. The stream ends once the rollout has ended and
+    none of its devices waits for an outcome. Over HTTP it is server-sent
+    events, the SSE id being the cursor (Last-Event-ID resumes).
+    """
 
 @_typing.type_check_only
 class RolloutServiceAsyncStub(RolloutServiceStub):
@@ -102,6 +112,16 @@ class RolloutServiceAsyncStub(RolloutServiceStub):
     """CancelRollout ends a running or paused rollout for good: no device is
     started any more (those still PENDING stay so), devices already written
     keep their desired state and are followed to their outcome.
+    """
+    WatchRollout: _aio.UnaryStreamMultiCallable[_rollouts_pb2.WatchRolloutRequest, _rollouts_pb2.WatchRolloutResponse]  # type: ignore[assignment]
+    """WatchRollout streams a rollout's progress: the rollout itself (state and
+    counts) first and after every change, and each device whose state
+    changed, in the order the changes committed. A device that changed
+    twice since the stream last saw it is sent once, in its latest state.
+    Every message carries a cursor; resume_cursor resumes after it, missing
+    and repeating nothing. The stream ends once the rollout has ended and
+    none of its devices waits for an outcome. Over HTTP it is server-sent
+    events, the SSE id being the cursor (Last-Event-ID resumes).
     """
 
 class RolloutServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -179,6 +199,22 @@ class RolloutServiceServicer(metaclass=_abc_1.ABCMeta):
         """CancelRollout ends a running or paused rollout for good: no device is
         started any more (those still PENDING stay so), devices already written
         keep their desired state and are followed to their outcome.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchRollout(
+        self,
+        request: _rollouts_pb2.WatchRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_rollouts_pb2.WatchRolloutResponse], _abc.AsyncIterator[_rollouts_pb2.WatchRolloutResponse]]:
+        """WatchRollout streams a rollout's progress: the rollout itself (state and
+        counts) first and after every change, and each device whose state
+        changed, in the order the changes committed. A device that changed
+        twice since the stream last saw it is sent once, in its latest state.
+        Every message carries a cursor; resume_cursor resumes after it, missing
+        and repeating nothing. The stream ends once the rollout has ended and
+        none of its devices waits for an outcome. Over HTTP it is server-sent
+        events, the SSE id being the cursor (Last-Event-ID resumes).
         """
 
 def add_RolloutServiceServicer_to_server(servicer: RolloutServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
