@@ -166,7 +166,9 @@ class _Tick:
         return self.state != self.rollout.state or bool(self.moved)
 
     async def run(self) -> None:
-        await self._judge()
+        judged_at = self.rollout.judged_at
+        if self.now >= judged_at + self.tuning.check_interval and await self._judge():
+            judged_at = self.now
         counts = await store.counts(self.con, self.tenant_id, self.rollout.rollout_id)
         if self.state == rules.RUNNING:
             await self._abort_if(counts)
@@ -186,9 +188,12 @@ class _Tick:
             counted=self.counted,
             next_check_at=self.next_check,
             next_enrol_at=self.next_enrol,
+            judged_at=judged_at,
         )
 
-    async def _judge(self) -> None:
+    async def _judge(self) -> bool:
+        """Give the written devices whose twin changed their outcome;
+        whether all of them were looked at (else the next tick goes on)."""
         r = self.rollout
         path = filters.split_twin_path(r.failure_path) if r.failure_path else ()
         batch = await store.applied_to_judge(
@@ -224,6 +229,8 @@ class _Tick:
         self.moved += len(outcomes)
         if len(batch) == self.tuning.judge_batch:
             self._check_by(self.now)
+            return False
+        return True
 
     async def _abort_if(self, counts: rules.Counts) -> None:
         r = self.rollout

@@ -67,6 +67,7 @@ class RolloutRecord:
     rate_since: datetime
     started_since: int
     next_enrol_at: datetime
+    judged_at: datetime
     counts: rules.Counts = field(default_factory=rules.Counts)
 
 
@@ -75,7 +76,7 @@ _COLUMNS = """
     rollout_id, description, target_group_id, target_filter, patch, max_per_minute,
     canary_count, device_timeout, abort_threshold_percent, abort_min_count, failure_path,
     continuous, state, state_reason, created_by, created_at, updated_at, ended_at,
-    rate_since, started_since, next_enrol_at,
+    rate_since, started_since, next_enrol_at, judged_at,
     pending, applied, succeeded, failed, timed_out, skipped, superseded
 """
 
@@ -635,12 +636,13 @@ async def save_progress(
     counted: int,
     next_check_at: datetime,
     next_enrol_at: datetime,
+    judged_at: datetime,
 ) -> None:
     await con.execute(
         """
         UPDATE rollouts
         SET state = $3, state_reason = $4, started_since = started_since + $5,
-            next_check_at = $6, next_enrol_at = $7,
+            next_check_at = $6, next_enrol_at = $7, judged_at = $8,
             updated_at = CASE WHEN state <> $3 OR $5 > 0 THEN now() ELSE updated_at END,
             ended_at = CASE WHEN state <> $3 AND $3 IN ('SUCCEEDED', 'ABORTED', 'CANCELLED')
                             THEN now() ELSE ended_at END
@@ -653,6 +655,7 @@ async def save_progress(
         counted,
         next_check_at,
         next_enrol_at,
+        judged_at,
     )
 
 
