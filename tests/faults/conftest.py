@@ -409,10 +409,20 @@ def _evaluator_env(overrides: dict[str, str]) -> dict[str, str]:
 
 
 @pytest.fixture
-async def evaluators(dsn: str, tmp_path: Path) -> AsyncIterator[EvaluatorFactory]:
+async def evaluators(dsn: str, db: Database, tmp_path: Path) -> AsyncIterator[EvaluatorFactory]:
     """`evaluators(mqtt_url, client_id, shared_group=None, inflight=None)`:
     an evaluator process, not started yet. All are killed after the test and
-    their logs printed (shown by pytest when the test failed)."""
+    their logs printed (shown by pytest when the test failed).
+
+    Work that earlier tests left in the shared database is dropped first:
+    desired writes waiting to be published, and rollouts still starting
+    devices, which these evaluators would otherwise take up."""
+    async with db.admin() as con:
+        await con.execute("DELETE FROM twin_outbox")
+        await con.execute(
+            "UPDATE rollouts SET state = 'CANCELLED', ended_at = now() "
+            "WHERE state IN ('RUNNING', 'PAUSED')"
+        )
     made: list[EvaluatorProcess] = []
     data = tmp_path / "pulse-data"
     data.mkdir()

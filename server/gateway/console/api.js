@@ -18,6 +18,11 @@ export class ApiError extends Error {
     this.reason = (error.details || []).find((d) => d.reason)?.reason || "";
     this.metadata = (error.details || []).find((d) => d.reason)?.metadata || {};
     this.details = error.details || [];
+    // A BadRequest detail's field violations: [{field, description}], the
+    // field named by its request path (e.g. "rollout.strategy.canary_count").
+    this.violations = this.details
+      .filter((d) => String(d["@type"] || "").endsWith("google.rpc.BadRequest"))
+      .flatMap((d) => d.field_violations || []);
   }
 }
 

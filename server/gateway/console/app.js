@@ -1,6 +1,6 @@
 // The operator console: devices, device detail (twin, diff, connectivity,
-// credentials) and device groups with a live filter builder. Plain modules, no
-// build step.
+// credentials), device groups with a live filter builder, and rollouts (started
+// from a group's page, listed, followed live). Plain modules, no build step.
 
 import { ApiError, call, setToken, stream, token } from "./api.js";
 
@@ -618,12 +618,484 @@ async function groupView(groupId) {
   }
   more.addEventListener("click", () => load(false));
   const group = (await call("GET", `/customer/device-groups/${groupId}`).catch(fail))?.data;
+  const rollouts = groupRollouts(groupId);
   render(h("h1", {}, group ? group.name : groupId), h("p", {}, total),
     group?.query_filter ? h("pre", {}, jsonText(group.query_filter)) : null,
     h("table", { "aria-label": "Members" },
       h("thead", {}, h("tr", {}, ["Device", "Name", "Status", "Site"].map((t) => h("th", { scope: "col" }, t)))), body),
-    h("div", { class: "pager" }, more));
+    h("div", { class: "pager" }, more),
+    h("h2", {}, "Rollouts"), rollouts.node,
+    h("h2", {}, "New rollout"), rolloutForm(groupId, group));
   load(true);
+  rollouts.load(true);
+}
+
+// ---- rollouts ---------------------------------------------------------------
+
+const LIVE_ROLLOUT_STATES = ["RUNNING", "PAUSED"];
+// A rollout's counts as the progress bar shows them, left to right: outcomes,
+// then devices written and waiting for one, then those not started.
+const ROLLOUT_COUNTS = [
+  ["succeeded", "SUCCEEDED", "Succeeded"], ["failed", "FAILED", "Failed"], ["timed_out", "TIMED_OUT", "Timed out"],
+  ["superseded", "SUPERSEDED", "Superseded"], ["skipped", "SKIPPED", "Skipped"],
+  ["applied", "APPLIED", "Applied, waiting"], ["pending", "PENDING", "Pending"],
+];
+const ROLLOUT_DEVICE_STATES = ["PENDING", "APPLIED", "SUCCEEDED", "FAILED", "TIMED_OUT", "SKIPPED", "SUPERSEDED"];
+const ROLLOUT_POLL_MS = 2000;
+
+function rolloutHref(rolloutId) {
+  return `#/rollouts/${encodeURIComponent(rolloutId)}`;
+}
+
+// Counts are int64: proto3 JSON may spell them as strings.
+function countOf(counts, key) {
+  return Number(counts?.[key] ?? 0) || 0;
+}
+
+function countsTotal(counts) {
+  return ROLLOUT_COUNTS.reduce((sum, [key]) => sum + countOf(counts, key), 0);
+}
+
+function countsKey(counts) {
+  return ROLLOUT_COUNTS.map(([key]) => countOf(counts, key)).join();
+}
+
+function countsSummary(counts) {
+  const total = countsTotal(counts);
+  if (!total) return "no devices";
+  const parts = ROLLOUT_COUNTS.filter(([key]) => countOf(counts, key))
+    .map(([key, , label]) => `${countOf(counts, key)} ${label.split(",")[0].toLowerCase()}`);
+  return `${parts.join(", ")} (of ${total})`;
+}
+
+function progressBar(counts, { mini = false } = {}) {
+  const total = countsTotal(counts);
+  return h("div", { class: mini ? "progress mini" : "progress", role: "img", "aria-label": `Progress: ${countsSummary(counts)}` },
+    ROLLOUT_COUNTS.filter(([key]) => countOf(counts, key)).map(([key, state, label]) => h("span", {
+      class: `seg ${state}`, "data-state": state, title: `${label}: ${countOf(counts, key)}`,
+      style: `width: ${((100 * countOf(counts, key)) / total).toFixed(3)}%`,
+    })));
+}
+
+// A filter without the fields left at their defaults, for display.
+function filterShown(filter) {
+  return Object.fromEntries(Object.entries(filter || {}).filter(([, value]) =>
+    value !== "" && value !== false && value !== null && value !== "CONNECTIVITY_STATUS_UNSPECIFIED" &&
+    !(Array.isArray(value) && !value.length) &&
+    !(typeof value === "object" && !Array.isArray(value) && !Object.keys(value).length)));
+}
+
+function rolloutTarget(r, groupNames = {}) {
+  if (r.target_group_id) {
+    return h("a", { href: `#/groups/${encodeURIComponent(r.target_group_id)}` },
+      groupNames[r.target_group_id] || r.target_group_id);
+  }
+  const shown = filterShown(r.target_filter);
+  const text = Object.keys(shown).length ? JSON.stringify(shown) : "every active device";
+  return h("span", { title: text }, `filter: ${text}`);
+}
+
+function rolloutRow(r, { groupNames = {}, target = true } = {}) {
+  return h("tr", { "data-rollout-id": r.rollout_id },
+    h("td", { title: r.rollout_id }, h("a", { href: rolloutHref(r.rollout_id) }, r.description || r.rollout_id)),
+    h("td", { title: r.state_reason || "" }, badge(r.state)),
+    target ? h("td", {}, rolloutTarget(r, groupNames)) : null,
+    h("td", { class: "count", title: countsSummary(r.counts) }, progressBar(r.counts, { mini: true }), countsSummary(r.counts)),
+    h("td", {}, when(r.create_time)));
+}
+
+function rolloutsHead(target) {
+  return h("thead", {}, h("tr", {},
+    ["Rollout", "State", target ? "Target" : null, "Devices", "Created"].filter(Boolean).map((t) => h("th", { scope: "col" }, t))));
+}
+
+async function groupNamesById() {
+  try {
+    const { data } = await call("GET", "/customer/device-groups", { query: { page_size: 100 } });
+    return Object.fromEntries((data.groups || []).map((g) => [g.group_id, g.name]));
+  } catch { return {}; } // names are a nicety: ids are shown instead
+}
+
+function groupRollouts(groupId) {
+  const body = h("tbody", { id: "group-rollouts" });
+  const more = h("button", { type: "button", disabled: true }, "More rollouts");
+  let pageToken = "";
+  async function load(first) {
+    try {
+      if (first) pageToken = "";
+      const { data } = await call("GET", "/customer/rollouts",
+        { query: { target_group_id: groupId, page_size: 10, page_token: pageToken } });
+      const rollouts = data.rollouts || [];
+      if (first) body.replaceChildren();
+      body.append(...rollouts.map((r) => rolloutRow(r, { target: false })));
+      if (first && !rollouts.length) body.append(h("tr", {}, h("td", { colspan: 4, class: "muted" }, "No rollouts to this group yet.")));
+      pageToken = data.next_page_token;
+      more.disabled = !pageToken;
+    } catch (e) { fail(e); }
+  }
+  more.addEventListener("click", () => load(false));
+  const node = h("div", {},
+    h("table", { "aria-label": "Rollouts of this group", class: "rollouts" }, rolloutsHead(false), body),
+    h("div", { class: "pager" }, more));
+  return { node, load };
+}
+
+// The new-rollout form of a group's page. Problems found here and the
+// server's field violations are both shown beside their fields.
+function rolloutForm(groupId, group) {
+  const input = (id, attrs = {}) => h("input", { id, ...attrs });
+  const patch = h("textarea", { id: "r-patch", spellcheck: "false", class: "short",
+    placeholder: '{"firmware": {"version": "2.4"}}' });
+  const rate = input("r-rate", { type: "number", min: 0, step: 1, value: 50 });
+  const canaries = input("r-canaries", { type: "number", min: 0, step: 1, value: 5 });
+  const timeout = input("r-timeout", { type: "number", min: 1, step: 1, value: 900 });
+  const abortPercent = input("r-abort-percent", { type: "number", min: 0, max: 100, step: "any", placeholder: "never abort" });
+  const abortMin = input("r-abort-min", { type: "number", min: 0, step: 1, value: 10 });
+  const failurePath = input("r-failure-path", { placeholder: "firmware.error" });
+  const continuous = input("r-continuous", { type: "checkbox" });
+  const description = input("r-description", { placeholder: "Firmware 2.4" });
+  const others = h("ul", { id: "r-errors", class: "field-error", hidden: true });
+  const submit = h("button", { type: "submit", class: "primary" }, "Start rollout");
+
+  // Request field (below `rollout.`) -> its input, label and error line.
+  const fields = {};
+  function field(name, label, control, help = "") {
+    const error = h("p", { id: `${control.id}-error`, class: "field-error", hidden: true });
+    const helpLine = help ? h("p", { id: `${control.id}-help`, class: "muted hint" }, help) : null;
+    control.setAttribute("aria-describedby", [helpLine && helpLine.id, error.id].filter(Boolean).join(" "));
+    fields[name] = { control, error };
+    if (control.type === "checkbox") {
+      return h("div", { class: "field" }, h("label", { class: "check" }, control, ` ${label}`), helpLine, error);
+    }
+    return h("div", { class: "field" }, h("label", { for: control.id }, label), control, helpLine, error);
+  }
+
+  function clearErrors() {
+    for (const { control, error } of Object.values(fields)) {
+      control.removeAttribute("aria-invalid");
+      error.hidden = true;
+      error.textContent = "";
+    }
+    others.hidden = true;
+    others.replaceChildren();
+  }
+
+  // violations: [{field, description}], field a request path below `rollout.`;
+  // a violation of a nested path (patch.a.b) belongs to its field (patch).
+  function showErrors(violations) {
+    let first = null;
+    for (const v of violations) {
+      const name = Object.keys(fields).find((f) => v.field === f || v.field.startsWith(`${f}.`));
+      if (!name) {
+        others.append(h("li", {}, `${v.field}: ${v.description}`));
+        others.hidden = false;
+        continue;
+      }
+      const { control, error } = fields[name];
+      control.setAttribute("aria-invalid", "true");
+      error.textContent = error.textContent ? `${error.textContent}; ${v.description}` : v.description;
+      error.hidden = false;
+      first = first || control;
+    }
+    first?.focus();
+  }
+
+  // The Rollout to send, or the problems that keep it from being sent.
+  function build() {
+    const problems = [];
+    const rollout = { target_group_id: groupId, strategy: {}, continuous: continuous.checked };
+    let parsed;
+    try {
+      parsed = JSON.parse(patch.value);
+    } catch (e) {
+      problems.push({ field: "patch", description: `is not valid JSON: ${e.message}` });
+    }
+    if (parsed !== undefined) {
+      if (parsed === null || typeof parsed !== "object" || Array.isArray(parsed)) {
+        problems.push({ field: "patch", description: 'must be a JSON object, such as {"firmware": {"version": "2.4"}}' });
+      } else if (!Object.keys(parsed).length) {
+        problems.push({ field: "patch", description: "is empty: set at least one key (null removes a key)" });
+      } else {
+        rollout.patch = parsed;
+      }
+    }
+    function number(name, control, { whole = true } = {}) {
+      if (control.validity.badInput) { problems.push({ field: name, description: "is not a number" }); return undefined; }
+      const text = control.value.trim();
+      if (text === "") return undefined;
+      const value = Number(text);
+      if (whole && !Number.isInteger(value)) { problems.push({ field: name, description: "must be a whole number" }); return undefined; }
+      return value;
+    }
+    const perMinute = number("strategy.max_per_minute", rate);
+    if (perMinute !== undefined) rollout.strategy.max_per_minute = perMinute;
+    const canaryCount = number("strategy.canary_count", canaries);
+    if (canaryCount !== undefined) rollout.strategy.canary_count = canaryCount;
+    const seconds = number("strategy.device_timeout", timeout);
+    if (seconds !== undefined) rollout.strategy.device_timeout = `${seconds}s`;
+    const percent = number("abort_threshold_percent", abortPercent, { whole: false });
+    if (percent !== undefined) rollout.abort_threshold_percent = percent;
+    const minCount = number("abort_min_count", abortMin);
+    if (minCount !== undefined) rollout.abort_min_count = minCount;
+    if (failurePath.value.trim()) rollout.failure_path = failurePath.value.trim();
+    if (description.value.trim()) rollout.description = description.value.trim();
+    return { rollout, problems };
+  }
+
+  const members = group ? Number(group.member_count ?? 0) : null;
+  const targets = h("p", { id: "rollout-targets" }, "Targets ",
+    h("strong", { class: "count" }, members ?? "—"), members === 1 ? " device" : " devices");
+  const later = h("span", { class: "muted" });
+  targets.append(later);
+  continuous.addEventListener("change", () => {
+    later.textContent = continuous.checked ? " now, and every device that joins the group later" : "";
+  });
+
+  const form = h("form", { class: "panel rollout-form", "aria-label": "New rollout", novalidate: true },
+    field("description", "Description", description),
+    field("patch", "Patch (a JSON merge patch of the desired state)", patch,
+      "Keys set here are merged into each device's desired state; null removes a key."),
+    h("fieldset", {}, h("legend", {}, "Strategy"),
+      h("div", { class: "form-grid" },
+        field("strategy.max_per_minute", "Max devices per minute", rate, "0: as fast as possible"),
+        field("strategy.canary_count", "Canary devices", canaries, "Started first; the rest wait until all succeed"),
+        field("strategy.device_timeout", "Device timeout (seconds)", timeout, "From the write to reporting the patch"))),
+    h("fieldset", {}, h("legend", {}, "Abort rule"),
+      h("div", { class: "form-grid" },
+        field("abort_threshold_percent", "Abort above % failed or timed out", abortPercent, "Empty: never abort"),
+        field("abort_min_count", "Minimum outcomes before aborting", abortMin),
+        field("failure_path", "Failure path (reported)", failurePath, "A non-null value there marks the device failed"))),
+    field("continuous", "Continuous: also devices that join the group later", continuous),
+    targets, others, h("div", { class: "pager" }, submit));
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    clearErrors();
+    const { rollout, problems } = build();
+    if (problems.length) {
+      say("Not started: see the fields marked below.");
+      showErrors(problems);
+      return;
+    }
+    submit.disabled = true;
+    try {
+      const { data } = await call("POST", "/customer/rollouts", { body: rollout });
+      location.hash = rolloutHref(data.rollout_id);
+    } catch (e) {
+      fail(e);
+      if (e instanceof ApiError) {
+        showErrors(e.violations.map((v) => ({ field: v.field.replace(/^rollout\./, ""), description: v.description })));
+      }
+    } finally {
+      submit.disabled = false;
+    }
+  });
+  return form;
+}
+
+async function rolloutsView() {
+  const body = h("tbody", { id: "rollouts" });
+  const info = h("span", { class: "muted" });
+  const prev = h("button", { type: "button", disabled: true }, "Previous");
+  const next = h("button", { type: "button", disabled: true }, "Next");
+  const tokens = [""];
+  let page = 0;
+  let groupNames = {};
+
+  async function load() {
+    try {
+      const { data } = await call("GET", "/customer/rollouts", { query: { page_size: 25, page_token: tokens[page] } });
+      const rollouts = data.rollouts || [];
+      body.replaceChildren(...rollouts.map((r) => rolloutRow(r, { groupNames })));
+      if (!rollouts.length && page === 0) {
+        body.append(h("tr", {}, h("td", { colspan: 5, class: "muted" }, "No rollouts yet: start one from a device group's page.")));
+      }
+      tokens[page + 1] = data.next_page_token;
+      prev.disabled = page === 0;
+      next.disabled = !data.next_page_token;
+      info.textContent = `page ${page + 1}`;
+    } catch (e) { fail(e); }
+  }
+  prev.addEventListener("click", () => { page -= 1; load(); });
+  next.addEventListener("click", () => { page += 1; load(); });
+
+  render(
+    h("h1", {}, "Rollouts"),
+    h("p", { class: "muted" }, "Newest first. A rollout is started from a device group's page."),
+    h("table", { "aria-label": "Rollouts", class: "rollouts" }, rolloutsHead(true), body),
+    h("div", { class: "pager" }, prev, next, info));
+  groupNames = await groupNamesById();
+  await load();
+}
+
+function strategyText(s = {}) {
+  const rate = Number(s.max_per_minute || 0);
+  const canaries = Number(s.canary_count || 0);
+  return [
+    rate ? `at most ${rate} device(s) a minute` : "no rate limit",
+    canaries ? `${canaries} canary device(s) first` : "no canaries",
+    `device timeout ${s.device_timeout || "900s (default)"}`,
+  ].join("; ");
+}
+
+function abortText(r) {
+  if (r.abort_threshold_percent === undefined || r.abort_threshold_percent === null) return "never aborts";
+  return `above ${r.abort_threshold_percent}% failed or timed out, from ${Math.max(Number(r.abort_min_count || 0), 1)} outcome(s) on`;
+}
+
+async function rolloutView(rolloutId) {
+  const getRollout = () => call("GET", `/customer/rollouts/${encodeURIComponent(rolloutId)}`);
+  let left = false;
+  let timer = 0;
+  let current = null;
+  // Set before the first await, so leaving while it loads stops it too.
+  cleanup = () => { left = true; clearTimeout(timer); };
+
+  let rollout;
+  try {
+    rollout = (await getRollout()).data;
+  } catch (e) {
+    if (!left) { fail(e); render(h("h1", {}, `Rollout ${rolloutId}`)); }
+    return;
+  }
+  if (left) return;
+  const groupNames = {};
+  if (rollout.target_group_id) {
+    const group = (await call("GET", `/customer/device-groups/${encodeURIComponent(rollout.target_group_id)}`)
+      .catch(() => null))?.data;
+    if (group) groupNames[group.group_id] = group.name;
+    if (left) return;
+  }
+
+  const state = h("p", { id: "rollout-state" });
+  const facts = h("dl", { class: "kv" });
+  const bar = h("div", { id: "rollout-progress" });
+  const legend = h("ul", { class: "legend", "aria-label": "Counts" });
+  const pause = h("button", { type: "button", hidden: true }, "Pause");
+  const resume = h("button", { type: "button", class: "primary", hidden: true }, "Resume");
+  const cancel = h("button", { type: "button", hidden: true }, "Cancel rollout");
+
+  function update(r) {
+    current = r;
+    state.replaceChildren(badge(r.state), r.state_reason ? ` ${r.state_reason}` : "");
+    pause.hidden = r.state !== "RUNNING";
+    resume.hidden = r.state !== "PAUSED";
+    cancel.hidden = !LIVE_ROLLOUT_STATES.includes(r.state);
+    bar.replaceChildren(progressBar(r.counts));
+    legend.replaceChildren(...ROLLOUT_COUNTS.map(([key, st, label]) => h("li", {},
+      h("span", { class: `swatch ${st}` }), `${label} `, h("strong", { id: `count-${key}`, class: "count" }, countOf(r.counts, key)))));
+    facts.replaceChildren(
+      h("dt", {}, "Target"), h("dd", {}, rolloutTarget(r, groupNames)),
+      h("dt", {}, "Patch"), h("dd", {}, h("pre", { id: "rollout-patch" }, jsonText(r.patch))),
+      h("dt", {}, "Strategy"), h("dd", {}, strategyText(r.strategy)),
+      h("dt", {}, "Abort rule"), h("dd", {}, abortText(r)),
+      h("dt", {}, "Failure path"), h("dd", {}, r.failure_path || "—"),
+      h("dt", {}, "Continuous"), h("dd", {}, r.continuous ? "yes: also devices that join the target later" : "no"),
+      h("dt", {}, "Created"), h("dd", {}, when(r.create_time), r.created_by ? ` by ${r.created_by}` : ""),
+      h("dt", {}, "Updated"), h("dd", {}, when(r.update_time)),
+      h("dt", {}, "Ended"), h("dd", {}, r.end_time ? when(r.end_time) : "—"));
+  }
+
+  // Polled while it is running or paused, or devices still wait for an outcome.
+  function schedule() {
+    clearTimeout(timer);
+    if (left || !current) return;
+    if (!LIVE_ROLLOUT_STATES.includes(current.state) && countOf(current.counts, "applied") === 0) return;
+    timer = setTimeout(poll, ROLLOUT_POLL_MS);
+  }
+  async function poll() {
+    if (left) return;
+    try {
+      const { data } = await getRollout();
+      if (left) return;
+      const changed = countsKey(data.counts) !== countsKey(current?.counts);
+      update(data);
+      if (changed) await loadDevices();
+    } catch (e) {
+      if (left) return;
+      fail(e);
+      if (e instanceof ApiError && e.status < 500 && e.status !== 429) return; // it will not get better by itself
+    }
+    schedule();
+  }
+
+  async function act(done, send) {
+    try {
+      const { data } = await send();
+      if (left) return;
+      update(data);
+      say(done);
+      schedule();
+    } catch (e) { fail(e); }
+  }
+  pause.addEventListener("click", () => act("Rollout paused: no device is started until it is resumed.",
+    () => call("POST", `/customer/rollouts/${encodeURIComponent(rolloutId)}:pause`, { body: {} })));
+  resume.addEventListener("click", () => act("Rollout resumed.",
+    () => call("POST", `/customer/rollouts/${encodeURIComponent(rolloutId)}:resume`, { body: {} })));
+  cancel.addEventListener("click", () => {
+    if (!confirm(`Cancel rollout ${rollout.description || rolloutId}? No device is started any more; ` +
+      "devices already written keep their desired state. A cancelled rollout cannot be resumed.")) return;
+    act("Rollout cancelled.",
+      () => call("POST", `/customer/rollouts/${encodeURIComponent(rolloutId)}:cancel`, { body: {} }));
+  });
+
+  // Devices, in device_id order, a page at a time (keyset: next_page_token).
+  const devices = h("tbody", { id: "rollout-devices" });
+  const prev = h("button", { type: "button", disabled: true }, "Previous");
+  const next = h("button", { type: "button", disabled: true }, "Next");
+  const info = h("span", { class: "muted" });
+  const stateBoxes = ROLLOUT_DEVICE_STATES.map((s) => h("label", {},
+    h("input", { type: "checkbox", value: s, "aria-label": `Device state ${s}` }), ` ${s} `));
+  const tokens = [""];
+  let page = 0;
+  let loads = 0;
+  async function loadDevices() {
+    const mine = ++loads;
+    const states = stateBoxes.map((l) => l.querySelector("input")).filter((i) => i.checked).map((i) => i.value);
+    try {
+      const { data } = await call("GET", `/customer/rollouts/${encodeURIComponent(rolloutId)}/devices`,
+        { query: { page_size: 20, page_token: tokens[page], states } });
+      if (left || mine !== loads) return; // a newer load (or another view) took over
+      const rows = data.devices || [];
+      devices.replaceChildren(...rows.map((d) => h("tr", { "data-device-id": d.device_id },
+        h("td", {}, h("a", { href: `#/devices/${encodeURIComponent(d.device_id)}` }, d.device_id)),
+        h("td", {}, badge(d.state), d.canary ? h("span", { class: "muted" }, " canary") : null),
+        h("td", { class: "count" }, Number(d.desired_version || 0) || "—"),
+        h("td", { title: d.detail || "" }, d.detail || "—"),
+        h("td", {}, d.apply_time ? when(d.apply_time) : "—"),
+        h("td", {}, d.end_time ? when(d.end_time) : "—"))));
+      if (!rows.length) {
+        devices.append(h("tr", {}, h("td", { colspan: 6, class: "muted" }, states.length ? "No devices in these states." : "No devices.")));
+      }
+      tokens[page + 1] = data.next_page_token;
+      prev.disabled = page === 0;
+      next.disabled = !data.next_page_token;
+      info.textContent = `page ${page + 1}`;
+    } catch (e) { if (!left) fail(e); }
+  }
+  for (const box of stateBoxes) {
+    box.querySelector("input").addEventListener("change", () => { tokens.length = 1; page = 0; loadDevices(); });
+  }
+  prev.addEventListener("click", () => { page -= 1; loadDevices(); });
+  next.addEventListener("click", () => { page += 1; loadDevices(); });
+
+  render(
+    h("h1", {}, rollout.description ? `Rollout: ${rollout.description}` : `Rollout ${rollout.rollout_id}`),
+    h("p", { class: "muted" }, h("code", {}, rollout.rollout_id)),
+    state,
+    h("div", { class: "toolbar" }, pause, resume, cancel),
+    h("section", { class: "panel", "aria-label": "Progress" }, bar, legend),
+    h("div", { class: "panel" }, facts),
+    h("h2", {}, "Devices"),
+    h("fieldset", { class: "toolbar states" }, h("legend", {}, "Only devices in these states (none: all)"), stateBoxes),
+    h("table", { "aria-label": "Rollout devices", class: "rollout-devices" },
+      h("thead", {}, h("tr", {}, ["Device", "State", "Desired version", "Detail", "Applied", "Ended"]
+        .map((t) => h("th", { scope: "col" }, t)))),
+      devices),
+    h("div", { class: "pager" }, prev, next, info));
+  update(rollout);
+  await loadDevices();
+  schedule();
 }
 
 // ---- routing ----------------------------------------------------------------
@@ -648,6 +1120,8 @@ function route() {
   if (parts[0] === "devices" && parts[1]) deviceView(parts[1]);
   else if (parts[0] === "groups" && parts[1]) groupView(parts[1]);
   else if (parts[0] === "groups") groupsView();
+  else if (parts[0] === "rollouts" && parts[1]) rolloutView(parts[1]);
+  else if (parts[0] === "rollouts") rolloutsView();
   else devicesView();
 }
 
