@@ -45,6 +45,7 @@ from server import mqtt_url, wire
 log = logging.getLogger("pulse.evaluator")
 
 _BACKOFF_MAX_S = 10.0
+_PUBLISHES_EXPECTED = 4096
 # CONNACK codes for "this protocol version is not supported": MQTT 3.1.1's
 # 1 and MQTT 5's 0x84.
 _UNSUPPORTED_PROTOCOL = frozenset({1, 0x84})
@@ -317,6 +318,10 @@ class Evaluator:
             keepalive=30,
             **options,
         )
+        # A publisher's batch (two topics per device with upstream
+        # compatibility) waits for its PUBACKs at once by design; aiomqtt's
+        # default warns, once per publish, from the eleventh on.
+        client.pending_calls_threshold = _PUBLISHES_EXPECTED
         paho = client._client
         if self._ack_after_commit:
             paho.manual_ack_set(True)

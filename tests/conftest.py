@@ -12,7 +12,7 @@ import os
 import secrets
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import asyncpg
 import pytest
 from pulse_client import AsyncPulseClient
 
+from bench.harness import seed_tenant
 from evaluator.service import mqtt_broker
 from server import config, migrate
 from server.app import RunningServer, start
@@ -140,6 +141,29 @@ def make_tenant(db: Database, settings: config.Settings) -> TenantFactory:
 async def tenant(make_tenant: TenantFactory) -> Tenant:
     """A new tenant for each test, so tests never see each other's rows."""
     return await make_tenant()
+
+
+FleetFactory = Callable[..., Awaitable[uuid.UUID]]
+
+
+@pytest.fixture
+async def seed_fleet_tenant(dsn: str, db: Database) -> AsyncIterator[FleetFactory]:
+    """`bench.harness.seed_tenant` for a test: a new tenant with thousands of
+    devices in one statement. They are deleted after the test, with their
+    rollouts and queued publications, so that what later tests do over
+    every tenant (a retained-state repair republishes every desired
+    document) stays small."""
+    tenants: list[uuid.UUID] = []
+
+    async def seed(device_ids: Sequence[str], **kwargs: Any) -> uuid.UUID:
+        tenant_id = await seed_tenant(dsn, device_ids, **kwargs)
+        tenants.append(tenant_id)
+        return tenant_id
+
+    yield seed
+    async with db.admin() as con:
+        for table in ("rollouts", "twin_outbox", "devices"):
+            await con.execute(f"DELETE FROM {table} WHERE tenant_id = ANY($1::uuid[])", tenants)
 
 
 ClientFactory = Callable[..., Awaitable[AsyncPulseClient]]

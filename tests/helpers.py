@@ -11,12 +11,22 @@ from collections.abc import Awaitable, Callable
 import aiomqtt
 import pytest
 
+from server.db import Database
 from server.mqtt_url import parse as parse_broker
 
 
 def unique_id(prefix: str) -> str:
     """An id no other test (or concurrent test session on a shared broker) uses."""
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+async def drop_rollouts(db: Database) -> None:
+    """Delete every tenant's rollouts. Rollout engines work for every
+    tenant, and a rollout keeps its engines busy after it ends while its
+    written devices wait for an outcome: a test that starts engines drops
+    what earlier tests left."""
+    async with db.admin() as con:
+        await con.execute("DELETE FROM rollouts")
 
 
 async def eventually(

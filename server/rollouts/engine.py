@@ -317,68 +317,66 @@ class _Tick:
     ) -> list[store.Start]:
         """Write the patch to those of `device_ids` still in the target, as
         PatchDesired does: merged into the locked desired document, written
-        on its version."""
+        on its version, all in one statement."""
         if not device_ids:
             return []
+        r = self.rollout
         members = await store.in_target(
             self.con, self.tenant_id, target, device_ids, stale_after=self.stale_after
         )
         locked = await twin_store.lock_desired_many(self.con, self.tenant_id, sorted(members))
-        starts: list[store.Start] = []
+        starts: dict[str, store.Start] = {}
+        writes: list[twin_store.DesiredWrite] = []
         for device_id in device_ids:
             current = locked.get(device_id)
             if device_id not in members:
-                starts.append(
-                    store.Start(device_id, rules.SKIPPED, canary, detail="left the target")
-                )
+                starts[device_id] = _skipped(device_id, canary, "left the target")
             elif current is None:
-                starts.append(
-                    store.Start(device_id, rules.SKIPPED, canary, detail="the device was deleted")
-                )
+                starts[device_id] = _skipped(device_id, canary, "the device was deleted")
             elif current.lifecycle != "ACTIVE":
-                starts.append(
-                    store.Start(
-                        device_id, rules.SKIPPED, canary, detail="the device was decommissioned"
-                    )
+                starts[device_id] = _skipped(device_id, canary, "the device was decommissioned")
+            elif rules.patch_holds(current.desired, r.patch):
+                # Nothing to write: the device is judged on the version it has.
+                starts[device_id] = store.Start(
+                    device_id,
+                    rules.APPLIED,
+                    canary,
+                    desired_version=current.desired_version,
+                    detail="the desired state already held the patch",
                 )
             else:
-                starts.append(await self._write_one(current, canary))
-        return starts
-
-    async def _write_one(self, current: twin_store.LockedDesired, canary: bool) -> store.Start:
-        r = self.rollout
-        if rules.patch_holds(current.desired, r.patch):
-            # Nothing to write: the device is judged on the version it has.
-            return store.Start(
-                current.device_id,
+                merged = apply_merge_patch(current.desired, r.patch)
+                assert isinstance(merged, dict)
+                try:
+                    documents.checked("desired", merged)
+                except InvalidArgument as e:
+                    starts[device_id] = store.Start(
+                        device_id, rules.FAILED, canary, detail=_violations(e.violations)
+                    )
+                else:
+                    writes.append(
+                        twin_store.DesiredWrite(device_id, merged, current.desired_version)
+                    )
+        written = await twin_store.write_desired_many(self.con, self.tenant_id, writes)
+        for w in writes:
+            record = written.get(w.device_id)
+            if record is None:
+                # Locked, so its version held: it was decommissioned meanwhile.
+                starts[w.device_id] = _skipped(w.device_id, canary, "the device was decommissioned")
+                continue
+            self.written.append((w.device_id, record.revision))
+            starts[w.device_id] = store.Start(
+                w.device_id,
                 rules.APPLIED,
                 canary,
-                desired_version=current.desired_version,
-                detail="the desired state already held the patch",
+                desired_version=record.desired_version,
+                revision=record.revision,
             )
-        merged = apply_merge_patch(current.desired, r.patch)
-        assert isinstance(merged, dict)
-        try:
-            documents.checked("desired", merged)
-        except InvalidArgument as e:
-            return store.Start(
-                current.device_id, rules.FAILED, canary, detail=_violations(e.violations)
-            )
-        record = await twin_store.write_desired(
-            self.con,
-            self.tenant_id,
-            current.device_id,
-            merged,
-            expected_version=current.desired_version,
-        )
-        self.written.append((current.device_id, record.revision))
-        return store.Start(
-            current.device_id,
-            rules.APPLIED,
-            canary,
-            desired_version=record.desired_version,
-            revision=record.revision,
-        )
+        return [starts[d] for d in device_ids]
+
+
+def _skipped(device_id: str, canary: bool, detail: str) -> store.Start:
+    return store.Start(device_id, rules.SKIPPED, canary, detail=detail)
 
 
 def _violations(violations: list[FieldViolation]) -> str:

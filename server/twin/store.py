@@ -137,32 +137,40 @@ def _decommissioned(device_id: str) -> FailedPrecondition:
     )
 
 
-async def write_desired(
-    con: Connection,
-    tenant_id: uuid.UUID,
-    device_id: str,
-    desired: dict[str, Any],
-    *,
-    expected_version: int | None,
-) -> TwinRecord:
-    """Replace the desired document if its version is still `expected_version`
-    (None: whatever it is), in one conditional UPDATE that also queues the
-    publication (the outbox row commits with it, or not at all).
+@dataclass(frozen=True, slots=True)
+class DesiredWrite:
+    device_id: str
+    desired: dict[str, Any]
+    #: None: whatever the version is.
+    expected_version: int | None
 
-    Raises NotFound, or FailedPrecondition (VERSION_MISMATCH with the current
-    version, DEVICE_DECOMMISSIONED).
+
+async def write_desired_many(
+    con: Connection, tenant_id: uuid.UUID, writes: Sequence[DesiredWrite]
+) -> dict[str, TwinRecord]:
+    """Replace each device's desired document if its version is still the
+    one expected, in one conditional UPDATE that also queues each
+    publication (the outbox rows commit with it, or not at all).
+
+    The twins written, by device id; a device left out was not written: it
+    does not exist, is decommissioned, or its version had moved on. A
+    rollout writes its batch in this one statement; the API's single
+    writes go through it too (`write_desired`).
     """
-    row = await con.fetchrow(
+    rows = await con.fetch(
         f"""
-        WITH s AS (
+        WITH w AS (
+            SELECT * FROM unnest($2::text[], $3::jsonb[], $4::bigint[])
+                AS w(device_id, desired, expected_version)
+        ), s AS (
             UPDATE device_state s
-            SET desired = $3,
+            SET desired = w.desired,
                 desired_version = s.desired_version + 1,
                 desired_updated_at = now(),
                 twin_revision = s.twin_revision + 1
-            FROM devices d
-            WHERE s.tenant_id = $1 AND s.device_id = $2
-              AND ($4::bigint IS NULL OR s.desired_version = $4::bigint)
+            FROM w, devices d
+            WHERE s.tenant_id = $1 AND s.device_id = w.device_id
+              AND (w.expected_version IS NULL OR s.desired_version = w.expected_version)
               AND d.tenant_id = s.tenant_id AND d.device_id = s.device_id
               AND d.lifecycle = 'ACTIVE'
             RETURNING s.*
@@ -173,12 +181,31 @@ async def write_desired(
         SELECT {_TWIN_COLUMNS} FROM s
         """,
         tenant_id,
-        device_id,
-        desired,
-        expected_version,
+        [w.device_id for w in writes],
+        [w.desired for w in writes],
+        [w.expected_version for w in writes],
     )
-    if row is not None:
-        return _twin(row)
+    return {r["device_id"]: _twin(r) for r in rows}
+
+
+async def write_desired(
+    con: Connection,
+    tenant_id: uuid.UUID,
+    device_id: str,
+    desired: dict[str, Any],
+    *,
+    expected_version: int | None,
+) -> TwinRecord:
+    """`write_desired_many` for one device.
+
+    Raises NotFound, or FailedPrecondition (VERSION_MISMATCH with the current
+    version, DEVICE_DECOMMISSIONED).
+    """
+    written = await write_desired_many(
+        con, tenant_id, [DesiredWrite(device_id, desired, expected_version)]
+    )
+    if device_id in written:
+        return written[device_id]
     # Only failures pay for this second read, in the same transaction, so the
     # version reported is the one that made the write fail (or a later one).
     found = await con.fetchrow(

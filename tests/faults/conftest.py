@@ -54,6 +54,7 @@ from bench.harness import seed_tenant
 from evaluator.retained_repair import MARKER_TOPIC
 from server import wire
 from server.db import Database
+from tests.helpers import drop_rollouts
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -415,14 +416,11 @@ async def evaluators(dsn: str, db: Database, tmp_path: Path) -> AsyncIterator[Ev
     their logs printed (shown by pytest when the test failed).
 
     Work that earlier tests left in the shared database is dropped first:
-    desired writes waiting to be published, and rollouts still starting
-    devices, which these evaluators would otherwise take up."""
+    desired writes waiting to be published, and rollouts, which these
+    evaluators would otherwise take up."""
     async with db.admin() as con:
         await con.execute("DELETE FROM twin_outbox")
-        await con.execute(
-            "UPDATE rollouts SET state = 'CANCELLED', ended_at = now() "
-            "WHERE state IN ('RUNNING', 'PAUSED')"
-        )
+    await drop_rollouts(db)
     made: list[EvaluatorProcess] = []
     data = tmp_path / "pulse-data"
     data.mkdir()

@@ -1,8 +1,8 @@
 """Fixtures for the rollout tests: rollout engines in this process (fast
 tunings), the twin evaluator and simulated devices acknowledging over MQTT.
 
-Every engine looks at every tenant's rollouts, as in production; tests only
-look at their own tenant's.
+Every engine works on every tenant's rollouts, as in production, so each
+test starts and ends with none in the database.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 
 from server.db import Database, create_pool
 from server.rollouts.engine import RolloutEngine, Tuning
+from tests.helpers import drop_rollouts
 from tests.twin.conftest import mqtt, retained_cleanup, start_evaluator  # noqa: F401
 
 FAST = Tuning(
@@ -57,13 +58,8 @@ async def engine(start_engine: EngineFactory) -> RolloutEngine:
 
 
 @pytest.fixture(autouse=True)
-async def end_rollouts(db: Database) -> AsyncIterator[None]:
-    """Rollouts a test leaves running are cancelled after it, so that the
-    engines of later tests (which work for every tenant) do not keep
-    working on them."""
+async def no_other_rollouts(db: Database) -> AsyncIterator[None]:
+    """Each test's engines see only that test's rollouts."""
+    await drop_rollouts(db)
     yield
-    async with db.admin() as con:
-        await con.execute(
-            "UPDATE rollouts SET state = 'CANCELLED', ended_at = now() "
-            "WHERE state IN ('RUNNING', 'PAUSED')"
-        )
+    await drop_rollouts(db)

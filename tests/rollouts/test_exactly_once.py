@@ -6,19 +6,19 @@ version to 2)."""
 
 from __future__ import annotations
 
-from bench.harness import seed_tenant
 from server.db import Database
 from server.rollouts import rules, store
+from tests.conftest import FleetFactory
 from tests.helpers import eventually
 from tests.rollouts.conftest import EngineFactory
 from tests.rollouts.helpers import create_rollout, start_times, writes
 
 
 async def test_two_engines_write_every_device_exactly_once(
-    dsn: str, db: Database, start_engine: EngineFactory
+    db: Database, start_engine: EngineFactory, seed_fleet_tenant: FleetFactory
 ) -> None:
     ids = [f"E-{n:05d}" for n in range(3000)]
-    tenant_id = await seed_tenant(dsn, ids)
+    tenant_id = await seed_fleet_tenant(ids)
     await start_engine()
     await start_engine()
     rollout_id = await create_rollout(db, tenant_id)
@@ -42,11 +42,11 @@ async def test_two_engines_write_every_device_exactly_once(
 
 
 async def test_two_engines_never_start_more_than_the_rate_allows(
-    dsn: str, db: Database, start_engine: EngineFactory
+    db: Database, start_engine: EngineFactory, seed_fleet_tenant: FleetFactory
 ) -> None:
     per_minute = 1200  # one every 50 ms
     ids = [f"Q-{n:03d}" for n in range(200)]
-    tenant_id = await seed_tenant(dsn, ids)
+    tenant_id = await seed_fleet_tenant(ids)
     await start_engine()
     await start_engine()
     rollout_id = await create_rollout(db, tenant_id, max_per_minute=per_minute)

@@ -64,9 +64,10 @@ async def test_a_watch_resumes_after_its_cursor_without_repeats(
 ) -> None:
     ids = ["X-1", "X-2", "X-3"]
     await create_devices(client, *ids)
-    # One a second, so that the writes are separate changes.
+    # One a second, so that the writes are separate changes; each device
+    # times out well after the next one's start.
     rollout = await client.rollouts.create(
-        filter={}, patch={"a": 1}, max_per_minute=60, device_timeout=timedelta(seconds=1)
+        filter={}, patch={"a": 1}, max_per_minute=60, device_timeout=timedelta(seconds=3)
     )
     await start_engine()
     stream = client.rollouts.watch(rollout.rollout_id)
