@@ -16,6 +16,7 @@ SUITES = [
     "bench.ingest",
     "bench.device_access",
     "bench.gateway",
+    "bench.rollouts",
 ]
 
 if __name__ == "__main__":

@@ -359,18 +359,14 @@ class _Tick:
                     )
         written = await twin_store.write_desired_many(self.con, self.tenant_id, writes)
         for w in writes:
-            record = written.get(w.device_id)
-            if record is None:
+            if w.device_id not in written:
                 # Locked, so its version held: it was decommissioned meanwhile.
                 starts[w.device_id] = _skipped(w.device_id, canary, "the device was decommissioned")
                 continue
-            self.written.append((w.device_id, record.revision))
+            version, revision = written[w.device_id]
+            self.written.append((w.device_id, revision))
             starts[w.device_id] = store.Start(
-                w.device_id,
-                rules.APPLIED,
-                canary,
-                desired_version=record.desired_version,
-                revision=record.revision,
+                w.device_id, rules.APPLIED, canary, desired_version=version, revision=revision
             )
         return [starts[d] for d in device_ids]
 

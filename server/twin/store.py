@@ -137,40 +137,32 @@ def _decommissioned(device_id: str) -> FailedPrecondition:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class DesiredWrite:
-    device_id: str
-    desired: dict[str, Any]
-    #: None: whatever the version is.
-    expected_version: int | None
+async def write_desired(
+    con: Connection,
+    tenant_id: uuid.UUID,
+    device_id: str,
+    desired: dict[str, Any],
+    *,
+    expected_version: int | None,
+) -> TwinRecord:
+    """Replace the desired document if its version is still `expected_version`
+    (None: whatever it is), in one conditional UPDATE that also queues the
+    publication (the outbox row commits with it, or not at all).
 
-
-async def write_desired_many(
-    con: Connection, tenant_id: uuid.UUID, writes: Sequence[DesiredWrite]
-) -> dict[str, TwinRecord]:
-    """Replace each device's desired document if its version is still the
-    one expected, in one conditional UPDATE that also queues each
-    publication (the outbox rows commit with it, or not at all).
-
-    The twins written, by device id; a device left out was not written: it
-    does not exist, is decommissioned, or its version had moved on. A
-    rollout writes its batch in this one statement; the API's single
-    writes go through it too (`write_desired`).
+    Raises NotFound, or FailedPrecondition (VERSION_MISMATCH with the current
+    version, DEVICE_DECOMMISSIONED).
     """
-    rows = await con.fetch(
+    row = await con.fetchrow(
         f"""
-        WITH w AS (
-            SELECT * FROM unnest($2::text[], $3::jsonb[], $4::bigint[])
-                AS w(device_id, desired, expected_version)
-        ), s AS (
+        WITH s AS (
             UPDATE device_state s
-            SET desired = w.desired,
+            SET desired = $3,
                 desired_version = s.desired_version + 1,
                 desired_updated_at = now(),
                 twin_revision = s.twin_revision + 1
-            FROM w, devices d
-            WHERE s.tenant_id = $1 AND s.device_id = w.device_id
-              AND (w.expected_version IS NULL OR s.desired_version = w.expected_version)
+            FROM devices d
+            WHERE s.tenant_id = $1 AND s.device_id = $2
+              AND ($4::bigint IS NULL OR s.desired_version = $4::bigint)
               AND d.tenant_id = s.tenant_id AND d.device_id = s.device_id
               AND d.lifecycle = 'ACTIVE'
             RETURNING s.*
@@ -181,31 +173,12 @@ async def write_desired_many(
         SELECT {_TWIN_COLUMNS} FROM s
         """,
         tenant_id,
-        [w.device_id for w in writes],
-        [w.desired for w in writes],
-        [w.expected_version for w in writes],
+        device_id,
+        desired,
+        expected_version,
     )
-    return {r["device_id"]: _twin(r) for r in rows}
-
-
-async def write_desired(
-    con: Connection,
-    tenant_id: uuid.UUID,
-    device_id: str,
-    desired: dict[str, Any],
-    *,
-    expected_version: int | None,
-) -> TwinRecord:
-    """`write_desired_many` for one device.
-
-    Raises NotFound, or FailedPrecondition (VERSION_MISMATCH with the current
-    version, DEVICE_DECOMMISSIONED).
-    """
-    written = await write_desired_many(
-        con, tenant_id, [DesiredWrite(device_id, desired, expected_version)]
-    )
-    if device_id in written:
-        return written[device_id]
+    if row is not None:
+        return _twin(row)
     # Only failures pay for this second read, in the same transaction, so the
     # version reported is the one that made the write fail (or a later one).
     found = await con.fetchrow(
@@ -223,6 +196,53 @@ async def write_desired(
         raise _decommissioned(device_id)
     assert expected_version is not None
     raise version_mismatch(device_id, expected_version, found["desired_version"])
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredWrite:
+    device_id: str
+    desired: dict[str, Any]
+    expected_version: int
+
+
+async def write_desired_many(
+    con: Connection, tenant_id: uuid.UUID, writes: Sequence[DesiredWrite]
+) -> dict[str, tuple[int, int]]:
+    """`write_desired` for a batch (a rollout's), in one statement: the same
+    conditional UPDATE, and an outbox row for each device written.
+
+    (desired version, twin revision) of each device written; one left out
+    was not: it does not exist, is decommissioned, or its version moved on.
+    """
+    rows = await con.fetch(
+        """
+        WITH w AS (
+            SELECT * FROM unnest($2::text[], $3::jsonb[], $4::bigint[])
+                AS w(device_id, desired, expected_version)
+        ), s AS (
+            UPDATE device_state s
+            SET desired = w.desired,
+                desired_version = s.desired_version + 1,
+                desired_updated_at = now(),
+                twin_revision = s.twin_revision + 1
+            FROM w, devices d
+            WHERE s.tenant_id = $1 AND s.device_id = ANY($2::text[])
+              AND s.device_id = w.device_id AND s.desired_version = w.expected_version
+              AND d.tenant_id = s.tenant_id AND d.device_id = s.device_id
+              AND d.lifecycle = 'ACTIVE'
+            RETURNING s.tenant_id, s.device_id, s.desired_version, s.twin_revision
+        ), queued AS (
+            INSERT INTO twin_outbox (tenant_id, device_id, desired_version)
+            SELECT tenant_id, device_id, desired_version FROM s
+        )
+        SELECT device_id, desired_version, twin_revision FROM s
+        """,
+        tenant_id,
+        [w.device_id for w in writes],
+        [w.desired for w in writes],
+        [w.expected_version for w in writes],
+    )
+    return {r["device_id"]: (r["desired_version"], r["twin_revision"]) for r in rows}
 
 
 async def lock_desired(
