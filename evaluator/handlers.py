@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from evaluator.liveness import Liveness
 from evaluator.retained_repair import RetainedRepair
 from evaluator.runtime import Handler
@@ -11,7 +9,6 @@ from evaluator.twin_ingest import TwinIngest
 from evaluator.twin_publisher import TwinPublisher
 from server import config, mqtt_url
 from server.db import Database
-from server.rollouts.engine import RolloutEngine
 
 
 def build(
@@ -32,5 +29,4 @@ def build(
         RetainedRepair(
             db, broker, client_id=settings.evaluator_id, upstream=settings.upstream_desired
         ),
-        RolloutEngine(db, stale_after=timedelta(seconds=settings.twin_stale_after_s)),
     ]

@@ -32,6 +32,7 @@ from server.demo import DEMO_TENANT, seed_demo
 from server.embedded import EmbeddedPostgres
 from server.gateway.broker_hooks import BrokerHooks
 from server.gateway.serve import running_gateway
+from server.rollouts.running import running_engine
 from server.tenants import BadTenantId, ensure_tenant, tenant_uuid
 
 log = logging.getLogger("pulse")
@@ -228,6 +229,7 @@ async def _run(settings: config.Settings) -> None:
             evaluator = await stack.enter_async_context(
                 running_evaluator(settings, dsn, broker_url)
             )
+            await stack.enter_async_context(running_engine(settings, dsn))
             token = _dev_token(settings, DEMO_TENANT, Role.ADMIN)
             async with await AsyncPulseClient.connect(
                 f"127.0.0.1:{running.port}", token=token
@@ -315,6 +317,15 @@ async def _evaluator(settings: config.Settings) -> None:
     finally:
         if embedded is not None:
             await embedded.stop()
+
+
+async def _rollouts(settings: config.Settings) -> None:
+    if not settings.database_url:
+        raise SystemExit("pulse rollouts: set DATABASE_URL to the database pulse serves")
+    await _reachable(settings.database_url)
+    await migrate.apply(settings.database_url)
+    async with running_engine(settings, settings.database_url):
+        await wait_for_signal()
 
 
 async def _gateway_alone(settings: config.Settings, grpc_target: str) -> None:
@@ -426,10 +437,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pulse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser(
-        "run", help="start PostgreSQL and MQTT (embedded unless configured), server, evaluator"
+        "run",
+        help="start PostgreSQL and MQTT (embedded unless configured), server, evaluator, "
+        "rollout engine",
     )
     sub.add_parser("migrate", help="apply pending migrations and exit")
     sub.add_parser("evaluator", help="run only the device-facing evaluator (MQTT ingest, liveness)")
+    sub.add_parser("rollouts", help="run only the rollout engine (any number may run)")
     sim = sub.add_parser(
         "simulate", help="run simulated MQTT devices (registered ones: DEVICE-01.. of the demo)"
     )
@@ -535,6 +549,8 @@ def main(argv: list[str] | None = None) -> None:
         _run_async(settings, _gateway_alone(settings, args.grpc_target))
     elif args.command == "evaluator":
         _run_async(settings, _evaluator(settings))
+    elif args.command == "rollouts":
+        _run_async(settings, _rollouts(settings))
     elif args.command == "simulate":
         _run_async(settings, _simulate(settings, args))
     else:

@@ -1,14 +1,17 @@
 """The rollout engine: starts each rollout's devices at its rate, and follows
 each written device to its outcome (docs/rollouts.md).
 
-Every evaluator process runs one, and any number may run: a rollout is
-worked on only in a transaction that holds its row's lock (SKIP LOCKED, so
-engines share rollouts instead of queueing on one), and everything a tick
-does, the desired writes and their outbox rows included, commits together
-or not at all. A tick killed midway leaves no device written and none
-recorded as started; the next tick, here or elsewhere, does that work again
-from the same state. The rate's bookkeeping is in the same row, so two
-engines cannot start more than it allows between them.
+It runs as `pulse rollouts` (and inside `pulse run`), in a process of its
+own rather than in the evaluator's: there it shared one event loop with the
+ingest and the publisher and wrote at a third of the speed (bench/rollouts.py).
+Any number may run: a rollout is worked on only in a transaction that holds
+its row's lock (SKIP LOCKED, so engines share rollouts instead of queueing on
+one), and everything a tick does, the desired writes and their outbox rows
+included, commits together or not at all. A tick killed midway leaves no
+device written and none recorded as started; the next tick, here or
+elsewhere, does that work again from the same state. The rate's bookkeeping
+is in the same row, so two engines cannot start more than it allows between
+them.
 """
 
 from __future__ import annotations
@@ -52,10 +55,6 @@ class Tuning:
 
 
 class RolloutEngine:
-    """An evaluator handler with no messages: its `run` is the engine."""
-
-    kinds: frozenset[str] = frozenset()
-
     def __init__(
         self,
         db: Database,
@@ -71,10 +70,8 @@ class RolloutEngine:
         #: Desired writes made by this engine.
         self.writes = 0
 
-    async def handle(self, message: object) -> None:
-        raise AssertionError("the rollout engine takes no device messages")
-
-    async def run(self, publisher: object = None) -> None:
+    async def run(self) -> None:
+        """Work until cancelled."""
         try:
             while True:
                 try:
