@@ -257,7 +257,8 @@ class PulseProcess:
         deadline = time.monotonic() + 60
         while self.ready not in self.log_text():
             if not self.alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"pulse {self.command} did not start:\n{self.log_text()[-4000:]}")
+                tail = self.log_text()[-4000:]
+                raise RuntimeError(f"pulse {self.command} did not start:\n{tail}")
             await asyncio.sleep(0.1)
 
     async def stop(self) -> None:
