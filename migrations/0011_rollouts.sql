@@ -42,10 +42,12 @@ CREATE TABLE rollouts (
     next_check_at timestamptz NOT NULL DEFAULT now(),
     -- A continuous rollout enrols the target's new devices from then on.
     next_enrol_at timestamptz NOT NULL DEFAULT now(),
-    -- When written devices were last judged: while devices are being
-    -- started tick after tick, they are judged once a check interval, not
-    -- at every tick (each judgement reads every written device's row).
-    judged_at     timestamptz NOT NULL DEFAULT 'epoch',
+    -- Written devices are judged in passes over them in device_id order,
+    -- a slice per tick (tens of thousands may be waiting for their devices):
+    -- a pass begins a check interval after the last one ended (judged_at)
+    -- and has judged up to judged_through ('' between passes).
+    judged_at      timestamptz NOT NULL DEFAULT 'epoch',
+    judged_through text NOT NULL DEFAULT '',
     -- How many of its devices are in each state (kept by the trigger below).
     pending    bigint NOT NULL DEFAULT 0,
     applied    bigint NOT NULL DEFAULT 0,

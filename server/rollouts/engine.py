@@ -44,9 +44,9 @@ _AFTER_BUG_S = 5.0
 class Tuning:
     #: Most devices started per rollout per transaction.
     start_batch: int = 500
-    #: Most written devices judged per rollout per transaction.
+    #: Written devices looked at per rollout per transaction.
     judge_batch: int = 2000
-    #: How often written devices are looked at again while they have no outcome.
+    #: How soon after a pass over the written devices the next one begins.
     check_interval: timedelta = timedelta(seconds=1)
     #: How often a continuous rollout looks for devices new in its target.
     enrol_interval: timedelta = timedelta(seconds=5)
@@ -163,9 +163,11 @@ class _Tick:
         return self.state != self.rollout.state or bool(self.moved)
 
     async def run(self) -> None:
-        judged_at = self.rollout.judged_at
-        if self.now >= judged_at + self.tuning.check_interval and await self._judge():
-            judged_at = self.now
+        judged_at, through = self.rollout.judged_at, self.rollout.judged_through
+        if through or self.now >= judged_at + self.tuning.check_interval:
+            through = await self._judge(after=through)
+            if not through:
+                judged_at = self.now
         counts = await store.counts(self.con, self.tenant_id, self.rollout.rollout_id)
         if self.state == rules.RUNNING:
             await self._abort_if(counts)
@@ -186,15 +188,17 @@ class _Tick:
             next_check_at=self.next_check,
             next_enrol_at=self.next_enrol,
             judged_at=judged_at,
+            judged_through=through,
         )
 
-    async def _judge(self) -> bool:
-        """Give the written devices whose twin changed their outcome;
-        whether all of them were looked at (else the next tick goes on)."""
+    async def _judge(self, *, after: str) -> str:
+        """Give the next slice of written devices whose twin changed their
+        outcome; the last device_id looked at ('' at the end: the next tick
+        goes on from there)."""
         r = self.rollout
         path = filters.split_twin_path(r.failure_path) if r.failure_path else ()
-        batch = await store.applied_to_judge(
-            self.con, self.tenant_id, r.rollout_id, limit=self.tuning.judge_batch
+        batch, through = await store.applied_to_judge(
+            self.con, self.tenant_id, r.rollout_id, after=after, limit=self.tuning.judge_batch
         )
         outcomes: list[tuple[str, str, str]] = []
         seen: list[tuple[str, int]] = []
@@ -224,10 +228,9 @@ class _Tick:
                 seen.append((a.device_id, a.revision))
         await store.record_outcomes(self.con, self.tenant_id, r.rollout_id, outcomes, seen)
         self.moved += len(outcomes)
-        if len(batch) == self.tuning.judge_batch:
+        if through:
             self._check_by(self.now)
-            return False
-        return True
+        return through
 
     async def _abort_if(self, counts: rules.Counts) -> None:
         r = self.rollout
@@ -302,7 +305,7 @@ class _Tick:
         r = self.rollout
         if r.max_per_minute:
             self._check_by(
-                rules.next_start_at(
+                rules.next_tick_at(
                     max_per_minute=r.max_per_minute,
                     since=r.rate_since,
                     started_since=r.started_since + self.counted,

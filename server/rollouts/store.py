@@ -68,6 +68,7 @@ class RolloutRecord:
     started_since: int
     next_enrol_at: datetime
     judged_at: datetime
+    judged_through: str
     counts: rules.Counts = field(default_factory=rules.Counts)
 
 
@@ -76,7 +77,7 @@ _COLUMNS = """
     rollout_id, description, target_group_id, target_filter, patch, max_per_minute,
     canary_count, device_timeout, abort_threshold_percent, abort_min_count, failure_path,
     continuous, state, state_reason, created_by, created_at, updated_at, ended_at,
-    rate_since, started_since, next_enrol_at, judged_at,
+    rate_since, started_since, next_enrol_at, judged_at, judged_through,
     pending, applied, succeeded, failed, timed_out, skipped, superseded
 """
 
@@ -470,10 +471,24 @@ class Applied:
 
 
 async def applied_to_judge(
-    con: Connection, tenant_id: uuid.UUID, rollout_id: str, *, limit: int
-) -> list[Applied]:
-    """APPLIED devices whose twin changed since they were last judged, that
-    are past their deadline, or that are gone."""
+    con: Connection, tenant_id: uuid.UUID, rollout_id: str, *, after: str, limit: int
+) -> tuple[list[Applied], str]:
+    """Of the next `limit` APPLIED devices after `after` (device_id order),
+    those whose twin changed since they were last judged, that are past
+    their deadline, or that are gone; and the last device_id of the slice
+    ('' if it ran to the end)."""
+    through = await con.fetchval(
+        """
+        SELECT device_id FROM rollout_devices
+        WHERE tenant_id = $1 AND rollout_id = $2 AND state = 'APPLIED' AND device_id > $3
+        ORDER BY device_id
+        OFFSET $4 - 1 LIMIT 1
+        """,
+        tenant_id,
+        rollout_id,
+        after,
+        limit,
+    )
     rows = await con.fetch(
         """
         SELECT r.device_id, r.desired_version AS written_version, r.canary, r.deadline,
@@ -483,16 +498,17 @@ async def applied_to_judge(
         LEFT JOIN device_state s ON s.tenant_id = r.tenant_id AND s.device_id = r.device_id
         LEFT JOIN devices d ON d.tenant_id = r.tenant_id AND d.device_id = r.device_id
         WHERE r.tenant_id = $1 AND r.rollout_id = $2 AND r.state = 'APPLIED'
+          AND r.device_id > $3 AND ($4::text IS NULL OR r.device_id <= $4)
           AND (s.twin_revision IS DISTINCT FROM r.seen_revision OR r.deadline <= now()
                OR d.lifecycle IS DISTINCT FROM 'ACTIVE')
         ORDER BY r.device_id
-        LIMIT $3
         """,
         tenant_id,
         rollout_id,
-        limit,
+        after,
+        through,
     )
-    return [Applied(**dict(r.items())) for r in rows]
+    return [Applied(**dict(r.items())) for r in rows], through or ""
 
 
 async def pending(
@@ -637,12 +653,13 @@ async def save_progress(
     next_check_at: datetime,
     next_enrol_at: datetime,
     judged_at: datetime,
+    judged_through: str,
 ) -> None:
     await con.execute(
         """
         UPDATE rollouts
         SET state = $3, state_reason = $4, started_since = started_since + $5,
-            next_check_at = $6, next_enrol_at = $7, judged_at = $8,
+            next_check_at = $6, next_enrol_at = $7, judged_at = $8, judged_through = $9,
             updated_at = CASE WHEN state <> $3 OR $5 > 0 THEN now() ELSE updated_at END,
             ended_at = CASE WHEN state <> $3 AND $3 IN ('SUCCEEDED', 'ABORTED', 'CANCELLED')
                             THEN now() ELSE ended_at END
@@ -656,6 +673,7 @@ async def save_progress(
         next_check_at,
         next_enrol_at,
         judged_at,
+        judged_through,
     )
 
 

@@ -20,6 +20,8 @@ from tests.helpers import drop_rollouts
 from tests.twin.conftest import mqtt, retained_cleanup, start_evaluator  # noqa: F401
 
 FAST = Tuning(
+    # Passes over the written devices take several ticks in most tests.
+    judge_batch=5,
     check_interval=timedelta(milliseconds=100),
     enrol_interval=timedelta(milliseconds=200),
     poll_s=0.02,

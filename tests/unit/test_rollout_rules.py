@@ -157,6 +157,16 @@ def test_the_budget_follows_the_rate_and_zero_means_no_limit() -> None:
     )
 
 
+def test_a_fast_rate_ticks_for_a_quarter_second_of_starts_a_slow_one_for_each() -> None:
+    # 6,000 a minute: 25 starts a quarter second; the 26th to 50th are due
+    # at 0.49 s, when the 50th is.
+    assert rules.next_tick_at(max_per_minute=6000, since=T0, started_since=25) == T0 + timedelta(
+        seconds=0.49
+    )
+    slow = rules.next_start_at(max_per_minute=60, since=T0, started_since=31)
+    assert rules.next_tick_at(max_per_minute=60, since=T0, started_since=31) == slow
+
+
 def test_the_abort_rule_needs_its_minimum_and_a_share_above_the_threshold() -> None:
     def reason(**counts: int) -> str | None:
         return rules.abort_reason(rules.Counts(**counts), threshold_percent=10, min_count=10)
