@@ -397,7 +397,7 @@ class EvaluatorProcess:
 EvaluatorFactory = Callable[..., EvaluatorProcess]
 
 
-def _evaluator_env(overrides: dict[str, str]) -> dict[str, str]:
+def pulse_env(overrides: dict[str, str]) -> dict[str, str]:
     # Nothing of the caller's configuration leaks in (a DATABASE_URL or
     # MQTT_URL naming the shared services, PULSE_* tunings).
     env = {
@@ -446,7 +446,7 @@ async def evaluators(dsn: str, db: Database, tmp_path: Path) -> AsyncIterator[Ev
         if inflight is not None:
             env["PULSE_EVALUATOR_INFLIGHT"] = str(inflight)
         process = EvaluatorProcess(
-            client_id, _evaluator_env(env), tmp_path / f"evaluator-{client_id}.log"
+            client_id, pulse_env(env), tmp_path / f"evaluator-{client_id}.log"
         )
         made.append(process)
         return process

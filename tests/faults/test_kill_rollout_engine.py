@@ -21,7 +21,7 @@ import pytest
 
 from server.db import Database
 from tests.conftest import FleetFactory
-from tests.faults.conftest import ROOT, _evaluator_env, end_process, wait_for
+from tests.faults.conftest import ROOT, end_process, pulse_env, wait_for
 from tests.helpers import drop_rollouts
 from tests.rollouts.helpers import create_rollout, writes
 
@@ -37,7 +37,7 @@ class EngineProcess:
         self.log_path = folder / "rollouts.log"
         data = folder / "pulse-data"
         data.mkdir()
-        self.env = _evaluator_env(
+        self.env = pulse_env(
             {
                 "DATABASE_URL": dsn,
                 "PULSE_DATA_DIR": str(data),
