@@ -145,6 +145,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+async def listening(
+    port: int, process: asyncio.subprocess.Process, *, timeout_s: float = 10.0
+) -> bool:
+    """Wait until something accepts TCP connections on 127.0.0.1:`port`;
+    False if `process` exited first or `timeout_s` passed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if process.returncode is not None or time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        else:
+            writer.close()
+            await writer.wait_closed()
+            return True
+
+
 @asynccontextmanager
 async def subprocess_server(
     module: str, port: int, env: dict[str, str], args: Sequence[str] = ()
@@ -159,16 +178,8 @@ async def subprocess_server(
         env={**os.environ, **env, "PORT": str(port)},
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.returncode is not None:
-                    raise RuntimeError(f"{module} did not start") from None
-                await asyncio.sleep(0.1)
+        if not await listening(port, proc, timeout_s=30):
+            raise RuntimeError(f"{module} did not start")
         yield
     finally:
         proc.terminate()

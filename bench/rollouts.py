@@ -83,7 +83,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bench.groups import build
-from bench.harness import ROOT, free_port, run, scratch_database, seed_tenant
+from bench.harness import ROOT, free_port, listening, run, scratch_database, seed_tenant
 from bench.ingest import Cpu
 from bench.watch import _percentile
 from evaluator.retained_repair import MARKER_TOPIC
@@ -164,18 +164,8 @@ class Mosquitto:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-            except OSError:
-                if self.process.returncode is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mosquitto did not start: {self._log_tail()}") from None
-                await asyncio.sleep(0.05)
-            else:
-                writer.close()
-                await writer.wait_closed()
-                break
+        if not await listening(self.port, self.process):
+            raise RuntimeError(f"mosquitto did not start: {self._log_tail()}")
         # A broker in service: the evaluator finds its marker and does not
         # requeue every desired document (evaluator/retained_repair.py).
         async with aiomqtt.Client("127.0.0.1", self.port, identifier="bench-marker") as client:

@@ -15,8 +15,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import socket
-import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -27,6 +25,7 @@ import pulse_client as pc
 import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
+from bench.harness import free_port, listening
 from server import config, wire
 from server.app import RunningServer, start
 from server.broker_access.dynsec import (
@@ -63,19 +62,12 @@ def _executable(name: str) -> str | None:
     return shutil.which(name, path=path)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 class Mosquitto:
     """A Mosquitto of this module's own, which tests may stop and restart."""
 
     def __init__(self, binary: str, folder: Path, plugin: str, admin_password: str) -> None:
         self.binary = binary
-        self.port = _free_port()
+        self.port = free_port()
         self.config_file = folder / "dynamic-security.json"
         self.log = folder / "mosquitto.log"
         self.conf = folder / "mosquitto.conf"
@@ -102,18 +94,8 @@ class Mosquitto:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-            except OSError:
-                if self._process.returncode is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mosquitto did not start:\n{self.log_tail()}")
-                await asyncio.sleep(0.02)
-            else:
-                writer.close()
-                await writer.wait_closed()
-                return
+        if not await listening(self.port, self._process):
+            pytest.fail(f"mosquitto did not start:\n{self.log_tail()}")
 
     async def stop(self) -> None:
         process, self._process = self._process, None

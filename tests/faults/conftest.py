@@ -36,7 +36,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import sys
 import time
 import uuid
@@ -50,11 +49,10 @@ import asyncpg
 import psutil  # type: ignore[import-untyped]
 import pytest
 
-from bench.harness import seed_tenant
+from bench.harness import free_port, listening, seed_tenant
 from evaluator.retained_repair import MARKER_TOPIC
 from server import wire
 from server.db import Database
-from tests.helpers import drop_rollouts
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,13 +63,6 @@ DEADLINE_S = 45.0
 def _executable(name: str) -> str | None:
     path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
     return shutil.which(name, path=path)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 async def wait_for(
@@ -223,18 +214,8 @@ class Mosquitto:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-            except OSError:
-                if self._process.returncode is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mosquitto did not start:\n{self.log.connection_lines()}")
-                await asyncio.sleep(0.02)
-            else:
-                writer.close()
-                await writer.wait_closed()
-                break
+        if not await listening(self.port, self._process):
+            pytest.fail(f"mosquitto did not start:\n{self.log.connection_lines()}")
         if self.marker:
             await self._set_marker()
 
@@ -415,12 +396,10 @@ async def evaluators(dsn: str, db: Database, tmp_path: Path) -> AsyncIterator[Ev
     an evaluator process, not started yet. All are killed after the test and
     their logs printed (shown by pytest when the test failed).
 
-    Work that earlier tests left in the shared database is dropped first:
-    desired writes waiting to be published, and rollouts, which these
-    evaluators would otherwise take up."""
+    Desired writes that earlier tests left waiting to be published are
+    dropped first: these evaluators would otherwise take them up."""
     async with db.admin() as con:
         await con.execute("DELETE FROM twin_outbox")
-    await drop_rollouts(db)
     made: list[EvaluatorProcess] = []
     data = tmp_path / "pulse-data"
     data.mkdir()

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiomqtt
 from pulse_client import AsyncPulseClient
 
+from bench.harness import free_port
 from evaluator.broker import EmbeddedBroker
 from evaluator.retained_repair import RetainedRepair
 from evaluator.runtime import Evaluator
@@ -28,17 +28,11 @@ from tests.helpers import eventually, unique_id
 from tests.twin.conftest import create_devices
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class RestartableBroker:
     """An embedded broker that can be replaced by a fresh one on its port."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"mqtt://127.0.0.1:{self.port}"
         self._broker: EmbeddedBroker | None = None
 
