@@ -58,6 +58,7 @@ from server.connectivity.transitions import (
     sweep,
 )
 from server.db import Database
+from server.observability import metrics
 
 log = logging.getLogger("pulse.evaluator.liveness")
 
@@ -350,6 +351,8 @@ class Liveness:
             raise
         self._requeue(held)
         done = [t for result in applied for t in result.transitions]
+        for transition in done:
+            metrics.LIVENESS_TRANSITIONS.labels(transition.status).inc()
         self.out_of_order += sum(result.out_of_order for result in applied)
         self.transitions += len(done)
         self._remember(done)
@@ -367,8 +370,12 @@ class Liveness:
         # One transaction: a device's two signals commit together, so its
         # messages are settled after one commit. The second statement only
         # locks rows the first one holds already.
+        start = time.perf_counter()
         async with fleet(self._db) as con:
-            return [await apply(con, round_) for round_ in rounds]
+            applied = [await apply(con, round_) for round_ in rounds]
+        metrics.INGEST_COMMIT_SECONDS.labels("liveness").observe(time.perf_counter() - start)
+        metrics.INGEST_BATCH_SIZE.labels("liveness").observe(sum(len(r) for r in rounds))
+        return applied
 
     def _holds(self, key: Key, signals: Sequence[DeviceSignal], now: float) -> bool:
         recent = self._recent.get(key)
@@ -407,10 +414,13 @@ class Liveness:
         """Flush pending signals, then mark silent devices STALE; return how many."""
         async with self._writing:
             await self._flush_locked()
+            start = time.perf_counter()
             async with fleet(self._db) as con:
                 count = await sweep(
                     con, now=now or datetime.now(UTC), stale_after_s=self.stale_after_s
                 )
+            metrics.SWEEP_SECONDS.observe(time.perf_counter() - start)
+        metrics.LIVENESS_TRANSITIONS.labels("STALE").inc(count)
         self.sweeps += 1
         self.transitions += count
         return count

@@ -41,6 +41,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from server import mqtt_url, wire
+from server.observability import metrics
 
 log = logging.getLogger("pulse.evaluator")
 
@@ -265,6 +266,8 @@ class Evaluator:
         self._client: aiomqtt.Client | None = None
         self._window: _AckWindow | None = None
         self._connected = asyncio.Event()
+        self._mqtt_up = metrics.MQTT_CONNECTED.labels(client_id)
+        self._mqtt_connects = metrics.MQTT_CONNECTS.labels(client_id)
         self.failed = asyncio.Event()
         self.rejected: collections.Counter[str] = collections.Counter()
         self.received = 0
@@ -347,6 +350,8 @@ class Evaluator:
                     self._window = _AckWindow(client._client, reading)
                     self._client = client
                     self._connected.set()
+                    self._mqtt_up.set(1)
+                    self._mqtt_connects.inc()
                     self._protocol_known = True
                     log.info(
                         "evaluator connected to %s (MQTT %s, session %s)",
@@ -370,6 +375,7 @@ class Evaluator:
                 log.warning("MQTT connection lost (%s); retrying in %.1fs", error, backoff)
             finally:
                 self._connected.clear()
+                self._mqtt_up.set(0)
                 self._client = None
                 if self._window is not None:
                     self._window.open = False
@@ -408,9 +414,12 @@ class Evaluator:
             tenant_id, device_id, kind, dialect = wire.parse_topic(message.topic.value)
         except wire.BadTopic as error:
             self.rejected["bad_topic"] += 1
+            metrics.INGEST_MESSAGES.labels("bad_topic").inc()
+            metrics.INGEST_REJECTED.labels("bad_topic", "bad_topic").inc()
             log.warning("rejected message on %r: %s", message.topic.value[:200], error)
             handlers: list[Handler] = []
         else:
+            metrics.INGEST_MESSAGES.labels(kind).inc()
             handlers = self._routes.get(kind, [])
         settle = _nothing
         if self._ack_after_commit and message.qos > 0 and window is not None:

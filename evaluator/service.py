@@ -40,7 +40,7 @@ async def running_evaluator(
     settings: Settings, dsn: str, broker_url: str
 ) -> AsyncIterator[Evaluator]:
     """An evaluator consuming in the background until the context ends."""
-    db = Database(await create_pool(dsn, size=settings.db_pool_size))
+    db = Database(await create_pool(dsn, size=settings.db_pool_size), name="evaluator")
     broker = mqtt_url.parse(broker_url, ca_file=settings.mqtt_ca_file)
     evaluator = Evaluator(
         broker,

@@ -36,6 +36,7 @@ import asyncpg
 from evaluator.runtime import Publisher
 from server import transient, wire
 from server.db import Database
+from server.observability import metrics
 from server.twin import documents, store
 from server.twin.notify import ChangeNotifier
 
@@ -225,8 +226,12 @@ class TwinIngest:
         dropping reports that the broker already considers delivered."""
 
         async def attempt() -> store.IngestResult:
+            start = time.perf_counter()
             async with self._db.tenant(tenant_id) as con:
-                return await store.ingest_reported(con, tenant_id, reports)
+                result = await store.ingest_reported(con, tenant_id, reports)
+            metrics.INGEST_COMMIT_SECONDS.labels("twin").observe(time.perf_counter() - start)
+            metrics.INGEST_BATCH_SIZE.labels("twin").observe(len(reports))
+            return result
 
         return await transient.retry_forever(attempt, log=log, what="twin ingest")
 
@@ -241,6 +246,7 @@ class TwinIngest:
 
     def _reject(self, tenant_id: uuid.UUID, device_id: str, reason: str, detail: str) -> None:
         self.counts[reason] += 1
+        metrics.INGEST_REJECTED.labels("twin/reported", reason).inc()
         self.rejections.append(Rejection(tenant_id, device_id, reason, detail))
         now = time.monotonic()
         if now - self._log_window_start > _LOG_WINDOW_S:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 import aiomqtt
@@ -33,10 +34,13 @@ import aiomqtt
 from evaluator.runtime import Publisher
 from server import transient, wire
 from server.db import Database
+from server.observability import metrics
 from server.twin import store
 
 log = logging.getLogger("pulse.evaluator.twin")
 
+# How often the backlog is counted for the outbox metrics.
+_BACKLOG_EVERY_S = 1.0
 # The broker's failures, which the drain waits out like the database's.
 _BROKER_ERRORS = (aiomqtt.MqttError, TimeoutError)
 
@@ -77,7 +81,11 @@ class TwinPublisher:
         return None
 
     async def run(self, publisher: Publisher) -> None:
+        measured_at = 0.0
         while True:
+            if time.monotonic() - measured_at >= _BACKLOG_EVERY_S:
+                measured_at = time.monotonic()
+                await self._measure_backlog()
             drained = await transient.retry_forever(
                 lambda: self.drain_once(publisher),
                 log=log,
@@ -107,7 +115,17 @@ class TwinPublisher:
                 await _publish_all(publisher, messages)
             await store.delete_outbox(con, [entry.id for entry in entries])
         self.published += len(documents)
+        metrics.OUTBOX_PUBLISHED.inc(len(documents))
         return len(entries)
+
+    async def _measure_backlog(self) -> None:
+        try:
+            async with self._db.admin() as con:
+                depth, age_s = await store.outbox_backlog(con)
+        except transient.TRANSIENT:
+            return  # the drain says what is wrong with the database
+        metrics.OUTBOX_DEPTH.set(depth)
+        metrics.OUTBOX_AGE_SECONDS.set(age_s)
 
     def _messages(self, tenant_id: uuid.UUID, desired: store.Desired) -> list[tuple[str, bytes]]:
         """(topic, payload) of each publication of one desired document."""

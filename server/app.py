@@ -162,7 +162,7 @@ async def start(
     cannot be bound raises RuntimeError and leaves nothing running. `mirror`
     is told of device credentials as they are issued and revoked (Mosquitto's
     dynamic security)."""
-    db = Database(await create_pool(dsn, size=settings.db_pool_size))
+    db = Database(await create_pool(dsn, size=settings.db_pool_size), name="server")
     listener = Listener(dsn)
     try:
         await listener.start()

@@ -41,6 +41,8 @@ class Settings:
     auth_claims: ClaimRules
     db_pool_size: int
     log_level: str
+    #: "text" (key=value, for people) or "json" (one object per line).
+    log_format: str
     http_host: str
     #: The browser gateway's port; 0 picks a free one.
     http_port: int
@@ -100,6 +102,11 @@ class Settings:
     #: Shared secret of the broker HTTP hooks (/mqtt/authn, /mqtt/authz);
     #: unset: the gateway does not serve them.
     broker_hook_secret: str | None = None
+    #: Where processes without the HTTP gateway (serve, evaluator, rollouts)
+    #: answer /metrics, /healthz and /readyz; None: each command's own
+    #: default port (README), so that they can share a host.
+    ops_host: str = "127.0.0.1"
+    ops_port: int | None = None
     #: Publish desired state also on upstream's topic (`tenant/{t}/device/{d}/
     #: shadow/desired`, docs/upstream-devices.md) besides ours.
     upstream_desired: bool = True
@@ -173,6 +180,14 @@ def _switch(env: dict[str, str], name: str) -> bool:
     return raw not in _OFF
 
 
+def _choice(env: dict[str, str], name: str, choices: tuple[str, ...]) -> str:
+    """One of `choices`, the first by default."""
+    raw = (env.get(name) or choices[0]).strip().lower()
+    if raw not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)} (got {raw!r})")
+    return raw
+
+
 def load(env: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ if env is None else env)
     data_dir = Path(env.get("PULSE_DATA_DIR", ".data")).resolve()
@@ -195,6 +210,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
         auth_claims=_claim_rules(env),
         db_pool_size=int(env.get("PULSE_DB_POOL_SIZE", "10")),
         log_level=env.get("PULSE_LOG_LEVEL", "INFO"),
+        log_format=_choice(env, "PULSE_LOG_FORMAT", ("text", "json")),
         http_host=env.get("PULSE_HTTP_HOST", "127.0.0.1"),
         http_port=int(env.get("PULSE_HTTP_PORT", "8000")),
         cors_origins=tuple(o.strip() for o in env.get("PULSE_CORS_ORIGINS", "").split(",") if o),
@@ -228,6 +244,8 @@ def load(env: dict[str, str] | None = None) -> Settings:
         mqtt_dynsec_url=env.get("PULSE_MQTT_DYNSEC_URL") or None,
         broker_hook_secret=env.get("PULSE_BROKER_HOOK_SECRET") or None,
         upstream_desired=_switch(env, "PULSE_UPSTREAM_DESIRED"),
+        ops_host=env.get("PULSE_OPS_HOST") or "127.0.0.1",
+        ops_port=int(env["PULSE_OPS_PORT"]) if env.get("PULSE_OPS_PORT") else None,
     )
 
 

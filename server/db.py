@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 
+from server.observability import metrics
 from server.transient import CommitOutcomeUnknown, is_connection_lost
 
 APP_ROLE = "pulse_app"
@@ -75,10 +77,41 @@ def _begin_sql(tenant_id: uuid.UUID, *, readonly: bool, snapshot: bool = False) 
 
 
 class Database:
-    """The service's pool, handing out tenant-scoped transactions."""
+    """The service's pool, handing out tenant-scoped transactions.
 
-    def __init__(self, pool: Pool) -> None:
+    `name` labels the pool's metrics (server, evaluator, rollouts, ...):
+    connections in use, tasks waiting for one and the time they wait."""
+
+    def __init__(self, pool: Pool, *, name: str = "main") -> None:
         self.pool = pool
+        self._size = pool.get_max_size()
+        self._max = metrics.DB_POOL_MAX.labels(name)
+        self._in_use = metrics.DB_POOL_IN_USE.labels(name)
+        self._waiting = metrics.DB_POOL_WAITING.labels(name)
+        self._acquire_s = metrics.DB_POOL_ACQUIRE_SECONDS.labels(name)
+        self._max.inc(self._size)
+        self._closed = False
+
+    async def _acquire(self) -> Pooled:
+        """A connection, counted in use until `_release` or `_lost`."""
+        self._waiting.inc()
+        start = time.perf_counter()
+        try:
+            con = await self.pool.acquire()
+        finally:
+            self._waiting.dec()
+        self._acquire_s.observe(time.perf_counter() - start)
+        self._in_use.inc()
+        return con
+
+    async def _release(self, con: Pooled) -> None:
+        self._in_use.dec()
+        await self.pool.release(con)
+
+    def _lost(self, con: Pooled) -> None:
+        """`con` is not going back to the pool: its connection is ended."""
+        self._in_use.dec()
+        _terminate(con)
 
     def tenant(
         self, tenant_id: uuid.UUID, *, readonly: bool = False, snapshot: bool = False
@@ -108,7 +141,7 @@ class Database:
             await _commit(con, readonly=readonly)
         finally:
             # A no-op for a connection already terminated.
-            await self.pool.release(con)
+            await self._release(con)
 
     async def _begin(self, sql: str) -> Pooled:
         # A pooled connection may have been closed by the server (restart,
@@ -119,17 +152,17 @@ class Database:
         # down, and the caller's retry policy decides.
         attempts = self.pool.get_max_size() + 1
         for attempt in range(1, attempts + 1):
-            con = await self.pool.acquire()
+            con = await self._acquire()
             try:
                 await con.execute(sql)
             except BaseException as error:
                 if not is_connection_lost(error):
-                    await self.pool.release(con)
+                    await self._release(con)
                     raise
                 # Never back to the pool: its protocol state is unknown, and
                 # the pool's reset would not notice (it sends nothing when no
                 # transaction is open).
-                _terminate(con)
+                self._lost(con)
                 if attempt == attempts:
                     raise
                 continue
@@ -139,7 +172,7 @@ class Database:
     @asynccontextmanager
     async def admin(self) -> AsyncIterator[Connection]:
         """A connection as the login itself, for cross-tenant administration."""
-        con = await self.pool.acquire()
+        con = await self._acquire()
         try:
             yield con
         except BaseException as error:
@@ -148,9 +181,12 @@ class Database:
                 _terminate(con)
             raise
         finally:
-            await self.pool.release(con)
+            await self._release(con)
 
     async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._max.dec(self._size)
         await self.pool.close()
 
 

@@ -15,7 +15,7 @@ DEMO_TENANT = uuid.UUID("00000000-0000-4000-8000-00000000de00")
 
 async def seed_demo(dsn: str, *, devices: int = 5) -> None:
     """Create the demo tenant, a site and DEVICE-01.. if they are missing."""
-    db = Database(await create_pool(dsn, size=1))
+    db = Database(await create_pool(dsn, size=1), name="demo")
     try:
         async with db.admin() as con:
             await ensure_tenant(con, DEMO_TENANT, "Demo")

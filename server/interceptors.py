@@ -1,13 +1,16 @@
-"""The interceptor chain: request logging, error mapping, then admission
+"""The interceptor chain: metrics and the call's log event, error mapping, then admission
 (`server.admission`: decoding, authentication, limits), in the order fixed in
 `chain()`."""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -15,6 +18,7 @@ from grpc_status import rpc_status
 
 from server import decoding, transient
 from server.errors import DomainError, internal_status
+from server.observability import logs, metrics
 
 log = logging.getLogger("pulse.rpc")
 
@@ -98,33 +102,114 @@ def metadata_value(context: Context, key: str) -> str | None:
     return None
 
 
-class LoggingInterceptor(AroundInterceptor):
-    """One line per call: method, outcome, duration and a request id."""
+@dataclass(slots=True)
+class CallRecord:
+    """What the log event of a call says about who made it, filled in by
+    admission once the token is verified."""
 
-    def _request_id(self, context: Context) -> str:
-        return metadata_value(context, "x-request-id") or uuid.uuid4().hex[:16]
+    tenant: str | None = None
+    caller: str | None = None
 
-    def _done(self, method: str, rid: str, start: float, context: Context) -> None:
-        code = context.code() or grpc.StatusCode.OK
+
+current_call: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar(
+    "current_call", default=None
+)
+
+
+class _MethodMetrics:
+    """One method's metric children, looked up once instead of per call."""
+
+    __slots__ = ("_handled", "_labels", "seconds", "started", "streams")
+
+    def __init__(self, method: str, streaming: bool) -> None:
+        service, _, name = method.lstrip("/").rpartition("/")
+        kind = "server_stream" if streaming else "unary"
+        self._labels = (kind, service, name)
+        self.started = metrics.GRPC_STARTED.labels(*self._labels)
+        self.seconds = metrics.GRPC_HANDLING_SECONDS.labels(*self._labels)
+        self.streams = metrics.WATCH_STREAMS.labels(name)
+        self._handled: dict[str, Any] = {}
+
+    def handled(self, code: str) -> Any:
+        child = self._handled.get(code)
+        if child is None:
+            child = self._handled[code] = metrics.GRPC_HANDLED.labels(*self._labels, code)
+        return child
+
+
+class ObservingInterceptor(AroundInterceptor):
+    """Per call: its metrics, and one log event with method, status code,
+    duration, tenant, caller and request id (never a token or a body)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._metrics: dict[str, _MethodMetrics] = {}
+
+    def _method_metrics(self, method: str, streaming: bool) -> _MethodMetrics:
+        found = self._metrics.get(method)
+        if found is None:
+            found = self._metrics[method] = _MethodMetrics(method, streaming)
+        return found
+
+    def _begin(self, context: Context) -> CallRecord:
+        logs.request_id.set(metadata_value(context, "x-request-id") or uuid.uuid4().hex[:16])
+        record = CallRecord()
+        current_call.set(record)
+        return record
+
+    def _done(
+        self,
+        method: str,
+        measured: _MethodMetrics,
+        record: CallRecord,
+        start: float,
+        context: Context,
+        cancelled: bool,
+    ) -> None:
+        elapsed = time.perf_counter() - start
+        code = grpc.StatusCode.CANCELLED if cancelled else context.code() or grpc.StatusCode.OK
         name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-        log.info("%s %s %.1fms rid=%s", method, name, (time.perf_counter() - start) * 1000, rid)
+        measured.handled(name).inc()
+        measured.seconds.observe(elapsed)
+        log.info(
+            "call",
+            extra={
+                "method": method,
+                "code": name,
+                "duration_ms": round(elapsed * 1000, 3),
+                "tenant": record.tenant,
+                "caller": record.caller,
+            },
+        )
 
     async def around_unary(self, inner: Unary, request: Any, context: Context, method: str) -> Any:
-        rid, start = self._request_id(context), time.perf_counter()
+        measured = self._method_metrics(method, streaming=False)
+        measured.started.inc()
+        record, start, cancelled = self._begin(context), time.perf_counter(), False
         try:
             return await inner(request, context)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
         finally:
-            self._done(method, rid, start, context)
+            self._done(method, measured, record, start, context, cancelled)
 
     async def around_stream(
         self, inner: Streaming, request: Any, context: Context, method: str
     ) -> AsyncIterator[Any]:
-        rid, start = self._request_id(context), time.perf_counter()
+        measured = self._method_metrics(method, streaming=True)
+        measured.started.inc()
+        measured.streams.inc()
+        record, start, cancelled = self._begin(context), time.perf_counter(), False
         try:
             async for item in inner(request, context):
                 yield item
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
         finally:
-            self._done(method, rid, start, context)
+            measured.streams.dec()
+            self._done(method, measured, record, start, context, cancelled)
 
 
 class ErrorInterceptor(AroundInterceptor):
@@ -171,6 +256,6 @@ class ErrorInterceptor(AroundInterceptor):
 
 
 def chain(admission: AroundInterceptor) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
-    """Logging sees every outcome, the error mapper turns what admission and
+    """Observing sees every outcome, the error mapper turns what admission and
     handlers raise into rich statuses, and admission runs next to the handler."""
-    return [LoggingInterceptor(), ErrorInterceptor(), admission]
+    return [ObservingInterceptor(), ErrorInterceptor(), admission]

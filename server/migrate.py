@@ -51,6 +51,14 @@ def discover(folder: Path = MIGRATIONS_DIR) -> list[Migration]:
     return found
 
 
+async def pending(con: asyncpg.Connection, folder: Path = MIGRATIONS_DIR) -> list[str]:
+    """Names of this build's migrations the database has not applied."""
+    if await con.fetchval("SELECT to_regclass('schema_migrations')") is None:
+        return [m.name for m in discover(folder)]
+    applied = {r["version"] for r in await con.fetch("SELECT version FROM schema_migrations")}
+    return [m.name for m in discover(folder) if m.version not in applied]
+
+
 async def apply(dsn: str, folder: Path = MIGRATIONS_DIR) -> list[str]:
     """Apply pending migrations; return the names of those applied."""
     migrations = discover(folder)

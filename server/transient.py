@@ -30,6 +30,7 @@ from pulse.device.v1.error_reason_pb2 import ErrorReason
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
 from server.errors import DOMAIN, reason_name, retry_info, unavailable_status
+from server.observability import metrics
 
 T = TypeVar("T")
 
@@ -85,6 +86,21 @@ def is_safe_to_retry(error: BaseException) -> bool:
     return is_transient(error) and not isinstance(error, CommitOutcomeUnknown)
 
 
+def retry_reason(error: BaseException) -> str:
+    """The kind of a transient error, as the retry metric labels it."""
+    if isinstance(error, CommitOutcomeUnknown):
+        return "commit_outcome_unknown"
+    if isinstance(error, asyncpg.DeadlockDetectedError):
+        return "deadlock"
+    if isinstance(error, asyncpg.SerializationError):
+        return "serialization_failure"
+    return "connection_lost"
+
+
+def _count(error: BaseException) -> None:
+    metrics.DB_RETRIES.labels(retry_reason(error)).inc()
+
+
 def _policy(first_s: float, cap_s: float) -> wait_exponential_jitter:
     return wait_exponential_jitter(multiplier=first_s, max=cap_s, jitter=first_s)
 
@@ -98,6 +114,7 @@ async def retry(attempt: Callable[[], Awaitable[T]], *, budget_s: float | None =
     except Exception as error:
         if not is_safe_to_retry(error) or (budget_s is not None and budget_s <= _CALL_FIRST_S):
             raise
+        _count(error)
     loop = asyncio.get_running_loop()
     started = loop.time()
 
@@ -108,10 +125,15 @@ async def retry(attempt: Callable[[], Awaitable[T]], *, budget_s: float | None =
         elapsed = loop.time() - started
         return budget_s is not None and elapsed + state.upcoming_sleep >= budget_s
 
+    def counted(state: RetryCallState) -> None:
+        if state.outcome is not None and (error := state.outcome.exception()) is not None:
+            _count(error)
+
     retrying = AsyncRetrying(
         retry=retry_if_exception(is_safe_to_retry),
         stop=stop,
         wait=_policy(_CALL_FIRST_S, _CALL_CAP_S),
+        before_sleep=counted,
         reraise=True,
     )
     # Tenacity does not wait before its first try; this one follows a failure.
@@ -136,6 +158,8 @@ async def retry_forever(
 
     def warn(state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
+        if error is not None and is_transient(error):
+            _count(error)
         log.warning("%s failed (%s); retrying in %.1fs", what, error, state.upcoming_sleep)
 
     retrying = AsyncRetrying(

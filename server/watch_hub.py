@@ -43,12 +43,14 @@ from typing import Generic, NamedTuple, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
+from prometheus_client import Counter
 from pulse.device.v1.error_reason_pb2 import ErrorReason
 
 from server.db import Connection, Database
 from server.errors import DomainError, ServerShuttingDown
 from server.event_log import Position
 from server.listener import GAP, Listener, Subscription
+from server.observability import metrics
 from server.transient import TRANSIENT
 
 log = logging.getLogger(__name__)
@@ -206,6 +208,7 @@ class _Watcher(Generic[N, M]):
     __slots__ = (
         "error",
         "floor",
+        "gaps",
         "lags",
         "live",
         "narrowing",
@@ -215,8 +218,9 @@ class _Watcher(Generic[N, M]):
         "wake",
     )
 
-    def __init__(self, narrowing: N, queue_size: int) -> None:
+    def __init__(self, narrowing: N, queue_size: int, gaps: Counter) -> None:
         self.narrowing = narrowing
+        self.gaps = gaps
         self.queue: deque[tuple[Position, M]] = deque()
         self.queue_size = queue_size
         self.live = False
@@ -242,6 +246,7 @@ class _Watcher(Generic[N, M]):
             self.live = False
             self.queue.clear()
             self.lags += 1
+            self.gaps.inc()
         else:
             self.queue.append((position, response))
         self.wake.set()
@@ -383,10 +388,13 @@ class WatchHub(Generic[N, E, M]):
         listener: Listener,
         source: Source[N, E, M],
         *,
+        feed: str,
         queue_size: int = QUEUE_SIZE,
         batch_size: int = BATCH_SIZE,
     ) -> None:
+        """`feed` names the source in metrics."""
         self.db = db
+        self._gaps = metrics.WATCH_GAPS.labels(feed)
         self.source = source
         self.batch_size = batch_size
         self._listener = listener
@@ -517,7 +525,7 @@ class WatchHub(Generic[N, E, M]):
         if self._closing:
             raise ServerShuttingDown()
         await self._ensure_listening()
-        watcher: _Watcher[N, M] = _Watcher(narrowing, self._queue_size)
+        watcher: _Watcher[N, M] = _Watcher(narrowing, self._queue_size, self._gaps)
         feed = self._join(tenant_id, watcher)
         try:
             await feed.ready.wait()

@@ -132,7 +132,7 @@ def _check_printed_mosquitto_pub(banner: list[str]) -> None:
     assert "not authori" in refused.stderr.lower() or "bad user" in refused.stderr.lower()
 
 
-@pytest.mark.parametrize("command", ["run", "evaluator", "rollouts", "migrate"])
+@pytest.mark.parametrize("command", ["run", "serve", "evaluator", "rollouts", "migrate"])
 def test_an_unreachable_database_is_said_plainly_at_start(command: str, tmp_path: Path) -> None:
     with socket.socket() as probe:  # a port nothing listens on once released
         probe.bind(("127.0.0.1", 0))

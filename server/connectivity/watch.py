@@ -123,6 +123,7 @@ def connectivity_hub(
         db,
         listener,
         ConnectivitySource(tokens, stale_after),
+        feed="connectivity",
         queue_size=queue_size,
         batch_size=batch_size,
     )

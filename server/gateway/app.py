@@ -28,10 +28,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from server.gateway import openapi, routes, sse, status, transcode
+from server.gateway import http_metrics, openapi, routes, sse, status, transcode
 from server.gateway.broker_hooks import BrokerHooks
 from server.gateway.http_io import error_response, read_body
 from server.gateway.upstream import UPSTREAM_PREFIX
+from server.observability import health
 
 log = logging.getLogger("pulse.gateway")
 
@@ -112,6 +113,8 @@ class Gateway:
             if route.http_method != request.method:
                 allowed.append(route.http_method)
                 continue
+            prefix = UPSTREAM_PREFIX if path != request.url.path else ""
+            request.scope[http_metrics.ROUTE_KEY] = prefix + route.template
             return await self._serve(route, params, request)
         if allowed:
             response = error_response(
@@ -196,10 +199,13 @@ def create_app(
     cors_origins: Sequence[str] = (),
     stopping: asyncio.Event | None = None,
     broker_hooks: BrokerHooks | None = None,
+    readiness: health.Readiness | None = None,
 ) -> Starlette:
     """The gateway app. Setting `stopping` ends every open event stream with
     a "shutting down" error event, so the server can stop promptly; given
-    `broker_hooks`, it also answers an MQTT broker's /mqtt/authn and /mqtt/authz."""
+    `broker_hooks`, it also answers an MQTT broker's /mqtt/authn and /mqtt/authz.
+    /healthz, /readyz (`readiness`'s checks, and that the gRPC server
+    serves) and /metrics are the process's."""
     gateway = Gateway(
         channel, services, max_body_bytes=max_body_bytes, stopping=stopping or asyncio.Event()
     )
@@ -208,7 +214,10 @@ def create_app(
     async def openapi_json(request: Request) -> Response:
         return JSONResponse(document)
 
+    readiness = readiness or health.Readiness()
+    readiness.add("grpc", health.grpc_serving(channel))
     mounts: list[Route | Mount] = [
+        *health.routes(readiness),
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/customer/{rest:path}", gateway.dispatch, methods=_ALL_METHODS),
         Route(UPSTREAM_PREFIX + "/customer/{rest:path}", gateway.dispatch, methods=_ALL_METHODS),
@@ -217,7 +226,7 @@ def create_app(
         mounts.extend(broker_hooks.routes(max_body_bytes=max_body_bytes))
     if CONSOLE_DIR.is_dir():
         mounts.append(Mount("/", StaticFiles(directory=CONSOLE_DIR, html=True)))
-    middleware = []
+    middleware = [Middleware(http_metrics.HttpMetrics)]
     if cors_origins:
         middleware.append(
             Middleware(

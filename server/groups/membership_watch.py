@@ -126,7 +126,7 @@ class MembershipWatches:
     def __init__(self, db: Database, listener: Listener, tokens: PageTokens) -> None:
         self.db = db
         self.source = MembershipSource(tokens)
-        self.hub: MembershipHub = WatchHub(db, listener, self.source)
+        self.hub: MembershipHub = WatchHub(db, listener, self.source, feed="membership")
 
     async def close(self) -> None:
         await self.hub.close()

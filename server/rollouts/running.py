@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 @contextlib.asynccontextmanager
 async def running_engine(settings: Settings, dsn: str) -> AsyncIterator[RolloutEngine]:
     """A rollout engine on a pool of its own, working until the context ends."""
-    db = Database(await create_pool(dsn, size=settings.db_pool_size))
+    db = Database(await create_pool(dsn, size=settings.db_pool_size), name="rollouts")
     engine = RolloutEngine(db, stale_after=timedelta(seconds=settings.twin_stale_after_s))
     task = asyncio.create_task(engine.run(), name="rollout engine")
     log.info("rollout engine running")

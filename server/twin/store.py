@@ -491,6 +491,18 @@ async def claim_outbox(con: Connection, *, limit: int) -> list[OutboxEntry]:
     return [OutboxEntry(r["id"], r["tenant_id"], r["device_id"]) for r in rows]
 
 
+async def outbox_backlog(con: Connection) -> tuple[int, float]:
+    """(rows queued, seconds since the oldest was committed), on the owner's
+    connection: what the outbox metrics show."""
+    row = await con.fetchrow(
+        "SELECT count(*) AS depth,"
+        " coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0) AS age"
+        " FROM twin_outbox"
+    )
+    assert row is not None
+    return int(row["depth"]), float(row["age"])
+
+
 async def delete_outbox(con: Connection, ids: Sequence[int]) -> None:
     await con.execute("DELETE FROM twin_outbox WHERE id = any($1::bigint[])", list(ids))
 

@@ -1,0 +1,2 @@
+"""What an operator sees of a running process: Prometheus metrics, log
+events, and the HTTP health and readiness endpoints."""

@@ -1,0 +1,156 @@
+"""`pulse serve` as an operator runs it: readiness that follows the database,
+and one JSON log event per call."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import grpc
+import httpx
+from pulse.device.v1 import devices_pb2, devices_pb2_grpc
+
+from bench.harness import free_port, listening
+from server.auth import Role, mint_token
+from server.observability.health import DatabaseProbe
+from server.tenants import ensure_tenant
+from tests.conftest import with_database
+from tests.faults.conftest import pulse_env
+from tests.helpers import eventually
+from tests.infra.own_postgres import migrated_postgres
+
+PULSE = str(Path(sys.executable).parent / "pulse")
+
+
+@contextlib.asynccontextmanager
+async def pulse_serve(
+    dsn: str, data_dir: Path, **overrides: str
+) -> AsyncIterator[tuple[httpx.AsyncClient, int, Path]]:
+    """`pulse serve` on `dsn`: an HTTP client on its ops port, its gRPC port
+    and the file its stderr goes to. Stopped with SIGTERM at the end, which
+    must end it cleanly."""
+    ops_port, grpc_port = free_port(), free_port()
+    log_file = data_dir / "serve.log"
+    env = pulse_env(
+        {
+            "DATABASE_URL": dsn,
+            "PULSE_DATA_DIR": str(data_dir),
+            "PULSE_OPS_PORT": str(ops_port),
+            "PULSE_GRPC_PORT": str(grpc_port),
+            **overrides,
+        }
+    )
+    with log_file.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            PULSE, "serve", env=env, stdout=log, stderr=log
+        )
+    try:
+        assert await listening(ops_port, process, timeout_s=30), log_file.read_text()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ops_port}", timeout=10) as http:
+            yield http, grpc_port, log_file
+        process.terminate()
+        assert await asyncio.wait_for(process.wait(), 30) == 0, log_file.read_text()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def get_device(port: int, token: str, device_id: str, *, request_id: str) -> grpc.StatusCode:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = devices_pb2_grpc.DeviceRegistryServiceStub(channel)
+        try:
+            await stub.GetDevice(
+                devices_pb2.GetDeviceRequest(device_id=device_id),
+                metadata=(("authorization", f"Bearer {token}"), ("x-request-id", request_id)),
+            )
+        except grpc.aio.AioRpcError as error:
+            return error.code()
+        return grpc.StatusCode.OK
+
+
+async def test_readiness_follows_the_database(tmp_path: Path) -> None:
+    async with migrated_postgres() as postgres, pulse_serve(postgres.url, tmp_path) as (http, *_):
+        ready = await http.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json() == {
+            "status": "ready",
+            "checks": {"database": "ok", "migrations": "ok"},
+        }
+
+        await postgres.stop()
+
+        async def not_ready() -> bool:
+            return (await http.get("/readyz")).status_code == 503
+
+        await eventually(not_ready, what="/readyz failing once the database stopped")
+        body = (await http.get("/readyz")).json()
+        assert body["status"] == "not ready"
+        assert body["checks"]["database"].startswith("database unreachable")
+        # Alive all the same: a restart would not bring the database back.
+        assert (await http.get("/healthz")).status_code == 200
+
+        await postgres.start()
+
+        async def ready_again() -> bool:
+            return (await http.get("/readyz")).status_code == 200
+
+        await eventually(ready_again, timeout=30, what="/readyz passing again")
+        metrics = await http.get("/metrics")
+        assert "pulse_db_pool_max_connections" in metrics.text
+
+
+async def test_readiness_names_the_migrations_a_database_lacks(server_url: str) -> None:
+    name = f"pulse_unmigrated_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        probe = DatabaseProbe(with_database(server_url, name))
+        try:
+            assert await probe.reachable() is None
+            why = await probe.migrations_current()
+            assert why is not None and why.startswith("migrations not applied: 0001_registry.sql")
+        finally:
+            await probe.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_one_json_log_event_per_call_and_never_a_token(dsn: str, tmp_path: Path) -> None:
+    secret = secrets.token_hex(32)
+    tenant_id = uuid.uuid4()
+    admin = await asyncpg.connect(dsn)
+    try:
+        await ensure_tenant(admin, tenant_id, "logged")
+    finally:
+        await admin.close()
+    token = mint_token(
+        secret.encode(), tenant_id=tenant_id, role=Role.VIEWER, subject="alice", audience="pulse"
+    )
+    serving = pulse_serve(dsn, tmp_path, PULSE_SECRET=secret, PULSE_LOG_FORMAT="json")
+    async with serving as (_, grpc_port, log_file):
+        code = await get_device(grpc_port, token, "NOPE", request_id="req-42")
+    assert code == grpc.StatusCode.NOT_FOUND
+    text = log_file.read_text()
+    events = [json.loads(line) for line in text.splitlines() if line.strip()]
+    calls = [e for e in events if e.get("logger") == "pulse.rpc"]
+    assert len(calls) == 1, calls
+    [call] = calls
+    assert call["message"] == "call"
+    assert call["method"] == "/pulse.device.v1.DeviceRegistryService/GetDevice"
+    assert call["code"] == "NOT_FOUND"
+    assert call["tenant"] == str(tenant_id)
+    assert call["caller"] == "alice"
+    assert call["request_id"] == "req-42"
+    assert call["level"] == "INFO"
+    assert 0 < call["duration_ms"] < 10_000
+    assert "time" in call
+    assert token not in text and token.split(".")[2] not in text
