@@ -17,6 +17,7 @@ SUITES = [
     "bench.device_access",
     "bench.gateway",
     "bench.rollouts",
+    "bench.observability",
 ]
 
 if __name__ == "__main__":
