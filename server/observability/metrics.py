@@ -163,8 +163,8 @@ LIVENESS_TRANSITIONS = Counter(
 # Watch streams
 WATCH_STREAMS = Gauge(
     "pulse_watch_streams_open",
-    "Watch streams open, by feed.",
-    ["feed"],
+    "Server streams (watches) open, by method.",
+    ["method"],
     multiprocess_mode="livesum",
 )
 WATCH_GAPS = Counter(

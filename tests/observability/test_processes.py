@@ -1,5 +1,5 @@
-"""`pulse serve` as an operator runs it: readiness that follows the database,
-and one JSON log event per call."""
+"""The processes as an operator runs them: readiness that follows the
+database and the broker, and one JSON log event per call."""
 
 from __future__ import annotations
 
@@ -30,12 +30,12 @@ PULSE = str(Path(sys.executable).parent / "pulse")
 
 
 @contextlib.asynccontextmanager
-async def pulse_serve(
-    dsn: str, data_dir: Path, **overrides: str
+async def pulse_process(
+    command: str, dsn: str, data_dir: Path, **overrides: str
 ) -> AsyncIterator[tuple[httpx.AsyncClient, int, Path]]:
-    """`pulse serve` on `dsn`: an HTTP client on its ops port, its gRPC port
-    and the file its stderr goes to. Stopped with SIGTERM at the end, which
-    must end it cleanly."""
+    """`pulse <command>` on `dsn`: an HTTP client on its ops port, its gRPC
+    port and the file its output goes to. Stopped with SIGTERM at the end,
+    which must end it cleanly."""
     ops_port, grpc_port = free_port(), free_port()
     log_file = data_dir / "serve.log"
     env = pulse_env(
@@ -49,7 +49,7 @@ async def pulse_serve(
     )
     with log_file.open("wb") as log:
         process = await asyncio.create_subprocess_exec(
-            PULSE, "serve", env=env, stdout=log, stderr=log
+            PULSE, command, env=env, stdout=log, stderr=log
         )
     try:
         assert await listening(ops_port, process, timeout_s=30), log_file.read_text()
@@ -77,7 +77,10 @@ async def get_device(port: int, token: str, device_id: str, *, request_id: str) 
 
 
 async def test_readiness_follows_the_database(tmp_path: Path) -> None:
-    async with migrated_postgres() as postgres, pulse_serve(postgres.url, tmp_path) as (http, *_):
+    async with (
+        migrated_postgres() as postgres,
+        pulse_process("serve", postgres.url, tmp_path) as (http, *_),
+    ):
         ready = await http.get("/readyz")
         assert ready.status_code == 200, ready.text
         assert ready.json() == {
@@ -105,6 +108,22 @@ async def test_readiness_follows_the_database(tmp_path: Path) -> None:
         await eventually(ready_again, timeout=30, what="/readyz passing again")
         metrics = await http.get("/metrics")
         assert "pulse_db_pool_max_connections" in metrics.text
+
+
+async def test_an_evaluator_without_its_broker_is_alive_and_not_ready(
+    dsn: str, tmp_path: Path
+) -> None:
+    nothing_there = f"mqtt://pulse-evaluator:secret@127.0.0.1:{free_port()}"
+    evaluator = pulse_process("evaluator", dsn, tmp_path, MQTT_URL=nothing_there)
+    async with evaluator as (http, *_):
+        assert (await http.get("/healthz")).status_code == 200
+        ready = await http.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["checks"] == {
+            "database": "ok",
+            "migrations": "ok",
+            "broker": "the MQTT broker is not connected",
+        }
 
 
 async def test_readiness_names_the_migrations_a_database_lacks(server_url: str) -> None:
@@ -135,7 +154,7 @@ async def test_one_json_log_event_per_call_and_never_a_token(dsn: str, tmp_path:
     token = mint_token(
         secret.encode(), tenant_id=tenant_id, role=Role.VIEWER, subject="alice", audience="pulse"
     )
-    serving = pulse_serve(dsn, tmp_path, PULSE_SECRET=secret, PULSE_LOG_FORMAT="json")
+    serving = pulse_process("serve", dsn, tmp_path, PULSE_SECRET=secret, PULSE_LOG_FORMAT="json")
     async with serving as (_, grpc_port, log_file):
         code = await get_device(grpc_port, token, "NOPE", request_id="req-42")
     assert code == grpc.StatusCode.NOT_FOUND
