@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import shlex
 import socket
 import uuid
@@ -19,7 +20,7 @@ from pulse_client import AsyncPulseClient
 from evaluator.runtime import Evaluator
 from evaluator.service import mqtt_broker, running_evaluator
 from evaluator.simulator import Behaviour, device_ids, running_fleet
-from launcher import demo_credentials
+from launcher import demo_credentials, workers
 from server import config, migrate, mqtt_url, wire
 from server.app import SERVICE_NAMES, RunningServer, start, wait_for_signal
 from server.auth import Role, mint_token
@@ -108,8 +109,13 @@ async def _start_server(
     settings: config.Settings, dsn: str, mirror: MosquittoDynsec | None
 ) -> RunningServer:
     # Checked here first: gRPC's own failed bind logs a C-core error that
-    # reads like a crash, for what is an ordinary fallback.
-    if settings.grpc_port and not _port_is_free(settings.grpc_host, settings.grpc_port):
+    # reads like a crash, for what is an ordinary fallback. A worker shares
+    # its port with the others instead.
+    if (
+        settings.grpc_port
+        and not settings.reuse_port
+        and not _port_is_free(settings.grpc_host, settings.grpc_port)
+    ):
         log.warning("gRPC port %d is taken; using a free one instead", settings.grpc_port)
         settings = config.replace_port(settings, 0)
     return await start(settings, dsn, mirror=mirror)
@@ -156,6 +162,7 @@ def _gateway(
         shutdown_grace_s=max(1, round(settings.shutdown_grace_s)),
         broker_hooks=hooks,
         readiness=readiness,
+        reuse_port=settings.reuse_port,
     )
 
 
@@ -338,7 +345,9 @@ async def _ops(
     settings: config.Settings, default_port: int, readiness: health.Readiness
 ) -> AsyncIterator[int]:
     port = default_port if settings.ops_port is None else settings.ops_port
-    async with health.serving_ops(settings.ops_host, port, readiness) as bound:
+    async with health.serving_ops(
+        settings.ops_host, port, readiness, reuse_port=settings.reuse_port
+    ) as bound:
         yield bound
 
 
@@ -346,7 +355,8 @@ async def _serve(settings: config.Settings) -> None:
     if not settings.database_url:
         raise SystemExit("pulse serve: set DATABASE_URL to the database pulse serves")
     await _reachable(settings.database_url)
-    await migrate.apply(settings.database_url)
+    if not settings.reuse_port:  # a worker: its supervisor migrated
+        await migrate.apply(settings.database_url)
     async with (
         _dynsec_mirror_pool(settings) as mirror,
         _database_readiness(settings.database_url) as readiness,
@@ -354,6 +364,55 @@ async def _serve(settings: config.Settings) -> None:
         running = await _start_server(settings, settings.database_url, mirror)
         async with running.stopping(), _ops(settings, OPS_PORTS["serve"], readiness):
             await wait_for_signal()
+
+
+async def _serve_workers(settings: config.Settings, count: int) -> None:
+    """`pulse serve --workers N`: N servers on one gRPC port and one ops port."""
+    if not settings.database_url:
+        raise SystemExit("pulse serve: set DATABASE_URL to the database pulse serves")
+    await _reachable(settings.database_url)
+    await migrate.apply(settings.database_url)
+    ops_port = OPS_PORTS["serve"] if settings.ops_port is None else settings.ops_port
+    with (
+        workers.reserve_port(settings.grpc_host, settings.grpc_port) as grpc_sock,
+        workers.reserve_port(settings.ops_host, ops_port) as ops_sock,
+        workers.metrics_directory() as metrics_dir,
+    ):
+        grpc_port, ops_port = grpc_sock.getsockname()[1], ops_sock.getsockname()[1]
+        log.info(
+            "%d workers: gRPC on %s:%d, /metrics /healthz /readyz on http://%s:%d",
+            count,
+            settings.grpc_host,
+            grpc_port,
+            settings.ops_host,
+            ops_port,
+        )
+        env = _worker_env(metrics_dir, PULSE_GRPC_PORT=grpc_port, PULSE_OPS_PORT=ops_port)
+        supervisor = workers.Supervisor(["serve", "--workers", "1"], env, count)
+        await supervisor.run(grace_s=settings.shutdown_grace_s + 5)
+
+
+async def _gateway_workers(settings: config.Settings, grpc_target: str, count: int) -> None:
+    """`pulse gateway --workers N`: N gateways on one HTTP port."""
+    with (
+        workers.reserve_port(settings.http_host, settings.http_port) as http_sock,
+        workers.metrics_directory() as metrics_dir,
+    ):
+        port = http_sock.getsockname()[1]
+        print(f"HTTP gateway on http://{settings.http_host}:{port}/ -> gRPC {grpc_target}")
+        log.info("%d gateway workers", count)
+        env = _worker_env(metrics_dir, PULSE_HTTP_PORT=port)
+        argv = ["gateway", "--grpc-target", grpc_target, "--workers", "1"]
+        await workers.Supervisor(argv, env, count).run(grace_s=settings.shutdown_grace_s + 5)
+
+
+def _worker_env(metrics_dir: str, **ports: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        **{name: str(port) for name, port in ports.items()},
+        "PULSE_REUSE_PORT": "1",
+        "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
+    }
 
 
 @contextlib.asynccontextmanager
@@ -413,7 +472,8 @@ async def _gateway_alone(settings: config.Settings, grpc_target: str) -> None:
         )
     try:
         async with _gateway(settings, grpc_target, db) as port:
-            print(f"HTTP gateway on http://{settings.http_host}:{port}/ -> gRPC {grpc_target}")
+            if not settings.reuse_port:  # a worker's supervisor said it
+                print(f"HTTP gateway on http://{settings.http_host}:{port}/ -> gRPC {grpc_target}")
             await wait_for_signal()
     finally:
         if db is not None:
@@ -473,6 +533,12 @@ async def _tenant_add(settings: config.Settings, external_id: str, name: str) ->
     print(tenant_id)
 
 
+def _workers(requested: int | None) -> int:
+    if requested is not None and requested < 1:
+        raise SystemExit("pulse: --workers must be 1 or more")
+    return requested or os.cpu_count() or 1
+
+
 def _tenant(external_id: str, command: str) -> uuid.UUID:
     try:
         return tenant_uuid(external_id)
@@ -520,8 +586,14 @@ def main(argv: list[str] | None = None) -> None:
         help="start PostgreSQL and MQTT (embedded unless configured), server, evaluator, "
         "rollout engine",
     )
-    sub.add_parser(
+    srv = sub.add_parser(
         "serve", help="run only the gRPC server (DATABASE_URL; metrics and health on the ops port)"
+    )
+    srv.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="server processes sharing the port (default: the number of cores)",
     )
     sub.add_parser("migrate", help="apply pending migrations and exit")
     sub.add_parser("evaluator", help="run only the device-facing evaluator (MQTT ingest, liveness)")
@@ -562,6 +634,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     gw = sub.add_parser("gateway", help="run only the HTTP gateway against a gRPC server")
     gw.add_argument("--grpc-target", required=True, help="host:port of a pulse gRPC server")
+    gw.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="gateway processes sharing the port (default: the number of cores)",
+    )
     ret = sub.add_parser(
         "retention", help="delete connection events past retention (as the schema owner)"
     )
@@ -629,13 +707,21 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "retention":
         _run_async(settings, _retention(settings, args.days or settings.event_retention_days))
     elif args.command == "gateway":
-        _run_async(settings, _gateway_alone(settings, args.grpc_target))
+        count = _workers(args.workers)
+        if count > 1:
+            _run_async(settings, _gateway_workers(settings, args.grpc_target, count))
+        else:
+            _run_async(settings, _gateway_alone(settings, args.grpc_target))
     elif args.command == "evaluator":
         _run_async(settings, _evaluator(settings))
     elif args.command == "rollouts":
         _run_async(settings, _rollouts(settings))
     elif args.command == "serve":
-        _run_async(settings, _serve(settings))
+        count = _workers(args.workers)
+        if count > 1:
+            _run_async(settings, _serve_workers(settings, count))
+        else:
+            _run_async(settings, _serve(settings))
     elif args.command == "simulate":
         _run_async(settings, _simulate(settings, args))
     else:

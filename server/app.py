@@ -135,8 +135,9 @@ class _GenericHandlersOnly:
 def _server_options(settings: Settings) -> list[tuple[str, Any]]:
     idle_ms = int(settings.grpc_max_connection_idle_s * 1000)
     return [
-        # Without this, a second server silently shares a busy port on Linux.
-        ("grpc.so_reuseport", 0),
+        # Without this, a second server silently shares a busy port on Linux;
+        # workers (`pulse serve --workers N`) share theirs on purpose.
+        ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
         ("grpc.max_connection_idle_ms", idle_ms),
         # Watchers sit idle for long stretches: clients may keep their
         # connections alive with pings, but no more often than every 10 s;

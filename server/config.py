@@ -107,6 +107,9 @@ class Settings:
     #: default port (README), so that they can share a host.
     ops_host: str = "127.0.0.1"
     ops_port: int | None = None
+    #: Set by `--workers N` for its workers: listen on the configured ports
+    #: with SO_REUSEPORT, beside the other workers, never on another port.
+    reuse_port: bool = False
     #: Publish desired state also on upstream's topic (`tenant/{t}/device/{d}/
     #: shadow/desired`, docs/upstream-devices.md) besides ours.
     upstream_desired: bool = True
@@ -246,6 +249,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
         upstream_desired=_switch(env, "PULSE_UPSTREAM_DESIRED"),
         ops_host=env.get("PULSE_OPS_HOST") or "127.0.0.1",
         ops_port=int(env["PULSE_OPS_PORT"]) if env.get("PULSE_OPS_PORT") else None,
+        reuse_port=env.get("PULSE_REUSE_PORT") == "1",
     )
 
 

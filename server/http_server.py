@@ -23,15 +23,21 @@ class _InProcessServer(uvicorn.Server):
         yield
 
 
-def bind(host: str, port: int, *, what: str = "HTTP") -> socket.socket:
-    """A listening socket on `port`, or on a free one if it is taken."""
-    for candidate in (port, 0) if port else (0,):
+def bind(host: str, port: int, *, what: str = "HTTP", reuse_port: bool = False) -> socket.socket:
+    """A listening socket on `port`, or on a free one if it is taken. With
+    `reuse_port` (one of several worker processes) it shares `port` with the
+    others, and there is no falling back."""
+    for candidate in (port,) if reuse_port else (port, 0) if port else (0,):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.bind((host, candidate))
         except OSError:
             sock.close()
+            if reuse_port:
+                raise
             log.warning("%s port %d is taken; using a free one instead", what, candidate)
             continue
         sock.listen(1024)

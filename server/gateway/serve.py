@@ -39,6 +39,7 @@ async def running_gateway(
     shutdown_grace_s: float = 5.0,
     broker_hooks: BrokerHooks | None = None,
     readiness: Readiness | None = None,
+    reuse_port: bool = False,
 ) -> AsyncIterator[int]:
     """Serve HTTP until the context ends; yields the bound port.
 
@@ -48,6 +49,7 @@ async def running_gateway(
     error event, and requests still running after `shutdown_grace_s` are
     cancelled. `broker_hooks` adds the MQTT broker's authn/authz routes;
     /readyz runs `readiness`'s checks and asks the gRPC server's health.
+    `reuse_port`: one of several workers sharing `port` (SO_REUSEPORT).
     """
     channel = grpc.aio.insecure_channel(grpc_target)
     stopping = asyncio.Event()
@@ -60,7 +62,7 @@ async def running_gateway(
         broker_hooks=broker_hooks,
         readiness=readiness,
     )
-    sock = bind(host, port)
+    sock = bind(host, port, reuse_port=reuse_port)
     bound = int(sock.getsockname()[1])
     limits = ConnectionLimits(header_timeout_s=header_timeout_s, max_connections=max_connections)
     try:

@@ -159,10 +159,12 @@ def routes(readiness: Readiness) -> list[Route]:
 
 
 @contextlib.asynccontextmanager
-async def serving_ops(host: str, port: int, readiness: Readiness) -> AsyncIterator[int]:
+async def serving_ops(
+    host: str, port: int, readiness: Readiness, *, reuse_port: bool = False
+) -> AsyncIterator[int]:
     """/healthz, /readyz and /metrics on a port of their own (processes with
     no HTTP gateway), until the context ends; yields the bound port."""
-    sock = bind(host, port, what="operations")
+    sock = bind(host, port, what="operations", reuse_port=reuse_port)
     bound = int(sock.getsockname()[1])
     async with serving(Starlette(routes=routes(readiness)), sock, shutdown_grace_s=1):
         log.info("metrics and health on http://%s:%d (/metrics, /healthz, /readyz)", host, bound)

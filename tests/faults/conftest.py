@@ -46,7 +46,7 @@ from typing import Any
 
 import aiomqtt
 import asyncpg
-import psutil  # type: ignore[import-untyped]
+import psutil
 import pytest
 
 from bench.harness import free_port, listening, seed_tenant

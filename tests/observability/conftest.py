@@ -4,13 +4,66 @@ and the twin tests' evaluator and MQTT client."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.harness import free_port, listening
+from tests.faults.conftest import pulse_env
 from tests.gateway.conftest import gateway_url, http  # noqa: F401
 from tests.twin.conftest import mqtt, retained_cleanup, start_evaluator  # noqa: F401
+
+PULSE = str(Path(sys.executable).parent / "pulse")
+
+
+@dataclass(frozen=True)
+class PulseProcess:
+    process: asyncio.subprocess.Process
+    #: A client of its ops port (/metrics, /healthz, /readyz).
+    http: httpx.AsyncClient
+    grpc_port: int
+    #: Where its stdout and stderr go.
+    log_file: Path
+
+
+@contextlib.asynccontextmanager
+async def pulse_process(
+    command: str, dsn: str, data_dir: Path, *args: str, **overrides: str
+) -> AsyncIterator[PulseProcess]:
+    """`pulse <command> <args>` on `dsn`, its ops port answering. Stopped
+    with SIGTERM at the end, which must end it cleanly."""
+    ops_port, grpc_port = free_port(), free_port()
+    log_file = data_dir / "serve.log"
+    env = pulse_env(
+        {
+            "DATABASE_URL": dsn,
+            "PULSE_DATA_DIR": str(data_dir),
+            "PULSE_OPS_PORT": str(ops_port),
+            "PULSE_GRPC_PORT": str(grpc_port),
+            **overrides,
+        }
+    )
+    with log_file.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            PULSE, command, *args, env=env, stdout=log, stderr=log
+        )
+    try:
+        assert await listening(ops_port, process, timeout_s=30), log_file.read_text()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ops_port}", timeout=10) as http:
+            yield PulseProcess(process, http, grpc_port, log_file)
+        process.terminate()
+        assert await asyncio.wait_for(process.wait(), 30) == 0, log_file.read_text()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
 
 #: The series a family of each type exposes, by suffix.
 _SUFFIXES = {

@@ -3,64 +3,23 @@ database and the broker, and one JSON log event per call."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import secrets
-import sys
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import grpc
-import httpx
 from pulse.device.v1 import devices_pb2, devices_pb2_grpc
 
-from bench.harness import free_port, listening
+from bench.harness import free_port
 from server.auth import Role, mint_token
 from server.observability.health import DatabaseProbe
 from server.tenants import ensure_tenant
 from tests.conftest import with_database
-from tests.faults.conftest import pulse_env
 from tests.helpers import eventually
 from tests.infra.own_postgres import migrated_postgres
-
-PULSE = str(Path(sys.executable).parent / "pulse")
-
-
-@contextlib.asynccontextmanager
-async def pulse_process(
-    command: str, dsn: str, data_dir: Path, **overrides: str
-) -> AsyncIterator[tuple[httpx.AsyncClient, int, Path]]:
-    """`pulse <command>` on `dsn`: an HTTP client on its ops port, its gRPC
-    port and the file its output goes to. Stopped with SIGTERM at the end,
-    which must end it cleanly."""
-    ops_port, grpc_port = free_port(), free_port()
-    log_file = data_dir / "serve.log"
-    env = pulse_env(
-        {
-            "DATABASE_URL": dsn,
-            "PULSE_DATA_DIR": str(data_dir),
-            "PULSE_OPS_PORT": str(ops_port),
-            "PULSE_GRPC_PORT": str(grpc_port),
-            **overrides,
-        }
-    )
-    with log_file.open("wb") as log:
-        process = await asyncio.create_subprocess_exec(
-            PULSE, command, env=env, stdout=log, stderr=log
-        )
-    try:
-        assert await listening(ops_port, process, timeout_s=30), log_file.read_text()
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ops_port}", timeout=10) as http:
-            yield http, grpc_port, log_file
-        process.terminate()
-        assert await asyncio.wait_for(process.wait(), 30) == 0, log_file.read_text()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+from tests.observability.conftest import pulse_process
 
 
 async def get_device(port: int, token: str, device_id: str, *, request_id: str) -> grpc.StatusCode:
@@ -79,8 +38,9 @@ async def get_device(port: int, token: str, device_id: str, *, request_id: str) 
 async def test_readiness_follows_the_database(tmp_path: Path) -> None:
     async with (
         migrated_postgres() as postgres,
-        pulse_process("serve", postgres.url, tmp_path) as (http, *_),
+        pulse_process("serve", postgres.url, tmp_path) as serve,
     ):
+        http = serve.http
         ready = await http.get("/readyz")
         assert ready.status_code == 200, ready.text
         assert ready.json() == {
@@ -115,9 +75,9 @@ async def test_an_evaluator_without_its_broker_is_alive_and_not_ready(
 ) -> None:
     nothing_there = f"mqtt://pulse-evaluator:secret@127.0.0.1:{free_port()}"
     evaluator = pulse_process("evaluator", dsn, tmp_path, MQTT_URL=nothing_there)
-    async with evaluator as (http, *_):
-        assert (await http.get("/healthz")).status_code == 200
-        ready = await http.get("/readyz")
+    async with evaluator as process:
+        assert (await process.http.get("/healthz")).status_code == 200
+        ready = await process.http.get("/readyz")
         assert ready.status_code == 503
         assert ready.json()["checks"] == {
             "database": "ok",
@@ -155,10 +115,10 @@ async def test_one_json_log_event_per_call_and_never_a_token(dsn: str, tmp_path:
         secret.encode(), tenant_id=tenant_id, role=Role.VIEWER, subject="alice", audience="pulse"
     )
     serving = pulse_process("serve", dsn, tmp_path, PULSE_SECRET=secret, PULSE_LOG_FORMAT="json")
-    async with serving as (_, grpc_port, log_file):
-        code = await get_device(grpc_port, token, "NOPE", request_id="req-42")
+    async with serving as serve:
+        code = await get_device(serve.grpc_port, token, "NOPE", request_id="req-42")
     assert code == grpc.StatusCode.NOT_FOUND
-    text = log_file.read_text()
+    text = serve.log_file.read_text()
     events = [json.loads(line) for line in text.splitlines() if line.strip()]
     calls = [e for e in events if e.get("logger") == "pulse.rpc"]
     assert len(calls) == 1, calls
