@@ -27,6 +27,10 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as _multiprocess
 
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # prometheus-client writes there from the first metric defined below on.
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
 # The `_created` series of every counter double the output and no dashboard
 # here reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]

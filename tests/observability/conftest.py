@@ -45,6 +45,8 @@ async def pulse_process(
             "DATABASE_URL": dsn,
             "PULSE_DATA_DIR": str(data_dir),
             "PULSE_OPS_PORT": str(ops_port),
+            # The gateway answers /metrics on its own port.
+            "PULSE_HTTP_PORT": str(ops_port),
             "PULSE_GRPC_PORT": str(grpc_port),
             **overrides,
         }

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import asyncpg
+import httpx
 import psutil
 from pulse_client import AsyncPulseClient, PulseError
 
@@ -128,3 +129,43 @@ async def test_two_workers_share_a_port_and_a_restart_loses_no_retried_call(
     assert f"worker 0 (pid {victim}) exited with 0; starting it again" in log or (
         f"worker 1 (pid {victim}) exited with 0; starting it again" in log
     )
+
+
+async def test_gateway_workers_share_a_port_and_their_metrics(
+    dsn: str, target: str, tmp_path: Path
+) -> None:
+    metrics_dir = tmp_path / "metrics"
+    gateway = pulse_process(
+        "gateway",
+        dsn,
+        tmp_path,
+        "--grpc-target",
+        target,
+        "--workers",
+        "2",
+        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+    )
+    async with gateway as process:
+
+        def both_listen() -> bool:
+            children = psutil.Process(process.process.pid).children()
+            ports = [
+                c.laddr.port
+                for child in children
+                for c in child.net_connections(kind="tcp")
+                if c.status == psutil.CONN_LISTEN
+            ]
+            return len(children) == 2 and ports == [process.http.base_url.port] * 2
+
+        await eventually(both_listen, timeout=30, what="two gateway workers on one port")
+        before = (await scrape(process.http)).value("pulse_http_requests_total", route="/healthz")
+        for _ in range(40):
+            # A connection each, so that the kernel spreads them.
+            async with httpx.AsyncClient(base_url=str(process.http.base_url)) as fresh:
+                response = await fresh.get("/healthz")
+                assert response.status_code == 200
+        after = (await scrape(process.http)).value("pulse_http_requests_total", route="/healthz")
+        assert after - before == 40
+        # Both served some: each worker keeps its counters in a file of its own.
+        pids = {child.pid for child in psutil.Process(process.process.pid).children()}
+        assert {f"counter_{pid}.db" for pid in pids} <= {p.name for p in metrics_dir.iterdir()}
