@@ -123,7 +123,7 @@ async def main() -> None:
                 "launcher",
                 http_port,
                 {**env, "PULSE_HTTP_PORT": str(http_port), "PULSE_LOG_LEVEL": "WARNING"},
-                ["gateway", "--grpc-target", f"127.0.0.1:{grpc_port}"],
+                ["gateway", "--grpc-target", f"127.0.0.1:{grpc_port}", "--workers", "1"],
             ),
         ):
             client = await AsyncPulseClient.connect(f"127.0.0.1:{grpc_port}", token=token)

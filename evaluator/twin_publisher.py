@@ -25,19 +25,23 @@ publish one device's versions out of order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 
 import aiomqtt
+from opentelemetry import trace
 
 from evaluator.runtime import Publisher
 from server import transient, wire
 from server.db import Database
-from server.observability import metrics
+from server.observability import metrics, tracing
 from server.twin import store
 
 log = logging.getLogger("pulse.evaluator.twin")
+_tracer = trace.get_tracer("pulse.evaluator")
 
 # How often the backlog is counted for the outbox metrics.
 _BACKLOG_EVERY_S = 1.0
@@ -111,8 +115,9 @@ class TwinPublisher:
                     found = await store.current_desired(tenant_con, tenant_id, sorted(device_ids))
                 documents.extend((tenant_id, desired) for desired in found)
             messages = [m for t, desired in documents for m in self._messages(t, desired)]
-            async with asyncio.timeout(self._publish_timeout_s):
-                await _publish_all(publisher, messages)
+            with _publish_spans(entries, documents):
+                async with asyncio.timeout(self._publish_timeout_s):
+                    await _publish_all(publisher, messages)
             await store.delete_outbox(con, [entry.id for entry in entries])
         self.published += len(documents)
         metrics.OUTBOX_PUBLISHED.inc(len(documents))
@@ -135,6 +140,43 @@ class TwinPublisher:
         tenant = wire.upstream_tenant(tenant_id, desired.tenant_external_id)
         topic = wire.upstream_topic(tenant, desired.device_id, "twin/desired")
         return [ours, (topic, desired.upstream_payload())]
+
+
+@contextlib.contextmanager
+def _publish_spans(
+    entries: list[store.OutboxEntry], documents: list[tuple[uuid.UUID, store.Desired]]
+) -> Iterator[None]:
+    """With tracing on, a span per traced write's publication, in the trace
+    of the call that wrote it (the newest such write of each device)."""
+    parents = {(e.tenant_id, e.device_id): e.traceparent for e in entries if e.traceparent}
+    if not parents:
+        yield
+        return
+    spans = []
+    for tenant_id, desired in documents:
+        context = tracing.continued(parents.get((tenant_id, desired.device_id)))
+        if context is not None:
+            span = _tracer.start_span(
+                "publish twin/desired",
+                context=context,
+                kind=trace.SpanKind.PRODUCER,
+                attributes={
+                    "pulse.tenant_id": str(tenant_id),
+                    "pulse.device_id": desired.device_id,
+                    "pulse.desired_version": desired.version,
+                },
+            )
+            spans.append(span)
+    try:
+        yield
+    except BaseException as error:
+        for span in spans:
+            span.record_exception(error)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, str(error)))
+        raise
+    finally:
+        for span in spans:
+            span.end()
 
 
 async def _publish_all(publisher: Publisher, messages: list[tuple[str, bytes]]) -> None:

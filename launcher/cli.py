@@ -10,7 +10,7 @@ import os
 import shlex
 import socket
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -34,7 +34,7 @@ from server.demo import DEMO_TENANT, seed_demo
 from server.embedded import EmbeddedPostgres
 from server.gateway.broker_hooks import BrokerHooks
 from server.gateway.serve import running_gateway
-from server.observability import health, logs
+from server.observability import health, logs, tracing
 from server.rollouts.running import running_engine
 from server.tenants import BadTenantId, ensure_tenant, tenant_uuid
 
@@ -706,23 +706,29 @@ def main(argv: list[str] | None = None) -> None:
         _run_async(settings, _migrate(settings))
     elif args.command == "retention":
         _run_async(settings, _retention(settings, args.days or settings.event_retention_days))
-    elif args.command == "gateway":
-        count = _workers(args.workers)
-        if count > 1:
-            _run_async(settings, _gateway_workers(settings, args.grpc_target, count))
-        else:
-            _run_async(settings, _gateway_alone(settings, args.grpc_target))
-    elif args.command == "evaluator":
-        _run_async(settings, _evaluator(settings))
-    elif args.command == "rollouts":
-        _run_async(settings, _rollouts(settings))
-    elif args.command == "serve":
-        count = _workers(args.workers)
-        if count > 1:
+    elif args.command in ("serve", "gateway") and (count := _workers(args.workers)) > 1:
+        if args.command == "serve":
             _run_async(settings, _serve_workers(settings, count))
         else:
-            _run_async(settings, _serve(settings))
+            _run_async(settings, _gateway_workers(settings, args.grpc_target, count))
     elif args.command == "simulate":
         _run_async(settings, _simulate(settings, args))
     else:
-        _run_async(settings, _run(settings))
+        _traced(settings, args)
+
+
+def _traced(settings: config.Settings, args: argparse.Namespace) -> None:
+    """The commands that serve, with their spans exported while tracing is on."""
+    commands: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
+        "gateway": lambda: _gateway_alone(settings, args.grpc_target),
+        "evaluator": lambda: _evaluator(settings),
+        "rollouts": lambda: _rollouts(settings),
+        "serve": lambda: _serve(settings),
+        "run": lambda: _run(settings),
+    }
+    spans = tracing.configure(f"pulse-{args.command}")
+    try:
+        _run_async(settings, commands[args.command]())
+    finally:
+        if spans is not None:
+            spans.close()

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 
-from server.observability import metrics
+from server.observability import metrics, tracing
 from server.transient import CommitOutcomeUnknown, is_connection_lost
 
 APP_ROLE = "pulse_app"
@@ -62,17 +62,21 @@ async def create_pool(dsn: str, *, size: int) -> Pool:
 
 
 def _begin_sql(tenant_id: uuid.UUID, *, readonly: bool, snapshot: bool = False) -> str:
-    # One simple-protocol message instead of three round trips. The only value
-    # in it is a uuid.UUID rendered by Python: 32 hex digits and dashes,
-    # nothing that can close the literal.
+    # One simple-protocol message instead of three round trips. The values in
+    # it are a uuid.UUID rendered by Python (32 hex digits and dashes) and,
+    # in a traced write, a traceparent that `tracing.traceparent` checked is
+    # hex digits and dashes: nothing that can close the literal.
     if not isinstance(tenant_id, uuid.UUID):
         raise TypeError("tenant_id must be a uuid.UUID")
     mode = (" ISOLATION LEVEL REPEATABLE READ" if snapshot else "") + (
         " READ ONLY" if readonly else ""
     )
+    # A write's outbox rows keep its trace (migrations/0012).
+    traced = None if readonly else tracing.traceparent()
+    trace_setting = f", set_config('pulse.traceparent', '{traced}', true)" if traced else ""
     return (
         f"BEGIN{mode}; SET LOCAL ROLE {APP_ROLE}; "
-        f"SELECT set_config('app.tenant_id', '{tenant_id}', true)"
+        f"SELECT set_config('app.tenant_id', '{tenant_id}', true){trace_setting}"
     )
 
 

@@ -15,6 +15,7 @@ from server.gateway.app import create_app
 from server.gateway.broker_hooks import BrokerHooks
 from server.gateway.connections import ConnectionLimits, protocol_class
 from server.http_server import bind, serving
+from server.observability import tracing
 from server.observability.health import Readiness
 
 log = logging.getLogger("pulse.gateway")
@@ -53,14 +54,16 @@ async def running_gateway(
     """
     channel = grpc.aio.insecure_channel(grpc_target)
     stopping = asyncio.Event()
-    app = create_app(
-        channel,
-        services(service_names),
-        max_body_bytes=max_body_bytes,
-        cors_origins=cors_origins,
-        stopping=stopping,
-        broker_hooks=broker_hooks,
-        readiness=readiness,
+    app = tracing.asgi(
+        create_app(
+            channel,
+            services(service_names),
+            max_body_bytes=max_body_bytes,
+            cors_origins=cors_origins,
+            stopping=stopping,
+            broker_hooks=broker_hooks,
+            readiness=readiness,
+        )
     )
     sock = bind(host, port, reuse_port=reuse_port)
     bound = int(sock.getsockname()[1])

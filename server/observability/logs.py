@@ -3,7 +3,8 @@ per line (PULSE_LOG_FORMAT=json) for a log pipeline.
 
 Every line written while a call is served carries its request id (the
 caller's x-request-id, or one made up), so one call's lines can be found
-together. Fields passed as `extra=` become key=value pairs or JSON members.
+together, and with tracing on its trace and span ids. Fields passed as
+`extra=` become key=value pairs or JSON members.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
+
+from server.observability import tracing
 
 FORMATS = ("text", "json")
 
@@ -26,6 +29,9 @@ _STANDARD = frozenset(RESERVED_ATTRS) | {"taskName", "request_id"}
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
+        ids = tracing.current_ids()
+        if ids is not None:
+            record.trace_id, record.span_id = ids
         return True
 
 

@@ -469,6 +469,8 @@ class OutboxEntry:
     id: int
     tenant_id: uuid.UUID
     device_id: str
+    #: The W3C traceparent of the write that queued it, when it was traced.
+    traceparent: str | None = None
 
 
 async def claim_outbox(con: Connection, *, limit: int) -> list[OutboxEntry]:
@@ -479,7 +481,7 @@ async def claim_outbox(con: Connection, *, limit: int) -> list[OutboxEntry]:
     rows = await con.fetch(
         """
         WITH lock AS (SELECT pg_try_advisory_xact_lock($1) AS held)
-        SELECT o.id, o.tenant_id, o.device_id
+        SELECT o.id, o.tenant_id, o.device_id, o.traceparent
         FROM lock, twin_outbox o
         WHERE lock.held
         ORDER BY o.id
@@ -488,7 +490,7 @@ async def claim_outbox(con: Connection, *, limit: int) -> list[OutboxEntry]:
         _OUTBOX_LOCK,
         limit,
     )
-    return [OutboxEntry(r["id"], r["tenant_id"], r["device_id"]) for r in rows]
+    return [OutboxEntry(r["id"], r["tenant_id"], r["device_id"], r["traceparent"]) for r in rows]
 
 
 async def outbox_backlog(con: Connection) -> tuple[int, float]:
