@@ -351,27 +351,31 @@ async def _ops(
         yield bound
 
 
-async def _serve(settings: config.Settings) -> None:
+async def _served_database(settings: config.Settings, command: str, *, migrated: bool) -> str:
+    """DATABASE_URL, reachable, and migrated unless `migrated` says it is."""
     if not settings.database_url:
-        raise SystemExit("pulse serve: set DATABASE_URL to the database pulse serves")
+        raise SystemExit(f"pulse {command}: set DATABASE_URL to the database pulse serves")
     await _reachable(settings.database_url)
-    if not settings.reuse_port:  # a worker: its supervisor migrated
+    if not migrated:
         await migrate.apply(settings.database_url)
+    return settings.database_url
+
+
+async def _serve(settings: config.Settings) -> None:
+    # A worker's supervisor migrated already.
+    dsn = await _served_database(settings, "serve", migrated=settings.reuse_port)
     async with (
         _dynsec_mirror_pool(settings) as mirror,
-        _database_readiness(settings.database_url) as readiness,
+        _database_readiness(dsn) as readiness,
     ):
-        running = await _start_server(settings, settings.database_url, mirror)
+        running = await _start_server(settings, dsn, mirror)
         async with running.stopping(), _ops(settings, OPS_PORTS["serve"], readiness):
             await wait_for_signal()
 
 
 async def _serve_workers(settings: config.Settings, count: int) -> None:
     """`pulse serve --workers N`: N servers on one gRPC port and one ops port."""
-    if not settings.database_url:
-        raise SystemExit("pulse serve: set DATABASE_URL to the database pulse serves")
-    await _reachable(settings.database_url)
-    await migrate.apply(settings.database_url)
+    await _served_database(settings, "serve", migrated=False)
     ops_port = OPS_PORTS["serve"] if settings.ops_port is None else settings.ops_port
     with (
         workers.reserve_port(settings.grpc_host, settings.grpc_port) as grpc_sock,
@@ -452,13 +456,10 @@ async def _evaluator(settings: config.Settings) -> None:
 
 
 async def _rollouts(settings: config.Settings) -> None:
-    if not settings.database_url:
-        raise SystemExit("pulse rollouts: set DATABASE_URL to the database pulse serves")
-    await _reachable(settings.database_url)
-    await migrate.apply(settings.database_url)
+    dsn = await _served_database(settings, "rollouts", migrated=False)
     async with (
-        running_engine(settings, settings.database_url),
-        _database_readiness(settings.database_url) as readiness,
+        running_engine(settings, dsn),
+        _database_readiness(dsn) as readiness,
         _ops(settings, OPS_PORTS["rollouts"], readiness),
     ):
         await wait_for_signal()

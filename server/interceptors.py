@@ -1,6 +1,6 @@
-"""The interceptor chain: metrics and the call's log event, error mapping, then admission
-(`server.admission`: decoding, authentication, limits), in the order fixed in
-`chain()`."""
+"""The interceptor chain: metrics and the call's log event, error mapping,
+then admission (`server.admission`: decoding, authentication, limits), in the
+order fixed in `chain()`."""
 
 from __future__ import annotations
 
@@ -127,7 +127,8 @@ class _MethodMetrics:
         self._labels = (kind, service, name)
         self.started = metrics.GRPC_STARTED.labels(*self._labels)
         self.seconds = metrics.GRPC_HANDLING_SECONDS.labels(*self._labels)
-        self.streams = metrics.WATCH_STREAMS.labels(name)
+        # Only streams have a series of open ones.
+        self.streams = metrics.WATCH_STREAMS.labels(name) if streaming else None
         self._handled: dict[str, Any] = {}
 
     def handled(self, code: str) -> Any:
@@ -198,6 +199,7 @@ class ObservingInterceptor(AroundInterceptor):
         self, inner: Streaming, request: Any, context: Context, method: str
     ) -> AsyncIterator[Any]:
         measured = self._method_metrics(method, streaming=True)
+        assert measured.streams is not None
         measured.started.inc()
         measured.streams.inc()
         record, start, cancelled = self._begin(context), time.perf_counter(), False
