@@ -115,14 +115,17 @@ async def test_one_json_log_event_per_call_and_never_a_token(dsn: str, tmp_path:
         secret.encode(), tenant_id=tenant_id, role=Role.VIEWER, subject="alice", audience="pulse"
     )
     serving = pulse_process("serve", dsn, tmp_path, PULSE_SECRET=secret, PULSE_LOG_FORMAT="json")
+    forged = token[:-4] + "AAAA"
     async with serving as serve:
         code = await get_device(serve.grpc_port, token, "NOPE", request_id="req-42")
+        refused = await get_device(serve.grpc_port, forged, "NOPE", request_id="req-43")
     assert code == grpc.StatusCode.NOT_FOUND
+    assert refused == grpc.StatusCode.UNAUTHENTICATED
     text = serve.log_file.read_text()
     events = [json.loads(line) for line in text.splitlines() if line.strip()]
     calls = [e for e in events if e.get("logger") == "pulse.rpc"]
-    assert len(calls) == 1, calls
-    [call] = calls
+    assert len(calls) == 2, calls
+    call, unauthenticated = sorted(calls, key=lambda e: str(e["request_id"]))
     assert call["message"] == "call"
     assert call["method"] == "/pulse.device.v1.DeviceRegistryService/GetDevice"
     assert call["code"] == "NOT_FOUND"
@@ -132,4 +135,7 @@ async def test_one_json_log_event_per_call_and_never_a_token(dsn: str, tmp_path:
     assert call["level"] == "INFO"
     assert 0 < call["duration_ms"] < 10_000
     assert "time" in call
-    assert token not in text and token.split(".")[2] not in text
+    assert unauthenticated["code"] == "UNAUTHENTICATED"
+    assert unauthenticated["tenant"] is None and unauthenticated["caller"] is None
+    for sent in (token, forged):
+        assert sent not in text and sent.split(".")[2] not in text
