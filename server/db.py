@@ -1,10 +1,24 @@
 """The connection pool and the tenant scope every tenant query runs in.
 
-A tenant scope is one transaction that, in its first round trip, begins,
-switches to the `pulse_app` role (which row-level security binds, even when
-the login is a superuser) and sets `app.tenant_id`, both transaction-local,
-so nothing outlives the transaction on a pooled connection. A scoped read is
-then three round trips: begin+scope, the statement, commit.
+A tenant scope runs as the `pulse_app` role (which row-level security binds,
+even when the login is a superuser) with `app.tenant_id` set, both in the
+scope's first round trip:
+
+* A write (and a snapshot read) is one transaction: BEGIN, then the role and
+  the tenant set transaction-locally, so nothing outlives it. Three round
+  trips for one statement: begin+scope, the statement, COMMIT.
+* A read sets the role, the tenant and read-only transactions for the
+  *session*, and each statement then runs in its own implicit transaction:
+  two round trips, scope and statement, since nothing is left to commit.
+  Under READ COMMITTED, which every scope uses, each statement of a
+  transaction took a snapshot of its own anyway.
+
+So a pooled connection may carry a read's session scope into its next
+checkout, which is safe because every checkout either replaces it or drops
+it first: a read sets all three again before its first statement; a write
+sets its own role and tenant transaction-locally and asks for READ WRITE;
+anything else (`admin`, `transaction` with another role) runs `_UNSCOPE`
+first on a connection that was scoped (`tests/infra/test_db.py` checks each).
 """
 
 from __future__ import annotations
@@ -13,6 +27,7 @@ import contextlib
 import json
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -61,6 +76,21 @@ async def create_pool(dsn: str, *, size: int) -> Pool:
     return pool
 
 
+#: Drops a read's session scope.
+_UNSCOPE = "RESET ROLE; RESET default_transaction_read_only; RESET app.tenant_id"
+
+
+def _read_scope_sql(tenant_id: uuid.UUID) -> str:
+    # One simple-protocol message; the only value in it is a uuid.UUID
+    # rendered by Python (32 hex digits and dashes).
+    if not isinstance(tenant_id, uuid.UUID):
+        raise TypeError("tenant_id must be a uuid.UUID")
+    return (
+        f"SET ROLE {APP_ROLE}; SET default_transaction_read_only = on; "
+        f"SELECT set_config('app.tenant_id', '{tenant_id}', false)"
+    )
+
+
 def _begin_sql(tenant_id: uuid.UUID, *, readonly: bool, snapshot: bool = False) -> str:
     # One simple-protocol message instead of three round trips. The values in
     # it are a uuid.UUID rendered by Python (32 hex digits and dashes) and,
@@ -68,8 +98,9 @@ def _begin_sql(tenant_id: uuid.UUID, *, readonly: bool, snapshot: bool = False) 
     # hex digits and dashes: nothing that can close the literal.
     if not isinstance(tenant_id, uuid.UUID):
         raise TypeError("tenant_id must be a uuid.UUID")
+    # READ WRITE spelled out: a read's session scope makes READ ONLY the default.
     mode = (" ISOLATION LEVEL REPEATABLE READ" if snapshot else "") + (
-        " READ ONLY" if readonly else ""
+        " READ ONLY" if readonly else " READ WRITE"
     )
     # A write's outbox rows keep its trace (migrations/0012).
     traced = None if readonly else tracing.traceparent()
@@ -95,6 +126,8 @@ class Database:
         self._acquire_s = metrics.DB_POOL_ACQUIRE_SECONDS.labels(name)
         self._max.inc(self._size)
         self._closed = False
+        #: Connections a read left with its session scope.
+        self._scoped: weakref.WeakSet[Any] = weakref.WeakSet()
 
     async def _acquire(self) -> Pooled:
         """A connection, counted in use until `_release` or `_lost`."""
@@ -120,22 +153,47 @@ class Database:
     def tenant(
         self, tenant_id: uuid.UUID, *, readonly: bool = False, snapshot: bool = False
     ) -> contextlib.AbstractAsyncContextManager[Connection]:
-        """A transaction in which only `tenant_id`'s rows exist; with
-        `snapshot`, every statement sees the database as of when it began
-        (REPEATABLE READ, the snapshot taken by the BEGIN script itself)."""
-        return self.transaction(
-            _begin_sql(tenant_id, readonly=readonly, snapshot=snapshot), readonly=readonly
+        """A scope in which only `tenant_id`'s rows exist: a transaction, or
+        with `readonly` a read whose statements each see the latest commits
+        (READ COMMITTED's view in a transaction too). With `snapshot`, every
+        statement sees the database as of when the scope began (REPEATABLE
+        READ, the snapshot taken by the BEGIN script itself)."""
+        if readonly and not snapshot:
+            return self._read(tenant_id)
+        return self._transaction(
+            _begin_sql(tenant_id, readonly=readonly, snapshot=snapshot),
+            readonly=readonly,
+            unscope=False,
         )
 
     @asynccontextmanager
-    async def transaction(self, begin: str, *, readonly: bool = False) -> AsyncIterator[Connection]:
+    async def _read(self, tenant_id: uuid.UUID) -> AsyncIterator[Connection]:
+        con = await self._begin(_read_scope_sql(tenant_id), unscope=False, scoping=True)
+        try:
+            yield con
+        except BaseException as error:
+            if is_connection_lost(error):
+                _terminate(con)
+            raise
+        finally:
+            await self._release(con)
+
+    def transaction(
+        self, begin: str, *, readonly: bool = False
+    ) -> contextlib.AbstractAsyncContextManager[Connection]:
         """A transaction opened by `begin`, one simple-protocol script starting
         with BEGIN, and committed when the block ends.
 
         Raises CommitOutcomeUnknown when the connection is lost during the
         COMMIT of a read-write transaction.
         """
-        con = await self._begin(begin)
+        return self._transaction(begin, readonly=readonly, unscope=True)
+
+    @asynccontextmanager
+    async def _transaction(
+        self, begin: str, *, readonly: bool, unscope: bool
+    ) -> AsyncIterator[Connection]:
+        con = await self._begin(begin, unscope=unscope)
         try:
             try:
                 yield con
@@ -147,7 +205,9 @@ class Database:
             # A no-op for a connection already terminated.
             await self._release(con)
 
-    async def _begin(self, sql: str) -> Pooled:
+    async def _begin(self, sql: str, *, unscope: bool, scoping: bool = False) -> Pooled:
+        """A connection on which `sql` ran; with `unscope`, a read's session
+        scope was dropped first; with `scoping`, `sql` sets one."""
         # A pooled connection may have been closed by the server (restart,
         # failover, pg_terminate_backend) while idle. Nothing has happened yet
         # at BEGIN, so it is discarded and BEGIN tried on another; the pool
@@ -158,6 +218,12 @@ class Database:
         for attempt in range(1, attempts + 1):
             con = await self._acquire()
             try:
+                if unscope:
+                    await self._unscope(con)
+                if scoping:
+                    # Before it runs: a script that fails half-way leaves
+                    # nothing, but the mark only costs an _UNSCOPE.
+                    self._scoped.add(_raw(con))
                 await con.execute(sql)
             except BaseException as error:
                 if not is_connection_lost(error):
@@ -178,6 +244,7 @@ class Database:
         """A connection as the login itself, for cross-tenant administration."""
         con = await self._acquire()
         try:
+            await self._unscope(con)
             yield con
         except BaseException as error:
             # As in a scope: a lost connection is not handed back for reuse.
@@ -187,11 +254,22 @@ class Database:
         finally:
             await self._release(con)
 
+    async def _unscope(self, con: Pooled) -> None:
+        raw = _raw(con)
+        if raw in self._scoped:
+            await con.execute(_UNSCOPE)
+            self._scoped.discard(raw)
+
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
             self._max.dec(self._size)
         await self.pool.close()
+
+
+def _raw(con: Pooled) -> Any:
+    """The connection behind a pool's proxy, which lives as long as it does."""
+    return con._con  # type: ignore[attr-defined]
 
 
 def _terminate(con: Pooled) -> None:

@@ -1,16 +1,18 @@
-"""The tenant scope survives connections the server has closed, and says when
-a lost connection leaves a commit's outcome unknown."""
+"""The tenant scope survives connections the server has closed, says when a
+lost connection leaves a commit's outcome unknown, and never hands a read's
+session scope on to the next checkout."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import asyncpg
 import pytest
 
-from server.db import Database, create_pool
+from server.db import Connection, Database, create_pool
 from server.transient import CommitOutcomeUnknown, is_connection_lost
-from tests.conftest import Tenant
+from tests.conftest import FleetFactory, Tenant
 
 
 async def _terminate(dsn: str, pids: list[int], *, wait: bool = True) -> None:
@@ -67,20 +69,33 @@ async def test_a_pool_whose_every_connection_was_killed_recovers_at_once(
         await db.close()
 
 
-@pytest.mark.parametrize("readonly", [False, True])
-async def test_a_connection_lost_during_commit(dsn: str, tenant: Tenant, readonly: bool) -> None:
-    """A write's outcome is then unknown (never to be retried blindly); a
-    read-only transaction has nothing to commit, so it is a plain lost
-    connection."""
+async def test_a_connection_lost_during_commit(dsn: str, tenant: Tenant) -> None:
+    """A write's outcome is then unknown (never to be retried blindly)."""
     db = Database(await create_pool(dsn, size=1))
     try:
         with pytest.raises(Exception) as raised:
-            async with db.tenant(tenant.tenant_id, readonly=readonly) as con:
+            async with db.tenant(tenant.tenant_id) as con:
                 await _terminate(dsn, [await con.fetchval("SELECT pg_backend_pid()")])
         assert is_connection_lost(raised.value)
-        assert isinstance(raised.value, CommitOutcomeUnknown) is not readonly
+        assert isinstance(raised.value, CommitOutcomeUnknown)
         async with db.tenant(tenant.tenant_id) as con:
             assert await con.fetchval("SELECT 1") == 1
+    finally:
+        await db.close()
+
+
+async def test_a_connection_lost_after_a_read_costs_the_read_nothing(
+    dsn: str, tenant: Tenant
+) -> None:
+    """A read commits nothing, so what it read stands; the dead connection
+    is left behind at the next scope's first message."""
+    db = Database(await create_pool(dsn, size=1))
+    try:
+        async with db.tenant(tenant.tenant_id, readonly=True) as con:
+            pid = await con.fetchval("SELECT pg_backend_pid()")
+            await _terminate(dsn, [pid])
+        async with db.tenant(tenant.tenant_id, readonly=True) as con:
+            assert await con.fetchval("SELECT pg_backend_pid()") != pid
     finally:
         await db.close()
 
@@ -99,5 +114,67 @@ async def test_a_connection_lost_inside_the_scope_is_discarded(dsn: str, tenant:
         assert not isinstance(raised.value, CommitOutcomeUnknown)
         async with db.tenant(tenant.tenant_id) as con:
             assert await con.fetchval("SELECT pg_backend_pid()") != pid
+    finally:
+        await db.close()
+
+
+_STATE = """
+SELECT current_user AS role,
+       coalesce(current_setting('app.tenant_id', true), '') AS tenant,
+       current_setting('transaction_read_only') AS read_only,
+       array(SELECT device_id FROM devices ORDER BY device_id) AS devices
+"""
+
+
+async def test_a_read_scope_never_reaches_the_next_checkout(
+    dsn: str, seed_fleet_tenant: FleetFactory
+) -> None:
+    """On one pooled connection, whatever comes after a read sees its own
+    scope and nothing of the read's: another tenant's read or write, the
+    login itself, a transaction of another role."""
+    a = await seed_fleet_tenant(["A-1"])
+    b = await seed_fleet_tenant(["B-1"])
+    db = Database(await create_pool(dsn, size=1))
+
+    async def state(con: Connection, sql: str = _STATE) -> asyncpg.Record:
+        row = await con.fetchrow(sql)
+        assert row is not None
+        return row
+
+    async def read(tenant: uuid.UUID) -> asyncpg.Record:
+        async with db.tenant(tenant, readonly=True) as con:
+            return await state(con)
+
+    try:
+        first = await read(a)
+        assert (first["role"], first["tenant"], first["read_only"]) == ("pulse_app", str(a), "on")
+        assert first["devices"] == ["A-1"]
+        assert (await read(b))["devices"] == ["B-1"]
+
+        await read(a)
+        async with db.tenant(b) as con:
+            write = await state(con)
+            await con.execute("UPDATE devices SET name = 'written' WHERE device_id = 'B-1'")
+        assert (write["role"], write["tenant"], write["read_only"]) == ("pulse_app", str(b), "off")
+        assert write["devices"] == ["B-1"]
+
+        await read(a)
+        async with db.admin() as con:
+            login = await state(con)
+            assert await con.fetchval("SELECT name FROM devices WHERE device_id = 'B-1'") == (
+                "written"
+            )
+        assert login["role"] != "pulse_app"
+        assert (login["tenant"], login["read_only"]) == ("", "off")
+        assert {"A-1", "B-1"} <= set(login["devices"])
+
+        await read(a)
+        async with db.transaction("BEGIN READ ONLY; SET LOCAL ROLE pulse_evaluator") as con:
+            other = await state(con)
+        assert (other["role"], other["tenant"]) == ("pulse_evaluator", "")
+
+        async with db.tenant(a, readonly=True) as con:
+            with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+                await con.execute("UPDATE devices SET name = 'no' WHERE device_id = 'A-1'")
     finally:
         await db.close()
