@@ -28,7 +28,7 @@ from bench.harness import (
 from server.auth import Role, mint_token
 
 DEVICES = 1000
-ROUNDS = 7
+ROUNDS = 9
 
 
 def _device_id(i: int) -> str:
@@ -56,7 +56,7 @@ async def main() -> None:
                     async def get(i: int, client: AsyncPulseClient = client) -> object:
                         return await client.devices.get(_device_id(i))
 
-                    result = await closed_loop(name, get, rounds=1, warmup=0.5, seconds=2.0)
+                    result = await closed_loop(name, get, rounds=1, warmup=0.5, seconds=3.0)
                     rates[name].append(result.rate)
             await observed.close()
             await bare.close()

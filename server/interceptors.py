@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -153,7 +153,7 @@ class ObservingInterceptor(AroundInterceptor):
         return found
 
     def _begin(self, context: Context) -> CallRecord:
-        logs.request_id.set(metadata_value(context, "x-request-id") or uuid.uuid4().hex[:16])
+        logs.request_id.set(metadata_value(context, "x-request-id") or os.urandom(8).hex())
         record = CallRecord()
         current_call.set(record)
         return record
@@ -172,6 +172,8 @@ class ObservingInterceptor(AroundInterceptor):
         name = code.name if isinstance(code, grpc.StatusCode) else str(code)
         measured.handled(name).inc()
         measured.seconds.observe(elapsed)
+        if not log.isEnabledFor(logging.INFO):
+            return
         log.info(
             "call",
             extra={
