@@ -159,10 +159,10 @@ class Gateway:
             reply: Message = await self._calls[route.grpc_method](message, metadata=metadata)
         except grpc.aio.AioRpcError as e:
             return _failed(route, e)
-        data = transcode.to_json(reply)
+        data = transcode.to_json(reply, transcode.read_mask(message))
         if upstream is not None:
             data = upstream.respond(message, data)
-        etag = transcode.etag_of(reply)
+        etag = transcode.etag_of(reply, message)
         return Response(
             json.dumps(data, separators=(",", ":")).encode(),
             status_code=upstream.status if upstream else 200,

@@ -312,13 +312,30 @@ def _fill_from_header(message: Desc, data: dict[str, Any], ext: Any, header: str
         raise BadHeader(str(e)) from None
 
 
-def to_json(message: Message) -> dict[str, Any]:
+def read_mask(request: Message) -> frozenset[str] | None:
+    """The response fields a request's `read_mask` asks for; None: all."""
+    mask = getattr(request, "read_mask", None)
+    return frozenset(mask.paths) if mask is not None and mask.paths else None
+
+
+def to_json(message: Message, only: frozenset[str] | None = None) -> dict[str, Any]:
+    """The response as JSON, every field spelled out, or with `only` (a
+    read_mask's fields) just those: a partial answer's other fields are not
+    zero, they are absent."""
     out = json_format.MessageToDict(
         message,
         preserving_proto_field_name=True,
         always_print_fields_with_no_presence=True,
     )
-    return cast(dict[str, Any], _http_json(message.DESCRIPTOR, out))
+    data = cast(dict[str, Any], _http_json(message.DESCRIPTOR, out))
+    if only is None:
+        return data
+    keep = set(only)
+    for field in message.DESCRIPTOR.fields:
+        alias = str(field.GetOptions().Extensions[http_options_pb2.json_alias])
+        if alias and field.name in only:
+            keep.add(alias)
+    return {key: value for key, value in data.items() if key in keep}
 
 
 def _http_json(message: Desc, data: Any) -> Any:
@@ -416,9 +433,10 @@ def _safe_int(value: object) -> object:
     return value
 
 
-def etag_of(message: Message) -> str | None:
+def etag_of(message: Message, request: Message | None = None) -> str | None:
     """`"<version>"` for a response with a version field: upstream's form,
     which its clients send back in If-Match and compare across responses.
+    None when the request's `read_mask` left the version out.
 
     It names the version, not the representation (a twin's reported state
     changes under the same desired version), so it is not used to answer
@@ -426,6 +444,9 @@ def etag_of(message: Message) -> str | None:
     """
     field = marked_field(message.DESCRIPTOR, http_options_pb2.etag)
     if field is None:
+        return None
+    only = None if request is None else read_mask(request)
+    if only is not None and field.name not in only:
         return None
     return f'"{getattr(message, field.name)}"'
 

@@ -3,8 +3,11 @@ the way out, from the two documents (they are never stored)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any
 
+from google.protobuf import field_mask_pb2
 from pulse.device.v1 import status_pb2, twin_pb2
 
 from server.protoconv import struct, timestamp, value
@@ -44,6 +47,36 @@ def twin_delta(record: TwinRecord) -> twin_pb2.TwinDelta:
     message.device_id = record.device_id
     message.delta.CopyFrom(struct(flat_delta(record.desired, record.reported)))
     return message
+
+
+#: The fields a partial Twin (`read_mask`) fills without the delta.
+_PLAIN: dict[str, Callable[[TwinRecord], Any]] = {
+    "device_id": lambda r: r.device_id,
+    "desired": lambda r: struct(r.desired),
+    "reported": lambda r: struct(r.reported),
+    "desired_version": lambda r: r.desired_version,
+    "reported_version": lambda r: r.reported_version,
+    "desired_update_time": lambda r: timestamp(r.desired_updated_at),
+    "reported_update_time": lambda r: timestamp(r.reported_updated_at),
+    "connectivity_status": lambda r: status_pb2.ConnectivityStatus.Value(r.status),
+    "revision": lambda r: r.revision,
+}
+#: Every field of a Twin a `read_mask` may name.
+TWIN_FIELDS = frozenset(twin_pb2.Twin.DESCRIPTOR.fields_by_name)
+
+
+def partial_twin(
+    record: TwinRecord, fields: frozenset[str], *, now: datetime, stale_after: timedelta
+) -> twin_pb2.Twin:
+    """A Twin with only `fields` (names in TWIN_FIELDS) filled; the delta and
+    the sync status are computed only when one of them needs it."""
+    if fields <= _PLAIN.keys():
+        return twin_pb2.Twin(**{name: _PLAIN[name](record) for name in fields})
+    partial = twin_pb2.Twin()
+    field_mask_pb2.FieldMask(paths=sorted(fields)).MergeMessage(
+        twin(record, now=now, stale_after=stale_after), partial
+    )
+    return partial
 
 
 def twin(record: TwinRecord, *, now: datetime, stale_after: timedelta) -> twin_pb2.Twin:

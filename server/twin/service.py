@@ -54,8 +54,13 @@ class TwinService(twin_pb2_grpc.TwinServiceServicer):
         self._notifier = notifier
         self._stale_after = stale_after
 
-    def _render(self, record: store.TwinRecord) -> twin_pb2.Twin:
-        return convert.twin(record, now=datetime.now(UTC), stale_after=self._stale_after)
+    def _render(
+        self, record: store.TwinRecord, fields: frozenset[str] | None = None
+    ) -> twin_pb2.Twin:
+        now = datetime.now(UTC)
+        if fields is None:
+            return convert.twin(record, now=now, stale_after=self._stale_after)
+        return convert.partial_twin(record, fields, now=now, stale_after=self._stale_after)
 
     async def GetTwin(self, request: twin_pb2.GetTwinRequest, context: Context) -> twin_pb2.Twin:
         tenant = current_principal().tenant_id
@@ -85,12 +90,13 @@ class TwinService(twin_pb2_grpc.TwinServiceServicer):
         expected = _expected_version(
             device_id, request.HasField("expected_version"), request.expected_version, request.force
         )
+        fields = _read_mask(request)
         async with self._db.tenant(tenant) as con:
             record = await store.write_desired(
                 con, tenant, device_id, desired, expected_version=expected
             )
         self._notifier.changed(tenant, [(device_id, record.revision)])
-        return self._render(record)
+        return self._render(record, fields)
 
     async def PatchDesired(
         self, request: twin_pb2.PatchDesiredRequest, context: Context
@@ -101,6 +107,7 @@ class TwinService(twin_pb2_grpc.TwinServiceServicer):
         expected = _expected_version(
             device_id, request.HasField("expected_version"), request.expected_version, request.force
         )
+        fields = _read_mask(request)
         # The row lock makes read, merge and write one step: a concurrent
         # writer waits for this transaction instead of slipping in between.
         async with self._db.tenant(tenant) as con:
@@ -114,7 +121,7 @@ class TwinService(twin_pb2_grpc.TwinServiceServicer):
                 con, tenant, device_id, merged, expected_version=version
             )
         self._notifier.changed(tenant, [(device_id, record.revision)])
-        return self._render(record)
+        return self._render(record, fields)
 
     async def WatchTwin(
         self, request: twin_pb2.WatchTwinRequest, context: Context
@@ -166,3 +173,20 @@ def _watch_request(request: twin_pb2.WatchTwinRequest) -> tuple[list[str], dict[
     if out:
         raise InvalidArgument(out)
     return ids, resume
+
+
+def _read_mask(
+    request: twin_pb2.UpdateDesiredRequest | twin_pb2.PatchDesiredRequest,
+) -> frozenset[str] | None:
+    """The Twin fields a write's answer is to carry; None: all of them."""
+    if not request.HasField("read_mask") or not request.read_mask.paths:
+        return None
+    fields = frozenset(request.read_mask.paths)
+    unknown = sorted(fields - convert.TWIN_FIELDS)
+    if unknown:
+        raise InvalidArgument.single(
+            "read_mask",
+            f"names no field of Twin: {', '.join(unknown)} "
+            f"(fields: {', '.join(sorted(convert.TWIN_FIELDS))})",
+        )
+    return fields

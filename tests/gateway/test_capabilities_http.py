@@ -166,3 +166,26 @@ async def test_stream_errors_are_plain_http_errors(http: httpx.AsyncClient, tena
         "/customer/connections:watch", params={"resume_cursor": "garbage"}, headers=_auth(tenant)
     )
     assert r.status_code == 400
+
+
+async def test_a_partial_twin_has_an_etag_only_with_its_version(
+    client: pc.AsyncPulseClient, http: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    await client.devices.create("P3")
+    auth = {"authorization": f"Bearer {tenant.token()}"}
+    versioned = await http.patch(
+        "/customer/devices/P3/twin/desired",
+        json={"desired": {"a": 1}, "expectedVersion": "0", "readMask": "desiredVersion"},
+        headers=auth,
+    )
+    assert versioned.status_code == 200, versioned.text
+    assert versioned.json() == {"desired_version": 1}
+    assert versioned.headers["etag"] == '"1"'
+    unversioned = await http.patch(
+        "/customer/devices/P3/twin/desired",
+        json={"desired": {"a": 2}, "expectedVersion": "1", "readMask": "revision"},
+        headers=auth,
+    )
+    assert unversioned.status_code == 200, unversioned.text
+    assert list(unversioned.json()) == ["revision"]
+    assert "etag" not in unversioned.headers

@@ -103,12 +103,15 @@ def update_desired_request(
     desired: Mapping[str, JsonValue],
     expected_version: int | None,
     force: bool,
+    fields: Iterable[str] | None = None,
 ) -> twin_pb2.UpdateDesiredRequest:
     request = twin_pb2.UpdateDesiredRequest(
         device_id=device_id, desired=_struct(desired), force=force
     )
     if expected_version is not None:
         request.expected_version = expected_version
+    if fields is not None:
+        request.read_mask.paths.extend(fields)
     return request
 
 
@@ -117,10 +120,13 @@ def patch_desired_request(
     patch: Mapping[str, JsonValue],
     expected_version: int | None,
     force: bool,
+    fields: Iterable[str] | None = None,
 ) -> twin_pb2.PatchDesiredRequest:
     request = twin_pb2.PatchDesiredRequest(device_id=device_id, patch=_struct(patch), force=force)
     if expected_version is not None:
         request.expected_version = expected_version
+    if fields is not None:
+        request.read_mask.paths.extend(fields)
     return request
 
 
@@ -161,6 +167,7 @@ class AsyncTwins:
         *,
         expected_version: int | None = None,
         force: bool = False,
+        fields: Iterable[str] | None = None,
     ) -> twin_pb2.Twin:
         """Replaces the desired document if it is still at ``expected_version``.
 
@@ -171,6 +178,10 @@ class AsyncTwins:
                 ``force``.
             force: Overwrite whatever is stored (only when ``expected_version``
                 is None).
+            fields: Only these fields of the answer, e.g.
+                ``["desired_version", "revision"]``; None: the whole twin. A
+                write that needs only its new version spares the server the
+                delta.
 
         Raises:
             VersionConflict: Someone wrote first; ``current_version`` says
@@ -178,7 +189,7 @@ class AsyncTwins:
             FailedPrecondition: No version and no ``force`` (reason
                 PRECONDITION_REQUIRED), or the device is decommissioned.
         """
-        request = update_desired_request(device_id, desired, expected_version, force)
+        request = update_desired_request(device_id, desired, expected_version, force, fields)
         return await self._rpc.unary(self._stub.UpdateDesired, request)
 
     async def patch_desired(
@@ -188,10 +199,11 @@ class AsyncTwins:
         *,
         expected_version: int | None = None,
         force: bool = False,
+        fields: Iterable[str] | None = None,
     ) -> twin_pb2.Twin:
         """Applies a JSON merge patch (RFC 7386: None removes a key) atomically
         on the server; version rules as for :meth:`update_desired`."""
-        request = patch_desired_request(device_id, patch, expected_version, force)
+        request = patch_desired_request(device_id, patch, expected_version, force, fields)
         return await self._rpc.unary(self._stub.PatchDesired, request)
 
     async def modify_desired(
@@ -261,9 +273,10 @@ class Twins:
         *,
         expected_version: int | None = None,
         force: bool = False,
+        fields: Iterable[str] | None = None,
     ) -> twin_pb2.Twin:
         """Replaces the desired document; see :meth:`AsyncTwins.update_desired`."""
-        request = update_desired_request(device_id, desired, expected_version, force)
+        request = update_desired_request(device_id, desired, expected_version, force, fields)
         return self._rpc.unary(self._stub.UpdateDesired, request)
 
     def patch_desired(
@@ -273,9 +286,10 @@ class Twins:
         *,
         expected_version: int | None = None,
         force: bool = False,
+        fields: Iterable[str] | None = None,
     ) -> twin_pb2.Twin:
         """Applies a JSON merge patch; see :meth:`AsyncTwins.patch_desired`."""
-        request = patch_desired_request(device_id, patch, expected_version, force)
+        request = patch_desired_request(device_id, patch, expected_version, force, fields)
         return self._rpc.unary(self._stub.PatchDesired, request)
 
     def modify_desired(

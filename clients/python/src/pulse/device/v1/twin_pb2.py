@@ -23,13 +23,14 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from pulse.device.v1 import http_options_pb2 as pulse_dot_device_dot_v1_dot_http__options__pb2
 from pulse.device.v1 import status_pb2 as pulse_dot_device_dot_v1_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apulse/device/v1/twin.proto\x12\x0fpulse.device.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\"pulse/device/v1/http_options.proto\x1a\x1cpulse/device/v1/status.proto\"\xa5\x05\n\x04Twin\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12(\n\x07\x64\x65sired\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12)\n\x08reported\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1d\n\x0f\x64\x65sired_version\x18\x04 \x01(\x03\x42\x04\xc8\xf3\x18\x01\x12\x18\n\x10reported_version\x18\x05 \x01(\x03\x12\x35\n\x0bsync_status\x18\x06 \x01(\x0e\x32 .pulse.device.v1.Twin.SyncStatus\x12N\n\x13\x64\x65sired_update_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x15\xea\xf3\x18\x11shadow_updated_at\x12\x38\n\x14reported_update_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10structured_delta\x18\t \x01(\x0b\x32\x1a.pulse.device.v1.TwinDelta\x12&\n\x05\x64\x65lta\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12@\n\x13\x63onnectivity_status\x18\x0b \x01(\x0e\x32#.pulse.device.v1.ConnectivityStatus\x12\x16\n\x08revision\x18\x0c \x01(\x03\x42\x04\xd8\xf3\x18\x01\"\x82\x01\n\nSyncStatus\x12,\n\x17SYNC_STATUS_UNSPECIFIED\x10\x00\x1a\x0f\xea\xf9\x18\x0bunspecified\x12\x16\n\x06SYNCED\x10\x01\x1a\n\xea\xf9\x18\x06synced\x12\x18\n\x07PENDING\x10\x02\x1a\x0b\xea\xf9\x18\x07pending\x12\x14\n\x05STALE\x10\x03\x1a\t\xea\xf9\x18\x05stale\"\xaf\x04\n\tTwinDelta\x12\x34\n\x05\x61\x64\x64\x65\x64\x18\x01 \x03(\x0b\x32%.pulse.device.v1.TwinDelta.AddedEntry\x12\x38\n\x07removed\x18\x02 \x03(\x0b\x32\'.pulse.device.v1.TwinDelta.RemovedEntry\x12\x38\n\x07\x63hanged\x18\x03 \x03(\x0b\x32\'.pulse.device.v1.TwinDelta.ChangedEntry\x12\x17\n\x0funchanged_count\x18\x04 \x01(\x03\x12\x0f\n\x07in_sync\x18\x05 \x01(\x08\x12\x1d\n\x0f\x64\x65sired_version\x18\x06 \x01(\x03\x42\x04\xc8\xf3\x18\x01\x12\x18\n\x10reported_version\x18\x07 \x01(\x03\x12\x11\n\tdevice_id\x18\x08 \x01(\t\x12&\n\x05\x64\x65lta\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\x1a\x44\n\nAddedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\x1a\x46\n\x0cRemovedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\x1aL\n\x0c\x43hangedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.pulse.device.v1.ValueChange:\x02\x38\x01\"c\n\x0bValueChange\x12)\n\told_value\x18\x01 \x01(\x0b\x32\x16.google.protobuf.Value\x12)\n\tnew_value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"#\n\x0eGetTwinRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\x9c\x01\n\x14UpdateDesiredRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12(\n\x07\x64\x65sired\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12#\n\x10\x65xpected_version\x18\x03 \x01(\x03\x42\x04\xd0\xf3\x18\x01H\x00\x88\x01\x01\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\x42\x13\n\x11_expected_version\"\x99\x01\n\x13PatchDesiredRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12&\n\x05patch\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12#\n\x10\x65xpected_version\x18\x03 \x01(\x03\x42\x04\xd0\xf3\x18\x01H\x00\x88\x01\x01\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\x42\x13\n\x11_expected_version\"(\n\x13GetTwinDeltaRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\xe8\x01\n\x10WatchTwinRequest\x12\x12\n\ndevice_ids\x18\x01 \x03(\t\x12P\n\x10resume_revisions\x18\x02 \x03(\x0b\x32\x36.pulse.device.v1.WatchTwinRequest.ResumeRevisionsEntry\x12\"\n\x0fresume_revision\x18\x03 \x01(\x03\x42\x04\xe0\xf3\x18\x01H\x00\x88\x01\x01\x1a\x36\n\x14ResumeRevisionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x42\x12\n\x10_resume_revision2\xff\x04\n\x0bTwinService\x12m\n\x07GetTwin\x12\x1f.pulse.device.v1.GetTwinRequest\x1a\x15.pulse.device.v1.Twin\"*\x82\xd3\xe4\x93\x02$\x12\"/customer/devices/{device_id}/twin\x12\x84\x01\n\rUpdateDesired\x12%.pulse.device.v1.UpdateDesiredRequest\x1a\x15.pulse.device.v1.Twin\"5\x82\xd3\xe4\x93\x02/2*/customer/devices/{device_id}/twin/desired:\x01*\x12\x8c\x01\n\x0cPatchDesired\x12$.pulse.device.v1.PatchDesiredRequest\x1a\x15.pulse.device.v1.Twin\"?\x82\xd3\xe4\x93\x02\x39\"0/customer/devices/{device_id}/twin/desired:merge:\x05patch\x12\x82\x01\n\x0cGetTwinDelta\x12$.pulse.device.v1.GetTwinDeltaRequest\x1a\x1a.pulse.device.v1.TwinDelta\"0\x82\xd3\xe4\x93\x02*\x12(/customer/devices/{device_id}/twin/delta\x12\x66\n\tWatchTwin\x12!.pulse.device.v1.WatchTwinRequest\x1a\x15.pulse.device.v1.Twin\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/customer/twins:watch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apulse/device/v1/twin.proto\x12\x0fpulse.device.v1\x1a\x1cgoogle/api/annotations.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\"pulse/device/v1/http_options.proto\x1a\x1cpulse/device/v1/status.proto\"\xa5\x05\n\x04Twin\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12(\n\x07\x64\x65sired\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12)\n\x08reported\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1d\n\x0f\x64\x65sired_version\x18\x04 \x01(\x03\x42\x04\xc8\xf3\x18\x01\x12\x18\n\x10reported_version\x18\x05 \x01(\x03\x12\x35\n\x0bsync_status\x18\x06 \x01(\x0e\x32 .pulse.device.v1.Twin.SyncStatus\x12N\n\x13\x64\x65sired_update_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x15\xea\xf3\x18\x11shadow_updated_at\x12\x38\n\x14reported_update_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10structured_delta\x18\t \x01(\x0b\x32\x1a.pulse.device.v1.TwinDelta\x12&\n\x05\x64\x65lta\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12@\n\x13\x63onnectivity_status\x18\x0b \x01(\x0e\x32#.pulse.device.v1.ConnectivityStatus\x12\x16\n\x08revision\x18\x0c \x01(\x03\x42\x04\xd8\xf3\x18\x01\"\x82\x01\n\nSyncStatus\x12,\n\x17SYNC_STATUS_UNSPECIFIED\x10\x00\x1a\x0f\xea\xf9\x18\x0bunspecified\x12\x16\n\x06SYNCED\x10\x01\x1a\n\xea\xf9\x18\x06synced\x12\x18\n\x07PENDING\x10\x02\x1a\x0b\xea\xf9\x18\x07pending\x12\x14\n\x05STALE\x10\x03\x1a\t\xea\xf9\x18\x05stale\"\xaf\x04\n\tTwinDelta\x12\x34\n\x05\x61\x64\x64\x65\x64\x18\x01 \x03(\x0b\x32%.pulse.device.v1.TwinDelta.AddedEntry\x12\x38\n\x07removed\x18\x02 \x03(\x0b\x32\'.pulse.device.v1.TwinDelta.RemovedEntry\x12\x38\n\x07\x63hanged\x18\x03 \x03(\x0b\x32\'.pulse.device.v1.TwinDelta.ChangedEntry\x12\x17\n\x0funchanged_count\x18\x04 \x01(\x03\x12\x0f\n\x07in_sync\x18\x05 \x01(\x08\x12\x1d\n\x0f\x64\x65sired_version\x18\x06 \x01(\x03\x42\x04\xc8\xf3\x18\x01\x12\x18\n\x10reported_version\x18\x07 \x01(\x03\x12\x11\n\tdevice_id\x18\x08 \x01(\t\x12&\n\x05\x64\x65lta\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\x1a\x44\n\nAddedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\x1a\x46\n\x0cRemovedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\x1aL\n\x0c\x43hangedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.pulse.device.v1.ValueChange:\x02\x38\x01\"c\n\x0bValueChange\x12)\n\told_value\x18\x01 \x01(\x0b\x32\x16.google.protobuf.Value\x12)\n\tnew_value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"#\n\x0eGetTwinRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\xcb\x01\n\x14UpdateDesiredRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12(\n\x07\x64\x65sired\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12#\n\x10\x65xpected_version\x18\x03 \x01(\x03\x42\x04\xd0\xf3\x18\x01H\x00\x88\x01\x01\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\x12-\n\tread_mask\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x13\n\x11_expected_version\"\xc8\x01\n\x13PatchDesiredRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12&\n\x05patch\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12#\n\x10\x65xpected_version\x18\x03 \x01(\x03\x42\x04\xd0\xf3\x18\x01H\x00\x88\x01\x01\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\x12-\n\tread_mask\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x13\n\x11_expected_version\"(\n\x13GetTwinDeltaRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\xe8\x01\n\x10WatchTwinRequest\x12\x12\n\ndevice_ids\x18\x01 \x03(\t\x12P\n\x10resume_revisions\x18\x02 \x03(\x0b\x32\x36.pulse.device.v1.WatchTwinRequest.ResumeRevisionsEntry\x12\"\n\x0fresume_revision\x18\x03 \x01(\x03\x42\x04\xe0\xf3\x18\x01H\x00\x88\x01\x01\x1a\x36\n\x14ResumeRevisionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x42\x12\n\x10_resume_revision2\xff\x04\n\x0bTwinService\x12m\n\x07GetTwin\x12\x1f.pulse.device.v1.GetTwinRequest\x1a\x15.pulse.device.v1.Twin\"*\x82\xd3\xe4\x93\x02$\x12\"/customer/devices/{device_id}/twin\x12\x84\x01\n\rUpdateDesired\x12%.pulse.device.v1.UpdateDesiredRequest\x1a\x15.pulse.device.v1.Twin\"5\x82\xd3\xe4\x93\x02/2*/customer/devices/{device_id}/twin/desired:\x01*\x12\x8c\x01\n\x0cPatchDesired\x12$.pulse.device.v1.PatchDesiredRequest\x1a\x15.pulse.device.v1.Twin\"?\x82\xd3\xe4\x93\x02\x39\"0/customer/devices/{device_id}/twin/desired:merge:\x05patch\x12\x82\x01\n\x0cGetTwinDelta\x12$.pulse.device.v1.GetTwinDeltaRequest\x1a\x1a.pulse.device.v1.TwinDelta\"0\x82\xd3\xe4\x93\x02*\x12(/customer/devices/{device_id}/twin/delta\x12\x66\n\tWatchTwin\x12!.pulse.device.v1.WatchTwinRequest\x1a\x15.pulse.device.v1.Twin\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/customer/twins:watch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -76,32 +77,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TWINSERVICE'].methods_by_name['GetTwinDelta']._serialized_options = b'\202\323\344\223\002*\022(/customer/devices/{device_id}/twin/delta'
   _globals['_TWINSERVICE'].methods_by_name['WatchTwin']._loaded_options = None
   _globals['_TWINSERVICE'].methods_by_name['WatchTwin']._serialized_options = b'\202\323\344\223\002\027\022\025/customer/twins:watch'
-  _globals['_TWIN']._serialized_start=207
-  _globals['_TWIN']._serialized_end=884
-  _globals['_TWIN_SYNCSTATUS']._serialized_start=754
-  _globals['_TWIN_SYNCSTATUS']._serialized_end=884
-  _globals['_TWINDELTA']._serialized_start=887
-  _globals['_TWINDELTA']._serialized_end=1446
-  _globals['_TWINDELTA_ADDEDENTRY']._serialized_start=1228
-  _globals['_TWINDELTA_ADDEDENTRY']._serialized_end=1296
-  _globals['_TWINDELTA_REMOVEDENTRY']._serialized_start=1298
-  _globals['_TWINDELTA_REMOVEDENTRY']._serialized_end=1368
-  _globals['_TWINDELTA_CHANGEDENTRY']._serialized_start=1370
-  _globals['_TWINDELTA_CHANGEDENTRY']._serialized_end=1446
-  _globals['_VALUECHANGE']._serialized_start=1448
-  _globals['_VALUECHANGE']._serialized_end=1547
-  _globals['_GETTWINREQUEST']._serialized_start=1549
-  _globals['_GETTWINREQUEST']._serialized_end=1584
-  _globals['_UPDATEDESIREDREQUEST']._serialized_start=1587
-  _globals['_UPDATEDESIREDREQUEST']._serialized_end=1743
-  _globals['_PATCHDESIREDREQUEST']._serialized_start=1746
-  _globals['_PATCHDESIREDREQUEST']._serialized_end=1899
-  _globals['_GETTWINDELTAREQUEST']._serialized_start=1901
-  _globals['_GETTWINDELTAREQUEST']._serialized_end=1941
-  _globals['_WATCHTWINREQUEST']._serialized_start=1944
-  _globals['_WATCHTWINREQUEST']._serialized_end=2176
-  _globals['_WATCHTWINREQUEST_RESUMEREVISIONSENTRY']._serialized_start=2102
-  _globals['_WATCHTWINREQUEST_RESUMEREVISIONSENTRY']._serialized_end=2156
-  _globals['_TWINSERVICE']._serialized_start=2179
-  _globals['_TWINSERVICE']._serialized_end=2818
+  _globals['_TWIN']._serialized_start=241
+  _globals['_TWIN']._serialized_end=918
+  _globals['_TWIN_SYNCSTATUS']._serialized_start=788
+  _globals['_TWIN_SYNCSTATUS']._serialized_end=918
+  _globals['_TWINDELTA']._serialized_start=921
+  _globals['_TWINDELTA']._serialized_end=1480
+  _globals['_TWINDELTA_ADDEDENTRY']._serialized_start=1262
+  _globals['_TWINDELTA_ADDEDENTRY']._serialized_end=1330
+  _globals['_TWINDELTA_REMOVEDENTRY']._serialized_start=1332
+  _globals['_TWINDELTA_REMOVEDENTRY']._serialized_end=1402
+  _globals['_TWINDELTA_CHANGEDENTRY']._serialized_start=1404
+  _globals['_TWINDELTA_CHANGEDENTRY']._serialized_end=1480
+  _globals['_VALUECHANGE']._serialized_start=1482
+  _globals['_VALUECHANGE']._serialized_end=1581
+  _globals['_GETTWINREQUEST']._serialized_start=1583
+  _globals['_GETTWINREQUEST']._serialized_end=1618
+  _globals['_UPDATEDESIREDREQUEST']._serialized_start=1621
+  _globals['_UPDATEDESIREDREQUEST']._serialized_end=1824
+  _globals['_PATCHDESIREDREQUEST']._serialized_start=1827
+  _globals['_PATCHDESIREDREQUEST']._serialized_end=2027
+  _globals['_GETTWINDELTAREQUEST']._serialized_start=2029
+  _globals['_GETTWINDELTAREQUEST']._serialized_end=2069
+  _globals['_WATCHTWINREQUEST']._serialized_start=2072
+  _globals['_WATCHTWINREQUEST']._serialized_end=2304
+  _globals['_WATCHTWINREQUEST_RESUMEREVISIONSENTRY']._serialized_start=2230
+  _globals['_WATCHTWINREQUEST_RESUMEREVISIONSENTRY']._serialized_end=2284
+  _globals['_TWINSERVICE']._serialized_start=2307
+  _globals['_TWINSERVICE']._serialized_end=2946
 # @@protoc_insertion_point(module_scope)

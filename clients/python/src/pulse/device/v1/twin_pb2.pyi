@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -347,6 +348,7 @@ class UpdateDesiredRequest(_message.Message):
     DESIRED_FIELD_NUMBER: _builtins.int
     EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
+    READ_MASK_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     """The device's id."""
     expected_version: _builtins.int
@@ -362,6 +364,13 @@ class UpdateDesiredRequest(_message.Message):
         Required; `{}` clears the document.
         """
 
+    @_builtins.property
+    def read_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields of the returned Twin to fill (a partial response, AIP-157), e.g.
+        `desired_version,revision`; unset, the whole twin. A write that only
+        needs its new version saves the server the delta and the sync status.
+        """
+
     def __init__(
         self,
         *,
@@ -369,10 +378,11 @@ class UpdateDesiredRequest(_message.Message):
         desired: _struct_pb2.Struct | None = ...,
         expected_version: _builtins.int | None = ...,
         force: _builtins.bool = ...,
+        read_mask: _field_mask_pb2.FieldMask | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "desired", b"desired", "expected_version", b"expected_version"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "desired", b"desired", "expected_version", b"expected_version", "read_mask", b"read_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "desired", b"desired", "device_id", b"device_id", "expected_version", b"expected_version", "force", b"force"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "desired", b"desired", "device_id", b"device_id", "expected_version", b"expected_version", "force", b"force", "read_mask", b"read_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
     _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
@@ -390,6 +400,7 @@ class PatchDesiredRequest(_message.Message):
     PATCH_FIELD_NUMBER: _builtins.int
     EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
+    READ_MASK_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     """The device's id."""
     expected_version: _builtins.int
@@ -404,6 +415,13 @@ class PatchDesiredRequest(_message.Message):
         and 10 levels.
         """
 
+    @_builtins.property
+    def read_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields of the returned Twin to fill (a partial response, AIP-157), e.g.
+        `desired_version,revision`; unset, the whole twin. A write that only
+        needs its new version saves the server the delta and the sync status.
+        """
+
     def __init__(
         self,
         *,
@@ -411,10 +429,11 @@ class PatchDesiredRequest(_message.Message):
         patch: _struct_pb2.Struct | None = ...,
         expected_version: _builtins.int | None = ...,
         force: _builtins.bool = ...,
+        read_mask: _field_mask_pb2.FieldMask | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version", "patch", b"patch"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version", "patch", b"patch", "read_mask", b"read_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "device_id", b"device_id", "expected_version", b"expected_version", "force", b"force", "patch", b"patch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "device_id", b"device_id", "expected_version", b"expected_version", "force", b"force", "patch", b"patch", "read_mask", b"read_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
     _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
