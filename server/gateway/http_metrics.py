@@ -3,7 +3,8 @@
 Routes are labelled by their template (`/customer/devices/{device_id}`),
 never by the path itself, so the number of series stays fixed whatever
 clients send. The gateway's dispatcher names the API route it matched in
-the scope; other paths are one of the fixed ones or `other`.
+the scope; other paths are one of the fixed ones or `other`, and so are
+methods outside HTTP's usual ones.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ ROUTE_KEY = "pulse.route"
 _FIXED = frozenset(
     {"/openapi.json", "/metrics", "/healthz", "/readyz", "/mqtt/authn", "/mqtt/authz"}
 )
+# A client may send any method name; only these get series of their own.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 Scope = dict[str, Any]
 Receive = Any
@@ -53,6 +56,6 @@ class HttpMetrics:
     def _observe(scope: Scope, status: int, elapsed: float) -> None:
         path = scope["path"]
         route = scope.get(ROUTE_KEY) or (path if path in _FIXED else "other")
-        method = scope["method"]
+        method = scope["method"] if scope["method"] in _METHODS else "other"
         metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()
         metrics.HTTP_SECONDS.labels(method, route).observe(elapsed)

@@ -159,3 +159,16 @@ def test_the_dashboard_shows_every_metric_the_processes_export() -> None:
         assert any(q == name or q.startswith(name + "_") for q in queried), (
             f"{name} is on no dashboard panel"
         )
+
+
+async def test_what_clients_send_never_becomes_a_label(http: httpx.AsyncClient) -> None:
+    """Paths and methods are the client's to choose; series are not."""
+    before = await scrape(http)
+    assert (await http.request("PROPFIND", "/customer/devices/anything")).status_code == 405
+    assert (await http.get("/no/such/page-1234")).status_code == 404
+    after = await scrape(http)
+    assert after.value("pulse_http_requests_total", method="other", route="other") == (
+        before.value("pulse_http_requests_total", method="other", route="other") + 1
+    )
+    labels = {v for _, have, _ in after.samples for v in have.values()}
+    assert not {"PROPFIND", "/customer/devices/anything", "/no/such/page-1234"} & labels
