@@ -155,15 +155,15 @@ async def test_a_read_scope_never_reaches_the_next_checkout(
         async with db.tenant(b) as con:
             write = await state(con)
             await con.execute("UPDATE devices SET name = 'written' WHERE device_id = 'B-1'")
+            # Row-level security: tenant b's B-1 only.
         assert (write["role"], write["tenant"], write["read_only"]) == ("pulse_app", str(b), "off")
         assert write["devices"] == ["B-1"]
 
         await read(a)
         async with db.admin() as con:
             login = await state(con)
-            assert await con.fetchval("SELECT name FROM devices WHERE device_id = 'B-1'") == (
-                "written"
-            )
+            named = "SELECT name FROM devices WHERE tenant_id = $1 AND device_id = 'B-1'"
+            assert await con.fetchval(named, b) == "written"
         assert login["role"] != "pulse_app"
         assert (login["tenant"], login["read_only"]) == ("", "off")
         assert {"A-1", "B-1"} <= set(login["devices"])
