@@ -7,6 +7,7 @@ import sys
 
 SUITES = [
     "bench.registry",
+    "bench.scope",
     "bench.delta",
     "bench.groups",
     "bench.sweep",
@@ -18,6 +19,7 @@ SUITES = [
     "bench.gateway",
     "bench.rollouts",
     "bench.observability",
+    "bench.workers",
 ]
 
 if __name__ == "__main__":
