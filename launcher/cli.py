@@ -370,7 +370,7 @@ async def _serve(settings: config.Settings) -> None:
     ):
         running = await _start_server(settings, dsn, mirror)
         async with running.stopping(), _ops(settings, OPS_PORTS["serve"], readiness):
-            await wait_for_signal()
+            await _until_stopped(settings)
 
 
 async def _serve_workers(settings: config.Settings, count: int) -> None:
@@ -408,6 +408,20 @@ async def _gateway_workers(settings: config.Settings, grpc_target: str, count: i
         env = _worker_env(metrics_dir, PULSE_HTTP_PORT=port)
         argv = ["gateway", "--grpc-target", grpc_target, "--workers", "1"]
         await workers.Supervisor(argv, env, count).run(grace_s=settings.shutdown_grace_s + 5)
+
+
+async def _until_stopped(settings: config.Settings) -> None:
+    """SIGINT or SIGTERM; for a worker, also its supervisor's end."""
+    if not settings.reuse_port:
+        await wait_for_signal()
+        return
+    gone = asyncio.Event()
+    watch = asyncio.create_task(workers.supervisor_gone())
+    watch.add_done_callback(lambda _: gone.set())
+    try:
+        await wait_for_signal(or_failed=gone)
+    finally:
+        watch.cancel()
 
 
 def _worker_env(metrics_dir: str, **ports: int) -> dict[str, str]:
@@ -475,7 +489,7 @@ async def _gateway_alone(settings: config.Settings, grpc_target: str) -> None:
         async with _gateway(settings, grpc_target, db) as port:
             if not settings.reuse_port:  # a worker's supervisor said it
                 print(f"HTTP gateway on http://{settings.http_host}:{port}/ -> gRPC {grpc_target}")
-            await wait_for_signal()
+            await _until_stopped(settings)
     finally:
         if db is not None:
             await db.close()

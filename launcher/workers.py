@@ -8,7 +8,9 @@ with SO_REUSEPORT, and the kernel spreads new connections over them. A copy
 that exits while the supervisor runs (a crash, an OOM kill, an operator's
 SIGTERM to roll it) is started again, after a pause that grows while copies
 keep dying young. SIGINT or SIGTERM to the supervisor stops every copy
-gracefully and then the supervisor.
+gracefully and then the supervisor; a copy whose supervisor died without
+stopping it (SIGKILL, the OOM killer) stops by itself within a second,
+rather than serving on unsupervised.
 
 Metrics: the copies share a PROMETHEUS_MULTIPROC_DIR (a new temporary
 directory unless one is set), so whichever copy answers a scrape reports the
@@ -36,6 +38,17 @@ log = logging.getLogger("pulse.workers")
 #: A copy that ran at least this long died of something other than its start.
 _HEALTHY_S = 30.0
 _PAUSE_MIN_S, _PAUSE_MAX_S = 1.0, 30.0
+
+
+async def supervisor_gone() -> None:
+    """Return once the process that started this one has exited: the
+    kernel then hands this one to another parent."""
+    supervisor = os.getppid()
+    # Polled: nothing tells a process that its parent died (short of Linux's
+    # prctl PDEATHSIG, a signal arriving while a worker may be mid-start).
+    while os.getppid() == supervisor:  # noqa: ASYNC110
+        await asyncio.sleep(1.0)
+    log.warning("the supervisor (pid %d) is gone; stopping", supervisor)
 
 
 def reserve_port(host: str, port: int) -> socket.socket:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -36,8 +38,9 @@ class PulseProcess:
 async def pulse_process(
     command: str, dsn: str, data_dir: Path, *args: str, **overrides: str
 ) -> AsyncIterator[PulseProcess]:
-    """`pulse <command> <args>` on `dsn`, its ops port answering. Stopped
-    with SIGTERM at the end, which must end it cleanly."""
+    """`pulse <command> <args>` on `dsn`, its ops port answering. Unless the
+    test ended it, stopped with SIGTERM at the end, which must end it
+    cleanly; whatever it started is killed in any case."""
     ops_port, grpc_port = free_port(), free_port()
     log_file = data_dir / "serve.log"
     env = pulse_env(
@@ -53,18 +56,20 @@ async def pulse_process(
     )
     with log_file.open("wb") as log:
         process = await asyncio.create_subprocess_exec(
-            PULSE, command, *args, env=env, stdout=log, stderr=log
+            PULSE, command, *args, env=env, stdout=log, stderr=log, start_new_session=True
         )
     try:
         assert await listening(ops_port, process, timeout_s=30), log_file.read_text()
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ops_port}", timeout=10) as http:
             yield PulseProcess(process, http, grpc_port, log_file)
-        process.terminate()
-        assert await asyncio.wait_for(process.wait(), 30) == 0, log_file.read_text()
-    finally:
         if process.returncode is None:
-            process.kill()
-            await process.wait()
+            process.terminate()
+            assert await asyncio.wait_for(process.wait(), 30) == 0, log_file.read_text()
+    finally:
+        # Its own session: workers a failed test leaves behind go too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
 
 
 #: The series a family of each type exposes, by suffix.

@@ -169,3 +169,23 @@ async def test_gateway_workers_share_a_port_and_their_metrics(
         # Both served some: each worker keeps its counters in a file of its own.
         pids = {child.pid for child in psutil.Process(process.process.pid).children()}
         assert {f"counter_{pid}.db" for pid in pids} <= {p.name for p in metrics_dir.iterdir()}
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(dsn: str, tmp_path: Path) -> None:
+    serving = pulse_process("serve", dsn, tmp_path, "--workers", "2")
+    async with serving as serve:
+
+        def both_listen() -> bool:
+            found = listeners(serve)
+            return len(found) == 2 and all(found.values())
+
+        await eventually(both_listen, timeout=30, what="two workers listening")
+        orphans = [psutil.Process(pid) for pid in listeners(serve)]
+        serve.process.kill()  # no chance to stop them
+        await serve.process.wait()
+
+        def all_gone() -> bool:
+            return not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in orphans)
+
+        await eventually(all_gone, timeout=15, what="the workers stopping by themselves")
+    assert serve.log_file.read_text().count("the supervisor (pid") == 2
