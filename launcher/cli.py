@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import shlex
+import signal
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -362,6 +363,7 @@ async def _served_database(settings: config.Settings, command: str, *, migrated:
 
 
 async def _serve(settings: config.Settings) -> None:
+    stop = _stop_requested()
     # A worker's supervisor migrated already.
     dsn = await _served_database(settings, "serve", migrated=settings.reuse_port)
     async with (
@@ -370,7 +372,7 @@ async def _serve(settings: config.Settings) -> None:
     ):
         running = await _start_server(settings, dsn, mirror)
         async with running.stopping(), _ops(settings, OPS_PORTS["serve"], readiness):
-            await _until_stopped(settings)
+            await _until_stopped(settings, stop)
 
 
 async def _serve_workers(settings: config.Settings, count: int) -> None:
@@ -410,16 +412,27 @@ async def _gateway_workers(settings: config.Settings, grpc_target: str, count: i
         await workers.Supervisor(argv, env, count).run(grace_s=settings.shutdown_grace_s + 5)
 
 
-async def _until_stopped(settings: config.Settings) -> None:
-    """SIGINT or SIGTERM; for a worker, also its supervisor's end."""
+def _stop_requested() -> asyncio.Event:
+    """Set by the first SIGINT or SIGTERM from now on: one that comes while
+    the process is still starting (a worker may serve calls by then) stops
+    it gracefully once started, instead of killing it mid-call."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _until_stopped(settings: config.Settings, stop: asyncio.Event) -> None:
+    """Until `stop` is set (`_stop_requested`); for a worker, also until its
+    supervisor's end."""
     if not settings.reuse_port:
-        await wait_for_signal()
+        await wait_for_signal(or_failed=stop)
         return
-    gone = asyncio.Event()
     watch = asyncio.create_task(workers.supervisor_gone())
-    watch.add_done_callback(lambda _: gone.set())
+    watch.add_done_callback(lambda _: stop.set())
     try:
-        await wait_for_signal(or_failed=gone)
+        await wait_for_signal(or_failed=stop)
     finally:
         watch.cancel()
 
@@ -480,6 +493,7 @@ async def _rollouts(settings: config.Settings) -> None:
 
 
 async def _gateway_alone(settings: config.Settings, grpc_target: str) -> None:
+    stop = _stop_requested()
     db = None
     if settings.database_url and settings.broker_hook_secret:
         db = Database(
@@ -489,7 +503,7 @@ async def _gateway_alone(settings: config.Settings, grpc_target: str) -> None:
         async with _gateway(settings, grpc_target, db) as port:
             if not settings.reuse_port:  # a worker's supervisor said it
                 print(f"HTTP gateway on http://{settings.http_host}:{port}/ -> gRPC {grpc_target}")
-            await _until_stopped(settings)
+            await _until_stopped(settings, stop)
     finally:
         if db is not None:
             await db.close()

@@ -169,14 +169,8 @@ class Database:
     @asynccontextmanager
     async def _read(self, tenant_id: uuid.UUID) -> AsyncIterator[Connection]:
         con = await self._begin(_read_scope_sql(tenant_id), unscope=False, scoping=True)
-        try:
+        async with self._lent(con):
             yield con
-        except BaseException as error:
-            if is_connection_lost(error):
-                _terminate(con)
-            raise
-        finally:
-            await self._release(con)
 
     def transaction(
         self, begin: str, *, readonly: bool = False
@@ -243,11 +237,17 @@ class Database:
     async def admin(self) -> AsyncIterator[Connection]:
         """A connection as the login itself, for cross-tenant administration."""
         con = await self._acquire()
-        try:
+        async with self._lent(con):
             await self._unscope(con)
             yield con
+
+    @asynccontextmanager
+    async def _lent(self, con: Pooled) -> AsyncIterator[None]:
+        """Back to the pool at the end, unless it was lost meanwhile: then
+        it is ended, never handed out again."""
+        try:
+            yield
         except BaseException as error:
-            # As in a scope: a lost connection is not handed back for reuse.
             if is_connection_lost(error):
                 _terminate(con)
             raise

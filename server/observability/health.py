@@ -74,25 +74,26 @@ class DatabaseProbe:
             self._con = await asyncpg.connect(self._dsn, timeout=CHECK_TIMEOUT_S)
         return self._con
 
-    async def reachable(self) -> str | None:
+    async def _pending(self) -> list[str] | str:
+        """The migrations the database lacks, or why it did not answer."""
         async with self._lock:
             try:
-                await (await self._connection()).fetchval("SELECT 1")
+                return await migrate.pending(await self._connection())
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-                await self._drop()
+                self._drop()
                 return f"database unreachable: {error or type(error).__name__}"
-        return None
+
+    async def reachable(self) -> str | None:
+        answer = await self._pending()
+        return answer if isinstance(answer, str) else None
 
     async def migrations_current(self) -> str | None:
-        async with self._lock:
-            try:
-                missing = await migrate.pending(await self._connection())
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-                await self._drop()
-                return f"database unreachable: {error or type(error).__name__}"
+        missing = await self._pending()
+        if isinstance(missing, str):
+            return missing
         return f"migrations not applied: {', '.join(missing)}" if missing else None
 
-    async def _drop(self) -> None:
+    def _drop(self) -> None:
         con, self._con = self._con, None
         if con is not None:
             con.terminate()
@@ -102,7 +103,7 @@ class DatabaseProbe:
             if self._con is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._con.close(), CHECK_TIMEOUT_S)
-            await self._drop()
+            self._drop()
 
     def add_to(self, readiness: Readiness) -> None:
         readiness.add("database", self.reachable)

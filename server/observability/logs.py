@@ -26,7 +26,7 @@ request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request
 _STANDARD = frozenset(RESERVED_ATTRS) | {"taskName", "request_id"}
 
 
-class _RequestIdFilter(logging.Filter):
+class _CallIdsFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
         ids = tracing.current_ids()
@@ -78,7 +78,7 @@ def configure(level: str, fmt: str = "text") -> None:
         raise ValueError(f"PULSE_LOG_FORMAT must be text or json (got {fmt!r})")
     handler = logging.StreamHandler()
     handler.setFormatter(json_formatter() if fmt == "json" else TextFormatter())
-    handler.addFilter(_RequestIdFilter())
+    handler.addFilter(_CallIdsFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

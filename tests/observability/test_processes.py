@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import uuid
 from pathlib import Path
 
 import asyncpg
@@ -15,8 +14,7 @@ from pulse.device.v1 import devices_pb2, devices_pb2_grpc
 from bench.harness import free_port
 from server.auth import Role, mint_token
 from server.observability.health import DatabaseProbe
-from server.tenants import ensure_tenant
-from tests.conftest import with_database
+from tests.conftest import TenantFactory, with_database
 from tests.helpers import eventually
 from tests.infra.own_postgres import migrated_postgres
 from tests.observability.conftest import pulse_process
@@ -103,14 +101,11 @@ async def test_readiness_names_the_migrations_a_database_lacks(server_url: str) 
         await admin.close()
 
 
-async def test_one_json_log_event_per_call_and_never_a_token(dsn: str, tmp_path: Path) -> None:
+async def test_one_json_log_event_per_call_and_never_a_token(
+    dsn: str, tmp_path: Path, make_tenant: TenantFactory
+) -> None:
     secret = secrets.token_hex(32)
-    tenant_id = uuid.uuid4()
-    admin = await asyncpg.connect(dsn)
-    try:
-        await ensure_tenant(admin, tenant_id, "logged")
-    finally:
-        await admin.close()
+    tenant_id = (await make_tenant()).tenant_id  # tokens signed with this process's secret
     token = mint_token(
         secret.encode(), tenant_id=tenant_id, role=Role.VIEWER, subject="alice", audience="pulse"
     )
@@ -124,7 +119,7 @@ async def test_one_json_log_event_per_call_and_never_a_token(dsn: str, tmp_path:
     text = serve.log_file.read_text()
     events = [json.loads(line) for line in text.splitlines() if line.strip()]
     calls = [e for e in events if e.get("logger") == "pulse.rpc"]
-    assert len(calls) == 2, calls
+    assert len(calls) == 2, text
     call, unauthenticated = sorted(calls, key=lambda e: str(e["request_id"]))
     assert call["message"] == "call"
     assert call["method"] == "/pulse.device.v1.DeviceRegistryService/GetDevice"

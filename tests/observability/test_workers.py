@@ -10,16 +10,14 @@ import os
 import secrets
 import signal
 import time
-import uuid
 from pathlib import Path
 
-import asyncpg
 import httpx
 import psutil
 from pulse_client import AsyncPulseClient, PulseError
 
 from server.auth import Role, mint_token
-from server.tenants import ensure_tenant
+from tests.conftest import TenantFactory
 from tests.helpers import eventually
 from tests.observability.conftest import PulseProcess, pulse_process, scrape
 
@@ -59,15 +57,10 @@ def listeners(serve: PulseProcess) -> dict[int, bool]:
 
 
 async def test_two_workers_share_a_port_and_a_restart_loses_no_retried_call(
-    dsn: str, tmp_path: Path
+    dsn: str, tmp_path: Path, make_tenant: TenantFactory
 ) -> None:
     secret = secrets.token_hex(32)
-    tenant_id = uuid.uuid4()
-    admin = await asyncpg.connect(dsn)
-    try:
-        await ensure_tenant(admin, tenant_id, "workers")
-    finally:
-        await admin.close()
+    tenant_id = (await make_tenant()).tenant_id  # tokens signed with this process's secret
     token = mint_token(secret.encode(), tenant_id=tenant_id, role=Role.ADMIN)
 
     serving = pulse_process("serve", dsn, tmp_path, "--workers", "2", PULSE_SECRET=secret)
