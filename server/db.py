@@ -11,14 +11,19 @@ scope's first round trip:
   *session*, and each statement then runs in its own implicit transaction:
   two round trips, scope and statement, since nothing is left to commit.
   Under READ COMMITTED, which every scope uses, each statement of a
-  transaction took a snapshot of its own anyway.
+  transaction took a snapshot of its own anyway. On a connection whose
+  session already carries that tenant's read scope, the scope is not sent
+  again: one round trip.
 
 So a pooled connection may carry a read's session scope into its next
-checkout, which is safe because every checkout either replaces it or drops
-it first: a read sets all three again before its first statement; a write
-sets its own role and tenant transaction-locally and asks for READ WRITE;
-anything else (`admin`, `transaction` with another role) runs `_UNSCOPE`
-first on a connection that was scoped (`tests/infra/test_db.py` checks each).
+checkout, which is safe because every checkout either replaces it, drops it,
+or is a read of that very tenant: a read of another tenant sets all three
+again before its first statement; a write sets its own role and tenant
+transaction-locally and asks for READ WRITE, and its end restores the
+session's scope; anything else (`admin`, `transaction` with another role)
+runs `_UNSCOPE` first on a connection that was scoped. Only this module
+changes a pooled connection's session settings, so `Database._scoped` knows
+each one's (`tests/infra/test_db.py` checks every hand-over).
 """
 
 from __future__ import annotations
@@ -126,8 +131,11 @@ class Database:
         self._acquire_s = metrics.DB_POOL_ACQUIRE_SECONDS.labels(name)
         self._max.inc(self._size)
         self._closed = False
-        #: Connections a read left with its session scope.
-        self._scoped: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: Connections a read left with its session scope, and the tenant
+        #: it is for; None while a scope script may have run only in part.
+        self._scoped: weakref.WeakKeyDictionary[Any, uuid.UUID | None] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def _acquire(self) -> Pooled:
         """A connection, counted in use until `_release` or `_lost`."""
@@ -168,7 +176,7 @@ class Database:
 
     @asynccontextmanager
     async def _read(self, tenant_id: uuid.UUID) -> AsyncIterator[Connection]:
-        con = await self._begin(_read_scope_sql(tenant_id), unscope=False, scoping=True)
+        con = await self._begin(_read_scope_sql(tenant_id), unscope=False, scoping=tenant_id)
         async with self._lent(con):
             yield con
 
@@ -199,9 +207,12 @@ class Database:
             # A no-op for a connection already terminated.
             await self._release(con)
 
-    async def _begin(self, sql: str, *, unscope: bool, scoping: bool = False) -> Pooled:
+    async def _begin(
+        self, sql: str, *, unscope: bool, scoping: uuid.UUID | None = None
+    ) -> Pooled:
         """A connection on which `sql` ran; with `unscope`, a read's session
-        scope was dropped first; with `scoping`, `sql` sets one."""
+        scope was dropped first; with `scoping`, `sql` sets the read scope of
+        that tenant, and is skipped where the session already has it."""
         # A pooled connection may have been closed by the server (restart,
         # failover, pg_terminate_backend) while idle. Nothing has happened yet
         # at BEGIN, so it is discarded and BEGIN tried on another; the pool
@@ -214,11 +225,14 @@ class Database:
             try:
                 if unscope:
                     await self._unscope(con)
-                if scoping:
-                    # Before it runs: a script that fails half-way leaves
-                    # nothing, but the mark only costs an _UNSCOPE.
-                    self._scoped.add(_raw(con))
-                await con.execute(sql)
+                if scoping is None:
+                    await con.execute(sql)
+                elif self._scoped.get(raw := _raw(con)) != scoping:
+                    # Marked before it runs: a script that fails half-way
+                    # leaves nothing, but the mark only costs an _UNSCOPE.
+                    self._scoped[raw] = None
+                    await con.execute(sql)
+                    self._scoped[raw] = scoping
             except BaseException as error:
                 if not is_connection_lost(error):
                     await self._release(con)
@@ -258,7 +272,7 @@ class Database:
         raw = _raw(con)
         if raw in self._scoped:
             await con.execute(_UNSCOPE)
-            self._scoped.discard(raw)
+            del self._scoped[raw]
 
     async def close(self) -> None:
         if not self._closed:

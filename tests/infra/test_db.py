@@ -10,7 +10,7 @@ import uuid
 import asyncpg
 import pytest
 
-from server.db import Connection, Database, create_pool
+from server.db import Connection, Database, _read_scope_sql, create_pool
 from server.transient import CommitOutcomeUnknown, is_connection_lost
 from tests.conftest import FleetFactory, Tenant
 
@@ -124,6 +124,7 @@ SELECT current_user AS role,
        current_setting('transaction_read_only') AS read_only,
        array(SELECT device_id FROM devices ORDER BY device_id) AS devices
 """
+_STATE_DEVICES = "SELECT array(SELECT device_id FROM devices ORDER BY device_id)"
 
 
 async def test_a_read_scope_never_reaches_the_next_checkout(
@@ -176,5 +177,54 @@ async def test_a_read_scope_never_reaches_the_next_checkout(
         async with db.tenant(a, readonly=True) as con:
             with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
                 await con.execute("UPDATE devices SET name = 'no' WHERE device_id = 'A-1'")
+    finally:
+        await db.close()
+
+
+async def test_a_read_sends_its_scope_only_where_the_session_lacks_it(
+    dsn: str, seed_fleet_tenant: FleetFactory
+) -> None:
+    """A connection whose session already carries a tenant's read scope reads
+    that tenant in one round trip; every other hand-over sets it again."""
+    a = await seed_fleet_tenant(["A-1"])
+    b = await seed_fleet_tenant(["B-1"])
+    db = Database(await create_pool(dsn, size=1))
+    sent: list[str] = []
+
+    async def read(tenant: uuid.UUID) -> list[str]:
+        """What the read sent, and the devices it saw."""
+        sent.clear()
+        async with db.tenant(tenant, readonly=True) as con:
+            devices: list[str] = await con.fetchval(_STATE_DEVICES)
+        assert sent[-1] == _STATE_DEVICES
+        return [*sent[:-1], *devices]
+
+    try:
+        async with db.admin() as con:
+            con.add_query_logger(lambda query: sent.append(query.query))
+        scope_a, scope_b = _read_scope_sql(a), _read_scope_sql(b)
+
+        assert await read(a) == [scope_a, "A-1"]
+        assert await read(a) == ["A-1"]
+        assert await read(b) == [scope_b, "B-1"]
+        assert await read(b) == ["B-1"]
+
+        # A write's scope is transaction-local: its end restores the read's.
+        async with db.tenant(a) as con:
+            await con.execute("UPDATE devices SET name = 'written' WHERE device_id = 'A-1'")
+        assert await read(b) == ["B-1"]
+
+        # A failed read keeps the scope it had.
+        with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+            async with db.tenant(b, readonly=True) as con:
+                await con.execute("UPDATE devices SET name = 'no' WHERE device_id = 'B-1'")
+        assert await read(b) == ["B-1"]
+
+        async with db.admin():
+            pass
+        assert await read(b) == [scope_b, "B-1"]
+        async with db.transaction("BEGIN READ ONLY; SET LOCAL ROLE pulse_evaluator"):
+            pass
+        assert await read(b) == [scope_b, "B-1"]
     finally:
         await db.close()
