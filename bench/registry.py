@@ -3,6 +3,9 @@
 In one run, 64 calls in flight each:
   - raw asyncpg primary-key read (the database's ceiling),
   - a bare grpc.aio server returning a fixed Device (the framework's ceiling),
+  - a bare grpc.aio server making the same read on a pool, without auth,
+    tenant scope or interceptors (bench.floor_server: the floor under any
+    grpc.aio server that reads once per call),
   - GetDevice through `pulse` (auth, tenant-scoped transaction, RLS) and the
     typed client.
 Each server runs in its own process; the client runs in this one.
@@ -72,6 +75,21 @@ async def main() -> None:
             echo = await closed_loop("bare grpc.aio echo", echo_call)
         print(echo.row())
 
+        port = free_port()
+        async with (
+            subprocess_server(
+                "bench.floor_server", port, {"DATABASE_URL": dsn, "TENANT": str(tenant)}
+            ),
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+        ):
+            stub = devices_pb2_grpc.DeviceRegistryServiceStub(channel)
+
+            async def floor_call(i: int) -> object:
+                return await stub.GetDevice(devices_pb2.GetDeviceRequest(device_id=_device_id(i)))
+
+            floor = await closed_loop("bare grpc.aio + one pooled read", floor_call)
+        print(floor.row(echo.rate))
+
         secret = secrets.token_hex(32)
         port = free_port()
         env = {"DATABASE_URL": dsn, "PULSE_SECRET": secret, "PULSE_DB_POOL_SIZE": "10"}
@@ -90,6 +108,11 @@ async def main() -> None:
         print(
             f"  GetDevice is {real.rate / ceiling:.0%} of the lower ceiling "
             f"({ceiling:,.0f}/s); goal >= 60%: {verdict}"
+        )
+        print(
+            f"  GetDevice is {real.rate / floor.rate:.0%} of the floor, a bare grpc.aio "
+            f"handler making the same read with no auth or scope ({floor.rate:,.0f}/s, "
+            f"{floor.rate / ceiling:.0%} of the lower ceiling)"
         )
 
 

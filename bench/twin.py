@@ -4,6 +4,9 @@ ceilings, in one run, 64 calls in flight each:
     ceiling: one autocommit statement, no tenant scope, outbox or NOTIFY),
   - a bare grpc.aio server answering UpdateDesired with a fixed Twin (the
     framework's ceiling, same message types),
+  - a bare grpc.aio server making the raw UPDATE on a pool, without auth,
+    tenant scope, outbox or interceptors (bench.floor_server: the floor under
+    any grpc.aio server that writes once per call),
   - for the breakdown, `store.write_desired` in a tenant-scoped transaction
     (everything the server does in the database, without gRPC),
   - UpdateDesired via `pulse` (auth, validation, tenant-scoped conditional
@@ -145,6 +148,31 @@ async def main() -> None:
             echo = await closed_loop("bare grpc.aio echo", echo_call)
         print(echo.row())
 
+        port = free_port()
+        async with (
+            subprocess_server(
+                "bench.floor_server", port, {"DATABASE_URL": dsn, "TENANT": str(tenant)}
+            ),
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+        ):
+            stub = twin_pb2_grpc.TwinServiceStub(channel)
+
+            async def floor_call(i: int) -> object:
+                device = _device(i)
+                twin = await stub.UpdateDesired(
+                    twin_pb2.UpdateDesiredRequest(
+                        device_id=device,
+                        desired=struct(_document(i)),
+                        expected_version=versions[device],
+                    )
+                )
+                assert twin.desired_version == versions[device] + 1, "conflict: workers overlap"
+                versions[device] = twin.desired_version
+                return twin
+
+            floor = await closed_loop("bare grpc.aio + one pooled UPDATE", floor_call)
+        print(floor.row(echo.rate))
+
         db = Database(await create_pool(dsn, size=10))
 
         async def store_write(i: int) -> object:
@@ -215,6 +243,11 @@ async def main() -> None:
         print(
             f"  UpdateDesired is {real.rate / ceiling:.0%} of the lower ceiling "
             f"({ceiling:,.0f}/s); goal >= {GOAL:.0%}: {verdict}"
+        )
+        print(
+            f"  UpdateDesired is {real.rate / floor.rate:.0%} of the floor, a bare grpc.aio "
+            f"handler making the raw UPDATE with no auth, scope or outbox "
+            f"({floor.rate:,.0f}/s, {floor.rate / ceiling:.0%} of the lower ceiling)"
         )
 
 

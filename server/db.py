@@ -133,9 +133,7 @@ class Database:
         self._closed = False
         #: Connections a read left with its session scope, and the tenant
         #: it is for; None while a scope script may have run only in part.
-        self._scoped: weakref.WeakKeyDictionary[Any, uuid.UUID | None] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._scoped: weakref.WeakKeyDictionary[Any, uuid.UUID | None] = weakref.WeakKeyDictionary()
 
     async def _acquire(self) -> Pooled:
         """A connection, counted in use until `_release` or `_lost`."""
@@ -207,9 +205,7 @@ class Database:
             # A no-op for a connection already terminated.
             await self._release(con)
 
-    async def _begin(
-        self, sql: str, *, unscope: bool, scoping: uuid.UUID | None = None
-    ) -> Pooled:
+    async def _begin(self, sql: str, *, unscope: bool, scoping: uuid.UUID | None = None) -> Pooled:
         """A connection on which `sql` ran; with `unscope`, a read's session
         scope was dropped first; with `scoping`, `sql` sets the read scope of
         that tenant, and is skipped where the session already has it."""
