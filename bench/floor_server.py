@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 from pulse.device.v1 import devices_pb2, twin_pb2
 
 from bench.harness import run
@@ -39,7 +40,11 @@ async def main() -> None:
 
     async def update_desired(request: twin_pb2.UpdateDesiredRequest, context: Any) -> Any:
         version = await pool.fetchval(
-            _WRITE, tenant, request.device_id, dict(request.desired), request.expected_version
+            _WRITE,
+            tenant,
+            request.device_id,
+            json_format.MessageToDict(request.desired),
+            request.expected_version,
         )
         return twin_pb2.Twin(
             device_id=request.device_id, desired=request.desired, desired_version=version

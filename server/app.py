@@ -63,6 +63,7 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     db: Database
+    background_db: Database
     health: HealthServicer
     listener: Listener
     admission: AdmissionInterceptor
@@ -89,6 +90,7 @@ class RunningServer:
         await self.notifier.flush()
         await self.maintainer.stop()
         await self.listener.stop()
+        await self.background_db.close()
         await self.db.close()
 
     @contextlib.asynccontextmanager
@@ -164,6 +166,14 @@ async def start(
     is told of device credentials as they are issued and revoked (Mosquitto's
     dynamic security)."""
     db = Database(await create_pool(dsn, size=settings.db_pool_size), name="server")
+    # The maintainer's and the notifier's work as other roles has a pool of
+    # its own: on the calls' pool it would drop the session scopes that let
+    # their reads and writes skip a round trip, and wait behind the calls.
+    try:
+        background_db = Database(await create_pool(dsn, size=2), name="server-background")
+    except BaseException:
+        await db.close()
+        raise
     listener = Listener(dsn)
     try:
         await listener.start()
@@ -171,7 +181,7 @@ async def start(
         watches = connectivity_hub(
             db, listener, tokens, stale_after=timedelta(seconds=settings.twin_stale_after_s)
         )
-        notifier = ChangeNotifier(db)
+        notifier = ChangeNotifier(background_db)
         memberships = MembershipWatches(db, listener, tokens)
         admission = AdmissionInterceptor(
             verifier_for(settings),
@@ -225,11 +235,12 @@ async def start(
         port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
         await server.start()
         maintainer = MembershipMaintainer(
-            db, stale_after=timedelta(seconds=settings.twin_stale_after_s)
+            background_db, stale_after=timedelta(seconds=settings.twin_stale_after_s)
         )
         maintainer.start()
     except BaseException:
         await listener.stop()
+        await background_db.close()
         await db.close()
         raise
     for name in ["", *SERVICE_NAMES]:
@@ -239,6 +250,7 @@ async def start(
         server=server,
         port=port,
         db=db,
+        background_db=background_db,
         health=health,
         listener=listener,
         admission=admission,

@@ -14,16 +14,20 @@ scope's first round trip:
   transaction took a snapshot of its own anyway. On a connection whose
   session already carries that tenant's read scope, the scope is not sent
   again: one round trip.
+* A write that is one statement (`Database.one_statement`) works the same
+  way with a write scope for the session (read-only off): the statement
+  commits by itself, one round trip where the scope is already there.
 
-So a pooled connection may carry a read's session scope into its next
-checkout, which is safe because every checkout either replaces it, drops it,
-or is a read of that very tenant: a read of another tenant sets all three
-again before its first statement; a write sets its own role and tenant
-transaction-locally and asks for READ WRITE, and its end restores the
-session's scope; anything else (`admin`, `transaction` with another role)
-runs `_UNSCOPE` first on a connection that was scoped. Only this module
-changes a pooled connection's session settings, so `Database._scoped` knows
-each one's (`tests/infra/test_db.py` checks every hand-over).
+So a pooled connection may carry a session scope into its next checkout,
+which is safe because every checkout either replaces it, drops it, or is of
+that very tenant and kind: a read or one-statement write of another tenant
+or kind sets all three again before its first statement; a transaction sets
+its own role and tenant transaction-locally and asks for READ WRITE (or READ
+ONLY), and its end restores the session's scope; anything else (`admin`,
+`transaction` with another role) runs `_UNSCOPE` first on a connection that
+was scoped. Only this module changes a pooled connection's session
+settings, so `Database._scoped` knows each one's (`tests/infra/test_db.py`
+checks every hand-over).
 """
 
 from __future__ import annotations
@@ -81,17 +85,21 @@ async def create_pool(dsn: str, *, size: int) -> Pool:
     return pool
 
 
-#: Drops a read's session scope.
+#: Drops a session scope.
 _UNSCOPE = "RESET ROLE; RESET default_transaction_read_only; RESET app.tenant_id"
 
+#: A session scope: the tenant, and whether it is read-only.
+_Scope: TypeAlias = tuple[uuid.UUID, bool]
 
-def _read_scope_sql(tenant_id: uuid.UUID) -> str:
+
+def _session_scope_sql(tenant_id: uuid.UUID, *, readonly: bool) -> str:
     # One simple-protocol message; the only value in it is a uuid.UUID
     # rendered by Python (32 hex digits and dashes).
     if not isinstance(tenant_id, uuid.UUID):
         raise TypeError("tenant_id must be a uuid.UUID")
     return (
-        f"SET ROLE {APP_ROLE}; SET default_transaction_read_only = on; "
+        f"SET ROLE {APP_ROLE}; "
+        f"SET default_transaction_read_only = {'on' if readonly else 'off'}; "
         f"SELECT set_config('app.tenant_id', '{tenant_id}', false)"
     )
 
@@ -131,9 +139,10 @@ class Database:
         self._acquire_s = metrics.DB_POOL_ACQUIRE_SECONDS.labels(name)
         self._max.inc(self._size)
         self._closed = False
-        #: Connections a read left with its session scope, and the tenant
-        #: it is for; None while a scope script may have run only in part.
-        self._scoped: weakref.WeakKeyDictionary[Any, uuid.UUID | None] = weakref.WeakKeyDictionary()
+        #: Connections left with a session scope, and which: its tenant and
+        #: whether it is read-only; None while a scope script may have run
+        #: only in part.
+        self._scoped: weakref.WeakKeyDictionary[Any, _Scope | None] = weakref.WeakKeyDictionary()
 
     async def _acquire(self) -> Pooled:
         """A connection, counted in use until `_release` or `_lost`."""
@@ -174,9 +183,38 @@ class Database:
 
     @asynccontextmanager
     async def _read(self, tenant_id: uuid.UUID) -> AsyncIterator[Connection]:
-        con = await self._begin(_read_scope_sql(tenant_id), unscope=False, scoping=tenant_id)
+        con = await self._session_scoped((tenant_id, True))
         async with self._lent(con):
             yield con
+
+    def one_statement(
+        self, tenant_id: uuid.UUID
+    ) -> contextlib.AbstractAsyncContextManager[Connection]:
+        """A write scope for a write that is one statement, which commits by
+        itself (a statement after it, such as a read explaining why it
+        changed nothing, runs and commits on its own).
+
+        Raises CommitOutcomeUnknown when the connection is lost during the
+        block: the statement may or may not have committed. A traced write
+        is a transaction, whose outbox rows keep its trace."""
+        if tracing.traceparent() is not None:
+            return self.tenant(tenant_id)
+        return self._one_statement(tenant_id)
+
+    @asynccontextmanager
+    async def _one_statement(self, tenant_id: uuid.UUID) -> AsyncIterator[Connection]:
+        con = await self._session_scoped((tenant_id, False))
+        try:
+            yield con
+        except BaseException as error:
+            if not is_connection_lost(error):
+                raise
+            _terminate(con)
+            raise CommitOutcomeUnknown(
+                "the database connection was lost during a write; it may or may not have committed"
+            ) from error
+        finally:
+            await self._release(con)
 
     def transaction(
         self, begin: str, *, readonly: bool = False
@@ -205,10 +243,17 @@ class Database:
             # A no-op for a connection already terminated.
             await self._release(con)
 
-    async def _begin(self, sql: str, *, unscope: bool, scoping: uuid.UUID | None = None) -> Pooled:
-        """A connection on which `sql` ran; with `unscope`, a read's session
-        scope was dropped first; with `scoping`, `sql` sets the read scope of
-        that tenant, and is skipped where the session already has it."""
+    async def _session_scoped(self, scope: _Scope) -> Pooled:
+        """A connection whose session has `scope`."""
+        tenant_id, readonly = scope
+        return await self._begin(
+            _session_scope_sql(tenant_id, readonly=readonly), unscope=False, scoping=scope
+        )
+
+    async def _begin(self, sql: str, *, unscope: bool, scoping: _Scope | None = None) -> Pooled:
+        """A connection on which `sql` ran; with `unscope`, a session scope
+        was dropped first; with `scoping`, `sql` sets that session scope, and
+        is skipped where the session already has it."""
         # A pooled connection may have been closed by the server (restart,
         # failover, pg_terminate_backend) while idle. Nothing has happened yet
         # at BEGIN, so it is discarded and BEGIN tried on another; the pool

@@ -91,7 +91,8 @@ class TwinService(twin_pb2_grpc.TwinServiceServicer):
             device_id, request.HasField("expected_version"), request.expected_version, request.force
         )
         fields = _read_mask(request)
-        async with self._db.tenant(tenant) as con:
+        # One conditional UPDATE: it needs no transaction around it.
+        async with self._db.one_statement(tenant) as con:
             record = await store.write_desired(
                 con, tenant, device_id, desired, expected_version=expected
             )

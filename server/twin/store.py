@@ -179,8 +179,8 @@ async def write_desired(
     )
     if row is not None:
         return _twin(row)
-    # Only failures pay for this second read, in the same transaction, so the
-    # version reported is the one that made the write fail (or a later one).
+    # Only failures pay for this second read. The version it reports is the
+    # one that made the write fail, or a later one.
     found = await con.fetchrow(
         """
         SELECT s.desired_version, d.lifecycle

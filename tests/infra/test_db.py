@@ -10,7 +10,7 @@ import uuid
 import asyncpg
 import pytest
 
-from server.db import Connection, Database, _read_scope_sql, create_pool
+from server.db import Connection, Database, _session_scope_sql, create_pool
 from server.transient import CommitOutcomeUnknown, is_connection_lost
 from tests.conftest import FleetFactory, Tenant
 
@@ -202,7 +202,10 @@ async def test_a_read_sends_its_scope_only_where_the_session_lacks_it(
     try:
         async with db.admin() as con:
             con.add_query_logger(lambda query: sent.append(query.query))
-        scope_a, scope_b = _read_scope_sql(a), _read_scope_sql(b)
+        scope_a, scope_b = (
+            _session_scope_sql(a, readonly=True),
+            _session_scope_sql(b, readonly=True),
+        )
 
         assert await read(a) == [scope_a, "A-1"]
         assert await read(a) == ["A-1"]
@@ -226,5 +229,63 @@ async def test_a_read_sends_its_scope_only_where_the_session_lacks_it(
         async with db.transaction("BEGIN READ ONLY; SET LOCAL ROLE pulse_evaluator"):
             pass
         assert await read(b) == [scope_b, "B-1"]
+    finally:
+        await db.close()
+
+
+async def test_a_one_statement_write_commits_by_itself_in_its_tenant_only(
+    dsn: str, seed_fleet_tenant: FleetFactory
+) -> None:
+    a = await seed_fleet_tenant(["A-1"])
+    b = await seed_fleet_tenant(["B-1"])
+    db = Database(await create_pool(dsn, size=1))
+    sent: list[str] = []
+    rename = "UPDATE devices SET name = 'written' WHERE device_id IN ('A-1', 'B-1')"
+
+    async def write() -> tuple[list[str], asyncpg.Record]:
+        """What the write sent besides its statements, and the state it ran in."""
+        sent.clear()
+        async with db.one_statement(a) as con:
+            assert await con.execute(rename) == "UPDATE 1"  # A-1 only
+            assert not con.is_in_transaction()
+            row = await con.fetchrow(_STATE)
+        assert row is not None
+        return sent[:-2], row
+
+    try:
+        async with db.admin() as con:
+            con.add_query_logger(lambda query: sent.append(query.query))
+        write_scope = _session_scope_sql(a, readonly=False)
+
+        assert (await write())[0] == [write_scope]
+        scripts, state = await write()
+        assert scripts == []
+        assert (state["role"], state["tenant"], state["read_only"]) == ("pulse_app", str(a), "off")
+
+        async with db.tenant(a, readonly=True):
+            pass  # the session now has a's read scope
+        assert (await write())[0] == [write_scope]
+
+        async with db.admin() as con:
+            names = await con.fetch(
+                "SELECT device_id, name FROM devices WHERE tenant_id = ANY($1)", [a, b]
+            )
+        assert {r["device_id"]: r["name"] for r in names} == {"A-1": "written", "B-1": "B-1"}
+    finally:
+        await db.close()
+
+
+async def test_a_connection_lost_during_a_one_statement_write_leaves_its_outcome_unknown(
+    dsn: str, tenant: Tenant
+) -> None:
+    db = Database(await create_pool(dsn, size=1))
+    try:
+        with pytest.raises(CommitOutcomeUnknown):
+            async with db.one_statement(tenant.tenant_id) as con:
+                pid = await con.fetchval("SELECT pg_backend_pid()")
+                await _terminate(dsn, [pid])
+                await con.execute("UPDATE devices SET name = name")
+        async with db.one_statement(tenant.tenant_id) as con:
+            assert await con.fetchval("SELECT pg_backend_pid()") != pid
     finally:
         await db.close()
