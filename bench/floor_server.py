@@ -4,8 +4,8 @@ grpc.aio server that reads or writes once per call (PORT, DATABASE_URL,
 TENANT).
 
 GetDevice reads the device as `pulse` does (the same store function and
-conversion);
-UpdateDesired is the raw conditional UPDATE of bench.twin, in autocommit.
+conversion). UpdateDesired is the raw conditional UPDATE of bench.twin, in
+autocommit, of the document converted as `pulse` converts it.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import uuid
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 from pulse.device.v1 import devices_pb2, twin_pb2
 
 from bench.harness import run
+from server import protoconv
 from server.db import create_pool
 from server.registry import convert, store
 
@@ -43,7 +43,7 @@ async def main() -> None:
             _WRITE,
             tenant,
             request.device_id,
-            json_format.MessageToDict(request.desired),
+            protoconv.struct_to_dict("desired", request.desired),
             request.expected_version,
         )
         return twin_pb2.Twin(
