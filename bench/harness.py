@@ -100,7 +100,7 @@ class Result:
         )
 
 
-async def _round(
+async def timed_round(
     call: Callable[[int], Awaitable[object]], concurrency: int, seconds: float
 ) -> tuple[float, list[float]]:
     latencies: list[float] = []
@@ -129,10 +129,10 @@ async def closed_loop(
     rounds: int = 3,
 ) -> Result:
     """`concurrency` workers calling back to back; medians over `rounds` rounds."""
-    await _round(call, concurrency, warmup)
+    await timed_round(call, concurrency, warmup)
     rates, p50s, p99s = [], [], []
     for _ in range(rounds):
-        rate, latencies = await _round(call, concurrency, seconds)
+        rate, latencies = await timed_round(call, concurrency, seconds)
         rates.append(rate)
         p50s.append(latencies[len(latencies) // 2] * 1000)
         p99s.append(latencies[int(len(latencies) * 0.99)] * 1000)
