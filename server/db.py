@@ -2,7 +2,7 @@
 
 A tenant scope runs as the `pulse_app` role (which row-level security binds,
 even when the login is a superuser) with `app.tenant_id` set, both in the
-scope's first round trip:
+scope's first round trip, or already set:
 
 * A write (and a snapshot read) is one transaction: BEGIN, then the role and
   the tenant set transaction-locally, so nothing outlives it. Three round
