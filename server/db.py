@@ -183,7 +183,7 @@ class Database:
 
     @asynccontextmanager
     async def _read(self, tenant_id: uuid.UUID) -> AsyncIterator[Connection]:
-        con = await self._session_scoped((tenant_id, True))
+        con = await self._begin((tenant_id, True))
         async with self._lent(con):
             yield con
 
@@ -203,18 +203,16 @@ class Database:
 
     @asynccontextmanager
     async def _one_statement(self, tenant_id: uuid.UUID) -> AsyncIterator[Connection]:
-        con = await self._session_scoped((tenant_id, False))
+        con = await self._begin((tenant_id, False))
         try:
-            yield con
+            async with self._lent(con):
+                yield con
         except BaseException as error:
             if not is_connection_lost(error):
                 raise
-            _terminate(con)
             raise CommitOutcomeUnknown(
                 "the database connection was lost during a write; it may or may not have committed"
             ) from error
-        finally:
-            await self._release(con)
 
     def transaction(
         self, begin: str, *, readonly: bool = False
@@ -243,17 +241,9 @@ class Database:
             # A no-op for a connection already terminated.
             await self._release(con)
 
-    async def _session_scoped(self, scope: _Scope) -> Pooled:
-        """A connection whose session has `scope`."""
-        tenant_id, readonly = scope
-        return await self._begin(
-            _session_scope_sql(tenant_id, readonly=readonly), unscope=False, scoping=scope
-        )
-
-    async def _begin(self, sql: str, *, unscope: bool, scoping: _Scope | None = None) -> Pooled:
-        """A connection on which `sql` ran; with `unscope`, a session scope
-        was dropped first; with `scoping`, `sql` sets that session scope, and
-        is skipped where the session already has it."""
+    async def _begin(self, begin: str | _Scope, *, unscope: bool = False) -> Pooled:
+        """A connection on which the `begin` script ran, or whose session has
+        the `begin` scope; with `unscope`, a session scope was dropped first."""
         # A pooled connection may have been closed by the server (restart,
         # failover, pg_terminate_backend) while idle. Nothing has happened yet
         # at BEGIN, so it is discarded and BEGIN tried on another; the pool
@@ -266,14 +256,10 @@ class Database:
             try:
                 if unscope:
                     await self._unscope(con)
-                if scoping is None:
-                    await con.execute(sql)
-                elif self._scoped.get(raw := _raw(con)) != scoping:
-                    # Marked before it runs: a script that fails half-way
-                    # leaves nothing, but the mark only costs an _UNSCOPE.
-                    self._scoped[raw] = None
-                    await con.execute(sql)
-                    self._scoped[raw] = scoping
+                if isinstance(begin, str):
+                    await con.execute(begin)
+                else:
+                    await self._scope(con, begin)
             except BaseException as error:
                 if not is_connection_lost(error):
                     await self._release(con)
@@ -308,6 +294,18 @@ class Database:
             raise
         finally:
             await self._release(con)
+
+    async def _scope(self, con: Pooled, scope: _Scope) -> None:
+        """Give `con`'s session `scope`, unless it has it already."""
+        raw = _raw(con)
+        if self._scoped.get(raw) == scope:
+            return
+        # Marked before it runs: a script that fails half-way leaves nothing,
+        # but the mark only costs an _UNSCOPE.
+        self._scoped[raw] = None
+        tenant_id, readonly = scope
+        await con.execute(_session_scope_sql(tenant_id, readonly=readonly))
+        self._scoped[raw] = scope
 
     async def _unscope(self, con: Pooled) -> None:
         raw = _raw(con)
